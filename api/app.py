@@ -1,0 +1,71 @@
+"""The FastAPI application: routers, one error handler for every error, the Hub's lifespan.
+
+`api` never imports `workers`, torch or onnxruntime; it reaches workers only through
+`tasks` (names, payloads, queues) and Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.hub import Hub
+from api.routes import health, jobs, sync
+from tasks.errors import TrifectaError, translate
+from tasks.settings import Settings, get_settings
+
+log = logging.getLogger("trifecta.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub = Hub(settings)
+        app.state.hub = hub
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    app = FastAPI(
+        title="Trifecta",
+        version="0.1.0",
+        description="Queue-driven inference for vision models: sync masks, jobs, WebDataset shards, SAM3, V-JEPA 2, Mask2Former.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+
+    @app.exception_handler(TrifectaError)
+    async def _trifecta(_: Request, exc: TrifectaError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5])
+        return JSONResponse({"error": {"code": "validation_error", "message": msg}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _any(_: Request, exc: Exception) -> JSONResponse:
+        err = translate(exc)
+        if err.status >= 500 and err.code == "internal":
+            log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    app.include_router(sync.router)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    return app

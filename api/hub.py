@@ -1,0 +1,257 @@
+"""The API's only link to the workers: enqueue by name, wait asynchronously, know who is alive.
+
+- Submitting is one Redis pipeline: the job record, its tombstone, the tenant's job index
+  and the Celery message (built by `tasks.wire`) go out in a single round trip.
+- Waiting holds no thread: one shared pub/sub subscription per API process feeds a dict
+  of futures keyed by job id. If the subscription drops (Redis restart), waiters are
+  re-checked against their job records when it comes back, so none hangs past its deadline.
+- Admission (503) is decided from memory: a poller refreshes queue depths and live workers
+  every POLL_S; between polls every local enqueue counts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tasks import jobstore, keys
+from tasks.errors import BrokerUnavailable, NoWorker, Overloaded, SyncTimeout, TrifectaError
+from tasks.models import MODEL_NAMES
+from tasks.schemas import InferRequest
+from tasks.settings import Settings
+from tasks.wire import build_message
+
+log = logging.getLogger("trifecta.api")
+POLL_S = 0.1
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    model: str
+    device: str
+    queues: list[str]
+    info: dict[str, Any]
+    heartbeat: float
+    in_flight: int = 0
+    processed: int = 0
+    failed: int = 0
+    rss_mb: float = 0.0
+    gpu_memory_mb: float = 0.0
+    raw: dict[str, str] = field(default_factory=dict)
+
+
+class Hub:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.id = uuid.uuid4().hex[:12]
+        self.channel = keys.reply_channel(self.id)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10, max_connections=256)
+        self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.depth: dict[str, int] = {m: 0 for m in MODEL_NAMES}
+        self.workers: dict[str, list[WorkerInfo]] = {m: [] for m in MODEL_NAMES}
+        self.redis_ok = False
+        self.subscribed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cancel_lua = self.redis.register_script(jobstore.CANCEL_LUA)
+        self.counters: dict[str, int] = {"rejected_503": 0, "timeouts_504": 0}
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._listen(), name="reply-listener"), asyncio.create_task(self._poll(), name="state-poller")]
+        try:
+            await asyncio.wait_for(self.subscribed.wait(), 2)
+            await self.refresh()
+        except (TimeoutError, RedisError, OSError):
+            log.warning("Redis at %s is not answering yet; the API answers 503 until it does", self.settings.redis_url)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                await self._recheck_waiters()  # replies published while we were not listening
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is None:
+                        continue
+                    data = orjson.loads(msg["data"])
+                    fut = self.waiters.get(data.get("id", ""))
+                    if fut is not None and not fut.done():
+                        fut.set_result(data)
+            except asyncio.CancelledError:
+                await _quiet(pubsub.aclose())
+                raise
+            except (RedisError, OSError) as e:
+                self.subscribed.clear()
+                self.redis_ok = False
+                log.warning("reply subscription lost (%s); resubscribing", e)
+                await _quiet(pubsub.aclose())
+                await asyncio.sleep(0.25)
+
+    async def _recheck_waiters(self) -> None:
+        ids = [i for i, f in self.waiters.items() if not f.done()]
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(keys.job(i), ["status", "result", "error"])
+        for i, (st, res, err) in zip(ids, await pipe.execute(), strict=True):
+            status = orjson.loads(st) if st else None
+            if status in ("succeeded", "failed", "cancelled", "expired"):
+                fut = self.waiters.get(i)
+                if fut and not fut.done():
+                    fut.set_result({"id": i, "status": status, "result": orjson.loads(res) if res else None, "error": orjson.loads(err) if err else None})
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as e:
+                if self.redis_ok:
+                    log.warning("Redis unreachable (%s)", e)
+                self.redis_ok = False
+            await asyncio.sleep(POLL_S)
+
+    async def refresh(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for m in MODEL_NAMES:
+            pipe.llen(keys.shared_queue(m))
+        pipe.smembers(keys.WORKERS)
+        res = await pipe.execute()
+        depths, ids = res[:-1], sorted(x.decode() for x in res[-1])
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in ids:
+            pipe.hgetall(keys.worker(wid))
+        infos = await pipe.execute() if ids else []
+        workers: dict[str, list[WorkerInfo]] = {m: [] for m in MODEL_NAMES}
+        gone = []
+        for wid, raw in zip(ids, infos, strict=True):
+            if not raw:
+                gone.append(wid)
+                continue
+            d = {k.decode(): v.decode() for k, v in raw.items()}
+            w = WorkerInfo(
+                id=d["id"], model=d["model"], device=d.get("device", "cpu"), queues=d.get("queues", "").split(","),
+                info=orjson.loads(d.get("info", "{}")), heartbeat=float(d.get("heartbeat", 0)), in_flight=int(d.get("in_flight", 0)),
+                processed=int(d.get("processed", 0)), failed=int(d.get("failed", 0)), rss_mb=float(d.get("rss_mb", 0)),
+                gpu_memory_mb=float(d.get("gpu_memory_mb", 0)), raw=d,
+            )
+            workers.setdefault(w.model, []).append(w)
+        if gone:
+            await self.redis.srem(keys.WORKERS, *gone)
+        self.depth = dict(zip(MODEL_NAMES, (int(x) for x in depths), strict=True))
+        self.workers = workers
+        self.redis_ok = True
+
+    # -- admission (no I/O) ----------------------------------------------------
+    def live(self, model: str) -> list[WorkerInfo]:
+        return self.workers.get(model, [])
+
+    def admit(self, model: str, n: int = 1) -> None:
+        if not self.redis_ok:
+            raise BrokerUnavailable("the queue (Redis) is unreachable; retry shortly", headers={"Retry-After": "2"})
+        if not self.workers.get(model):
+            raise NoWorker(f"no live worker serves {model!r}; start one with `trifecta worker --model {model}`", headers={"Retry-After": "5"})
+        if self.depth.get(model, 0) + n > self.settings.max_queue_depth:
+            self.counters["rejected_503"] += 1
+            raise Overloaded(f"the {model!r} queue is full ({self.depth.get(model, 0)} waiting, MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry after a moment", headers={"Retry-After": "1"})
+
+    # -- submit and wait -------------------------------------------------------
+    def new_request(self, model: str, *, tenant: str, kind: str, params: dict[str, Any], fmt: str, timeout_s: float, inp: dict[str, Any], job_id: str | None = None, write_result_json: bool = False, reply: bool = False) -> InferRequest:
+        job_id = job_id or new_job_id()
+        now = time.time()
+        deadline = now + timeout_s + (self.settings.sync_grace_s if kind == "sync" else 0)
+        return InferRequest.model_validate(
+            {
+                "id": job_id, "model": model, "input": inp, "params": params, "format": fmt, "deadline": deadline,
+                "reply": self.channel if reply else None, "tenant": tenant, "kind": kind,
+                "out_prefix": f"{tenant}/jobs/{job_id}", "created": now, "write_result_json": write_result_json,
+            }
+        )
+
+    async def submit(self, reqs: list[InferRequest], *, docs: list[dict[str, Any]] | None = None, queue: str | None = None, idem_key: str | None = None) -> None:
+        """Write the job records and enqueue the messages, in one round trip."""
+        ttl = self.settings.result_ttl_seconds
+        pipe = self.redis.pipeline(transaction=False)
+        for i, q in enumerate(reqs):
+            doc = docs[i] if docs else {"id": q.id, "model": q.model, "kind": q.kind, "tenant": q.tenant, "created_at": q.created, "params": q.params}
+            k = keys.job(q.id)
+            pipe.hset(k, mapping=jobstore.new_record(doc))
+            pipe.expire(k, ttl)
+            pipe.set(keys.tomb(q.id), q.tenant, ex=ttl + keys.TOMBSTONE_S)
+            if q.kind == "job":
+                pipe.zadd(keys.jobs_index(q.tenant), {q.id: q.created})
+            pipe.lpush(queue or keys.shared_queue(q.model), build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue or keys.shared_queue(q.model)))
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as e:
+            self.redis_ok = False
+            raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
+        for q in reqs:
+            self.depth[q.model] = self.depth.get(q.model, 0) + 1
+
+    async def run_sync(self, reqs: list[InferRequest], timeout_s: float) -> list[dict[str, Any]]:
+        """Submit and wait for every request; 504 (with the job ids) past the timeout."""
+        loop = asyncio.get_running_loop()
+        futs = []
+        for q in reqs:
+            f: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self.waiters[q.id] = f
+            futs.append(f)
+        try:
+            await self.submit(reqs)
+            done, pending = await asyncio.wait(futs, timeout=timeout_s)
+            if pending:
+                self.counters["timeouts_504"] += 1
+                ids = [q.id for q in reqs]
+                raise SyncTimeout(
+                    f"no result within {timeout_s:g} s; the work goes on — poll its status URL",
+                    extra={"job_id": ids[0], "status_url": f"/v1/jobs/{ids[0]}", **({"job_ids": ids} if len(ids) > 1 else {})},
+                )
+            return [f.result() for f in futs]
+        finally:
+            for q in reqs:
+                self.waiters.pop(q.id, None)
+
+    # -- job records -------------------------------------------------------------
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(keys.job(job_id))
+        return jobstore.parse_record(raw) if raw else None
+
+    async def tombstone(self, job_id: str) -> str | None:
+        t = await self.redis.get(keys.tomb(job_id))
+        return t.decode() if t else None
+
+    async def cancel(self, job_id: str) -> str:
+        r = await self._cancel_lua(keys=[keys.job(job_id)], args=[jobstore.now()])
+        return r.decode() if isinstance(r, bytes) else r
+
+
+def new_job_id() -> str:
+    """Unguessable: 128 random bits."""
+    return uuid.uuid4().hex
+
+
+async def _quiet(aw: Any) -> None:
+    try:
+        await aw
+    except (TrifectaError, RedisError, OSError, RuntimeError):
+        pass

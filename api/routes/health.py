@@ -1,0 +1,61 @@
+"""`/health` (every field our source services' clients read) and `/models/info`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import HubDep
+from tasks.models import MODELS
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="Service health: Redis, live workers and depth per queue")
+async def health(hub: HubDep) -> JSONResponse:
+    workers = [w for ws in hub.workers.values() for w in ws]
+    gpus = {(w.raw.get("host"), w.device) for w in workers if w.device.startswith("cuda")}
+    queues = {
+        m: {"depth": hub.depth.get(m, 0), "workers": [w.id for w in hub.live(m)]}
+        for m in MODELS
+        if hub.live(m) or hub.depth.get(m, 0)
+    }
+    ready = hub.redis_ok and bool(workers)
+    body: dict[str, Any] = {
+        "status": "healthy" if ready else ("degraded" if hub.redis_ok else "unhealthy"),
+        "ready": ready,
+        "model_loaded": any(w.info.get("warm") for w in workers),
+        "redis": hub.redis_ok,
+        "gpu_available": bool(gpus),
+        "gpu_count": len(gpus),
+        "gpu_memory_mb": round(sum(w.gpu_memory_mb for w in workers), 1),
+        "queue_size": sum(hub.depth.values()),
+        "active_sessions": sum(int(w.raw.get("sessions", 0) or 0) for w in workers),
+        "workers": len(workers),
+        "queues": queues,
+    }
+    return JSONResponse(body, status_code=200 if hub.redis_ok else 503)
+
+
+@router.get("/models/info", summary="Each model: source, revision, devices, input size, batch settings, warm")
+async def models_info(hub: HubDep) -> dict[str, Any]:
+    out = {}
+    for name, spec in MODELS.items():
+        ws = hub.live(name)
+        out[name] = {
+            "description": spec.description,
+            "family": spec.family,
+            "live_workers": len(ws),
+            "devices": sorted({w.device for w in ws}),
+            "warm": any(w.info.get("warm") for w in ws),
+            "source": next((w.info.get("source") for w in ws), None),
+            "revision": next((w.info.get("revision") for w in ws), None),
+            "input_size": next((w.info.get("input_size") for w in ws), None),
+            "max_batch_size": next((w.info.get("max_batch_size") for w in ws), None),
+            "batch_timeout_ms": next((w.info.get("batch_timeout_ms") for w in ws), None),
+            "queue_depth": hub.depth.get(name, 0),
+            "workers": [{"id": w.id, "device": w.device, "in_flight": w.in_flight, "processed": w.processed, **w.info} for w in ws],
+        }
+    return {"models": out}

@@ -1,0 +1,194 @@
+"""Synchronous mask endpoints kept from the source segmentation service.
+
+    POST /run_segmentation | /run_textmask | /run_facemask   (and /run_echo)
+
+Body: image bytes (`image/jpeg|png|webp`, `application/octet-stream`), optionally
+`Content-Encoding: gzip`, or a small WebDataset tar (`application/x-tar`,
+`application/x-tar+gzip`) answered as a batch. The answer is packbits by default
+(`X-Mask-Format`, `X-Batch-Size` headers), PNG with `?format=png`, or COCO RLE JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from api.body import gunzip_capped, read_body
+from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
+from storage import codecs
+from storage.blob import BlobStore, FileStore
+from tasks.errors import BadRequest, TooManySamples, UnsupportedMediaType, from_code, translate
+from tasks.images import IMAGE_CONTENT_TYPES, probe
+from tasks.inputs import stage_key
+from tasks.settings import Settings
+from tasks.tars import read_small_tar
+
+router = APIRouter(tags=["sync masks"])
+SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo")
+TAR_TYPES = {"application/x-tar", "application/x-tar+gzip", "application/tar", "application/x-gtar"}
+
+
+def mask_format(request: Request, settings: Settings) -> str:
+    fmt = (request.query_params.get("format") or request.headers.get("x-mask-format") or settings.output_format).lower()
+    if fmt not in codecs.FORMATS:
+        raise BadRequest(f"format {fmt!r} is not one of {', '.join(codecs.FORMATS)}")
+    return fmt
+
+
+def sync_timeout(request: Request, settings: Settings) -> float:
+    t = request.query_params.get("timeout")
+    if t is None:
+        return settings.sync_timeout_s
+    try:
+        v = float(t)
+    except ValueError:
+        raise BadRequest("timeout must be a number of seconds") from None
+    if not 0 < v:
+        raise BadRequest("timeout must be positive")
+    return min(v, settings.sync_timeout_s)
+
+
+async def fetch_output(store: BlobStore, path: str) -> bytes:
+    if isinstance(store, FileStore):
+        return store.get(path)  # a local read is faster than a thread hop
+    return await asyncio.to_thread(store.get, path)
+
+
+def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str, name: str = "input") -> tuple[dict[str, Any], bool]:
+    """The `input` of a message: inline below INLINE_INPUT_BYTES, else staged in storage."""
+    if len(data) <= settings.inline_input_bytes:
+        return {"b64": base64.b64encode(data).decode("ascii"), "size": len(data)}, False
+    key = stage_key(tenant, job_id, name)
+    store.put(key, data)
+    return {"uri": f"key:{key}", "size": len(data)}, True
+
+
+def raise_failed(reply: dict[str, Any]) -> None:
+    err = reply.get("error") or {}
+    raise from_code(err.get("code", "internal"), err.get("message", "the request failed"))
+
+
+async def _run(model: str, request: Request, settings: Settings, hub: Any, store: BlobStore, tenant: str) -> Response:
+    ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    is_tar = ctype in TAR_TYPES
+    if not is_tar and ctype not in IMAGE_CONTENT_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {ctype!r} is not accepted; send image/jpeg, image/png, image/webp, application/octet-stream or application/x-tar")
+    if is_tar and not settings.allow_webdataset:
+        raise UnsupportedMediaType("WebDataset tar bodies are disabled on this server (ALLOW_WEBDATASET=false)")
+    if model == "facemask" and not hub.live("facemask"):
+        return Response(status_code=204)  # as the source service: no face model configured yet
+    fmt = mask_format(request, settings)
+    timeout = sync_timeout(request, settings)
+    hub.admit(model)
+    body = await read_body(request, settings.max_body_bytes)
+    if is_tar:
+        return await _run_tar(model, body, ctype, fmt, timeout, request, settings, hub, store, tenant)
+    probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
+    job_id = _job_id()
+    inp, _ = inline_or_staged(body, settings, store, tenant, job_id)
+    params = {"sleep_ms": float(request.query_params["sleep_ms"])} if model == "echo" and "sleep_ms" in request.query_params else {}
+    q = hub.new_request(model, tenant=tenant, kind="sync", params=params, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
+    (reply,) = await hub.run_sync([q], timeout)
+    if reply["status"] != "succeeded":
+        raise_failed(reply)
+    result = reply["result"]
+    headers = _timing_headers(q.id, result, 1, fmt)
+    if model == "echo":
+        return JSONResponse({"job_id": q.id, **result["meta"], "timing": result["timing"]}, headers=headers)
+    out = result["outputs"][0]
+    data = await fetch_output(store, out["path"])
+    return Response(data, media_type=codecs.CONTENT_TYPES[fmt], headers=headers)
+
+
+async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float, request: Request, settings: Settings, hub: Any, store: BlobStore, tenant: str) -> Response:
+    if ctype == "application/x-tar+gzip":
+        body = gunzip_capped(body, settings.max_body_bytes)
+    if fmt == "png":
+        raise BadRequest("png answers a single image; ask a tar batch for packbits or rle")
+    samples = read_small_tar(io.BytesIO(body), max_member=settings.max_sample_bytes, max_members=settings.max_sync_batch * 8 + 8)
+    if len(samples) > settings.max_sync_batch:
+        raise TooManySamples(f"the tar holds {len(samples)} samples; the sync endpoint takes at most {settings.max_sync_batch} (MAX_SYNC_BATCH). Submit it as a shard job: POST /v1/jobs with input.shards or a multipart file")
+    hub.admit(model, len(samples))
+    reqs, errors, order = [], {}, []
+    for i, s in enumerate(samples):
+        img = s.image()
+        order.append(s.key)
+        if s.errors or img is None:
+            errors[i] = {"index": i, "key": s.key, "code": "unprocessable", "message": "; ".join(s.errors) or "no image member (jpg, png, webp ...)"}
+            continue
+        try:
+            probe(img[1], settings.max_image_pixels)
+        except Exception as e:  # this sample alone fails
+            te = translate(e)
+            errors[i] = {"index": i, "key": s.key, "code": te.code, "message": te.message}
+            continue
+        job_id = _job_id()
+        inp, _ = inline_or_staged(img[1], settings, store, tenant, job_id)
+        reqs.append((i, hub.new_request(model, tenant=tenant, kind="sync", params={}, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)))
+    replies = await hub.run_sync([q for _, q in reqs], timeout) if reqs else []
+    masks: list[bytes | None] = [None] * len(samples)
+    rles: list[Any] = [None] * len(samples)
+    paths = []
+    for (i, _), rep in zip(reqs, replies, strict=True):
+        if rep["status"] != "succeeded":
+            err = rep.get("error") or {}
+            errors[i] = {"index": i, "key": samples[i].key, "code": err.get("code", "internal"), "message": err.get("message", "")}
+        else:
+            paths.append((i, rep["result"]["outputs"][0]["path"]))
+    datas = await asyncio.gather(*(fetch_output(store, p) for _, p in paths))
+    for (i, _), d in zip(paths, datas, strict=True):
+        masks[i] = d
+        rles[i] = orjson.loads(d) if fmt == "rle" else None
+    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), "X-Sample-Keys": ",".join(order)}
+    if errors:
+        headers["X-Sample-Errors"] = orjson.dumps(sorted(errors.values(), key=lambda e: e["index"])).decode()
+    if fmt == "rle":
+        return JSONResponse({"keys": order, "masks": rles, "errors": sorted(errors.values(), key=lambda e: e["index"])}, headers=headers)
+    # a failed sample is a zero-length entry, so positions still match the tar's order
+    return Response(codecs.encode_batch(m or b"" for m in masks), media_type="application/octet-stream", headers=headers)
+
+
+def _timing_headers(job_id: str, result: dict[str, Any], n: int, fmt: str) -> dict[str, str]:
+    t = result.get("timing", {})
+    return {
+        "X-Mask-Format": fmt,
+        "X-Batch-Size": str(n),
+        "X-Job-Id": job_id,
+        "X-Queue-Ms": str(t.get("queue_ms", "")),
+        "X-Model-Ms": str(t.get("model_ms", "")),
+        "X-Worker": str(result.get("worker", "")),
+    }
+
+
+def _job_id() -> str:
+    from api.hub import new_job_id
+
+    return new_job_id()
+
+
+def _make(model: str):  # noqa: ANN202 - FastAPI endpoint factory
+    async def endpoint(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> Response:
+        try:
+            return await _run(model, request, settings, hub, store, tenant)
+        except Exception as e:
+            raise translate(e) from e
+
+    endpoint.__name__ = f"run_{model}"
+    endpoint.__doc__ = f"Segment one image (or a small WebDataset tar) with `{model}`; waits at most SYNC_TIMEOUT_S."
+    return endpoint
+
+
+for _m in SYNC_MODELS:
+    router.add_api_route(
+        f"/run_{_m}",
+        _make(_m),
+        methods=["POST"],
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}, "image/png": {}, "application/json": {}}}, 204: {"description": "no model configured (facemask)"}},
+    )

@@ -1,0 +1,92 @@
+"""`trifecta up`: everything in the foreground — Redis (if REDIS_URL does not answer),
+one worker per model and device, the API and Flower — restarting any worker that dies.
+Ctrl-C stops all of it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tasks.embedded_redis import EmbeddedRedis, answers
+from tasks.settings import get_settings, reset_settings
+from workers.device import cores_owned, gpu_present, plan_workers
+
+log = logging.getLogger("trifecta.up")
+
+
+def _trifecta(*args: str) -> list[str]:
+    return [sys.executable, "-m", "client.cli", *args]
+
+
+def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool = False) -> int:
+    s = get_settings()
+    procs: dict[str, tuple[list[str], subprocess.Popen[bytes]]] = {}
+    redis_srv = None
+    if not answers(s.redis_url):
+        redis_srv = EmbeddedRedis(Path(s.run_dir) / "redis").start()
+        os.environ["REDIS_URL"] = redis_srv.url
+        reset_settings()
+        s = get_settings()
+        log.info("REDIS_URL did not answer: started %s on %s (append-only in %s)", Path(redis_srv.binary).name, redis_srv.url, redis_srv.dir)
+    from client.cli import main as cli_main
+
+    cli_main(["models", "fetch", *s.models])  # textmask from the wheel; segmentation from the hub or random-init (loudly)
+    plan = plan_workers(list(s.models), s.gpu_ids, s.use_cuda, gpu_present())
+    n_cpu = sum(1 for _, d in plan if d == "cpu") or 1
+    env = dict(os.environ)
+    for i, (model, device) in enumerate(plan):
+        wenv = dict(env)
+        if device == "cpu" and not s.intra_op_threads:
+            wenv["INTRA_OP_THREADS"] = str(max(1, cores_owned() // n_cpu))  # don't oversubscribe the cores
+        cmd = _trifecta("worker", "--model", model, "--device", device, "--name", f"{model}-{device.replace(':', '')}-{i}")
+        procs[f"worker {model} {device}"] = (cmd, subprocess.Popen(cmd, env=wenv))
+    port = api_port or s.api_port
+    cmd = _trifecta("api", "--host", api_host, "--port", str(port))
+    procs["api"] = (cmd, subprocess.Popen(cmd, env=env))
+    flower_port = int(os.environ.get("FLOWER_PORT", "5555"))
+    if not no_flower:
+        cmd = [sys.executable, "-m", "celery", "--broker", s.redis_url, "flower", f"--port={flower_port}", "--address=127.0.0.1"]
+        if os.environ.get("FLOWER_BASIC_AUTH"):
+            cmd.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
+        procs["flower"] = (cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    base = f"http://{api_host}:{port}"
+    print(
+        f"\nTrifecta is starting:\n  API     {base}   (docs {base}/docs, health {base}/health)\n"
+        + ("" if no_flower else f"  Flower  http://127.0.0.1:{flower_port}\n")
+        + f"  Redis   {s.redis_url}\n  Workers {', '.join(f'{m}@{d}' for m, d in plan)}\n\n"
+        f"Try:\n  curl -s -X POST '{base}/run_textmask?format=png' -H 'Content-Type: image/png' --data-binary @../shared/data/images/text.png -o mask.png\n",
+        flush=True,
+    )
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for name, (cmd, p) in list(procs.items()):
+                if p.poll() is not None and not stopping:
+                    log.warning("%s exited with %s; restarting", name, p.returncode)
+                    procs[name] = (cmd, subprocess.Popen(cmd, env=env))
+    finally:
+        for _, p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        t_end = time.time() + 10
+        for _, p in procs.values():
+            try:
+                p.wait(max(0.1, t_end - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if redis_srv:
+            redis_srv.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""Blob stores (`file://`, `s3://`), key layout, presigned URLs and the mask codecs."""

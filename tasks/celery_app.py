@@ -1,0 +1,43 @@
+"""The Celery app both halves share: Redis broker, JSON only, late acks, short visibility.
+
+Why the visibility timeout is short and safe: every worker refreshes the unacked-index
+score of each message it holds on every heartbeat (`workers.heartbeat`), so a message
+whose worker is alive is never restored, however long the task runs; a message whose
+worker died (SIGKILL, OOM, lost machine) stops being refreshed and any live worker's
+kombu restores it after VISIBILITY_TIMEOUT_S (checked every 2 s).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tasks.settings import Settings
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("trifecta", broker=settings.redis_url, backend=None)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_default_queue="default",
+        worker_hijack_root_logger=False,
+        worker_send_task_events=settings.task_events,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "retry_on_timeout": True,
+            "health_check_interval": 10,
+        },
+        broker_heartbeat=0,
+    )
+    return app

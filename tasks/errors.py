@@ -1,0 +1,215 @@
+"""Every error a client can see, each with its HTTP status.
+
+One handler in `api.app` renders them all as `{"error": {"code", "message"}}`;
+workers raise the same classes and report `(code, message)` in the job record,
+so a worker-side 422 reaches the client as a 422.
+
+    TrifectaError (500 internal)
+    ├── BadRequest (400 bad_request)
+    │   └── UnreadableVideo (400 unreadable_video)
+    ├── Unauthorized (401 unauthorized)
+    ├── Forbidden (403 forbidden)
+    ├── NotFound (404 not_found)
+    │   ├── UnknownModel (404 unknown_model)
+    │   └── JobNotFound (404 job_not_found)
+    ├── Conflict (409 conflict)
+    ├── Gone (410 gone)
+    ├── PayloadTooLarge (413 payload_too_large)
+    │   ├── ImageTooLarge (413 image_too_large)
+    │   └── TooManySamples (413 too_many_samples)
+    ├── UnsupportedMediaType (415 unsupported_media_type)
+    ├── Unprocessable (422 unprocessable)
+    │   └── UndecodableImage (422 undecodable_image)
+    ├── RateLimited (429 rate_limited)
+    ├── ModelError (500 model_error)
+    ├── Overloaded (503 overloaded)
+    │   ├── NoWorker (503 no_worker)
+    │   └── BrokerUnavailable (503 broker_unavailable)
+    ├── StorageError (503 storage_error)
+    └── SyncTimeout (504 timeout)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrifectaError(Exception):
+    """Base class: an unexpected failure."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+class BadRequest(TrifectaError):
+    """The request is malformed."""
+
+    status, code = 400, "bad_request"
+
+
+class UnreadableVideo(BadRequest):
+    """A video that cannot be opened or decoded."""
+
+    code = "unreadable_video"
+
+
+class Unauthorized(TrifectaError):
+    """A missing or unknown API key."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(TrifectaError):
+    """A path or URI the caller may not read."""
+
+    status, code = 403, "forbidden"
+
+
+class NotFound(TrifectaError):
+    """Nothing by that name."""
+
+    status, code = 404, "not_found"
+
+
+class UnknownModel(NotFound):
+    """A model name not in the model list, or not served."""
+
+    code = "unknown_model"
+
+
+class JobNotFound(NotFound):
+    """A job id never issued (or another tenant's)."""
+
+    code = "job_not_found"
+
+
+class Conflict(TrifectaError):
+    """The job is not in a state that allows this (e.g. result of an unfinished job)."""
+
+    status, code = 409, "conflict"
+
+
+class Gone(TrifectaError):
+    """A session whose worker died or that expired."""
+
+    status, code = 410, "gone"
+
+
+class PayloadTooLarge(TrifectaError):
+    """A body, member or video over a limit."""
+
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """An image over MAX_IMAGE_PIXELS."""
+
+    code = "image_too_large"
+
+
+class TooManySamples(PayloadTooLarge):
+    """A sync tar with more samples than MAX_SYNC_BATCH."""
+
+    code = "too_many_samples"
+
+
+class UnsupportedMediaType(TrifectaError):
+    """A content type or image format we do not read."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class Unprocessable(TrifectaError):
+    """Well-formed but invalid input."""
+
+    status, code = 422, "unprocessable"
+
+
+class UndecodableImage(Unprocessable):
+    """Image bytes that do not decode (truncated, corrupt)."""
+
+    code = "undecodable_image"
+
+
+class RateLimited(TrifectaError):
+    """A tenant over its request rate."""
+
+    status, code = 429, "rate_limited"
+
+
+class ModelError(TrifectaError):
+    """The model failed on an input."""
+
+    status, code = 500, "model_error"
+
+
+class Overloaded(TrifectaError):
+    """The queue is full; retry after the Retry-After header."""
+
+    status, code = 503, "overloaded"
+
+
+class NoWorker(Overloaded):
+    """No live worker serves the model."""
+
+    code = "no_worker"
+
+
+class BrokerUnavailable(Overloaded):
+    """Redis cannot be reached."""
+
+    code = "broker_unavailable"
+
+
+class StorageError(TrifectaError):
+    """Storage failed after retries."""
+
+    status, code = 503, "storage_error"
+
+
+class SyncTimeout(TrifectaError):
+    """The bounded wait ran out; the job goes on and can be polled."""
+
+    status, code = 504, "timeout"
+
+
+_BY_CODE: dict[str, type[TrifectaError]] = {}
+
+
+def _collect(cls: type[TrifectaError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _collect(sub)
+
+
+_collect(TrifectaError)
+
+
+def from_code(code: str, message: str) -> TrifectaError:
+    """Rebuild an error reported by a worker from its code."""
+    return _BY_CODE.get(code, TrifectaError)(message)
+
+
+def translate(exc: BaseException) -> TrifectaError:
+    """Any exception → the TrifectaError a client sees (storage's own errors mapped here,
+    since `storage` sits below `tasks` and does not know this hierarchy)."""
+    from storage.blob import BadKey, ObjectMissing, StorageFailure
+
+    if isinstance(exc, TrifectaError):
+        return exc
+    if isinstance(exc, ObjectMissing):
+        return NotFound(str(exc))
+    if isinstance(exc, BadKey):
+        return Forbidden(str(exc))
+    if isinstance(exc, StorageFailure):
+        return StorageError(str(exc))
+    return TrifectaError(f"{type(exc).__name__}: {exc}")

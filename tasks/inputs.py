@@ -1,0 +1,71 @@
+"""Where a request's input bytes come from: inline, our own storage, or a user's URI.
+
+A user-supplied `file://` path must lie under ALLOWED_INPUT_ROOTS (resolved, so `..`
+and symlinks cannot escape); an `s3://` URI is read with the service's S3 client.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import IO
+from urllib.parse import unquote, urlparse
+
+from storage.blob import BlobStore, S3Store, open_store
+from tasks.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unprocessable
+from tasks.schemas import InferInput
+from tasks.settings import Settings
+
+STAGED = "key:"  # prefix of a URI naming an object in our own store
+
+
+def decode_b64(b64: str) -> bytes:
+    try:
+        return base64.b64decode(b64, validate=True)
+    except Exception:
+        raise Unprocessable("the input is not valid base64") from None
+
+
+def local_path(uri: str, settings: Settings) -> Path:
+    """The resolved path of a file:// URI or bare path, if it lies under ALLOWED_INPUT_ROOTS."""
+    u = urlparse(uri)
+    raw = unquote(u.netloc + u.path) if u.scheme == "file" else uri
+    p = Path(raw).resolve()
+    for root in settings.allowed_input_roots:
+        r = Path(root).resolve()
+        if p == r or r in p.parents:
+            return p
+    raise Forbidden(f"{uri} is not under ALLOWED_INPUT_ROOTS; local paths outside them are refused")
+
+
+def open_uri(uri: str, store: BlobStore, settings: Settings) -> IO[bytes]:
+    if uri.startswith(STAGED):
+        return store.open(uri[len(STAGED):])
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        s3 = store if isinstance(store, S3Store) else open_store("s3://_/", settings.s3_endpoint_url)
+        return s3.read_uri(uri)  # type: ignore[union-attr]
+    if scheme in ("file", ""):
+        p = local_path(uri, settings)
+        if not p.is_file():
+            raise NotFound(f"no file at {uri}")
+        return open(p, "rb")
+    raise BadRequest(f"unsupported input URI scheme {scheme!r}: use s3:// or file://")
+
+
+def read_input(inp: InferInput, store: BlobStore, settings: Settings, limit: int | None = None) -> bytes:
+    if inp.b64 is not None:
+        return decode_b64(inp.b64)
+    if not inp.uri:
+        raise BadRequest("the input has neither inline bytes nor a URI")
+    limit = limit or settings.max_body_bytes
+    with open_uri(inp.uri, store, settings) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the input at {inp.uri} is over {limit} bytes")
+    return data
+
+
+def stage_key(tenant: str, job_id: str, name: str = "input") -> str:
+    return os.path.join(tenant, "jobs", job_id, "_in", name)

@@ -1,0 +1,120 @@
+"""The job record in Redis and its state transitions, shared by the API and the workers.
+
+A job is a hash `tf:job:<id>` whose fields are JSON values:
+
+    doc        what was submitted: id, model, kind, tenant, created_at, params, input summary
+    status     queued | running | succeeded | failed | cancelled | expired
+    attempts   deliveries so far (a message redelivered after a worker death counts again)
+    started_at, finished_at   unix seconds
+    progress   {"done", "total", ...} for multi-part jobs
+    result     {"outputs": [...], "meta": {...}, "timing": {...}, "worker": ...}
+    error      {"code", "message"}
+
+Transitions are Lua scripts so a cancel racing a worker never ends in a mixed state:
+`start` refuses a terminal job and counts the delivery; `finish` only lands on a
+running or queued job.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from tasks import keys
+
+# KEYS[1]=job  ARGV[1]=now ARGV[2]=max_deliveries
+# returns {status, attempts}; status "dead" when over max deliveries (job marked failed)
+START_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing', 0} end
+st = cjson.decode(st)
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
+  return {st, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
+end
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if n > tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'status', '"failed"', 'finished_at', ARGV[1],
+    'error', cjson.encode({code='dead_lettered', message='delivered ' .. (n - 1) ..
+      ' times without finishing (the worker died each time); not retried'}))
+  return {'dead', n}
+end
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1])
+end
+return {'running', n}
+"""
+
+# KEYS[1]=job  ARGV[1]=status ARGV[2]=now ARGV[3]=field(result|error) ARGV[4]=json
+# ARGV[5]=reply channel or '' ARGV[6]=reply message
+FINISH_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 0 end
+st = cjson.decode(st)
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return 0 end
+redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'finished_at', ARGV[2], ARGV[3], ARGV[4])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return 1
+"""
+
+# KEYS[1]=job ARGV[1]=now
+CANCEL_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+st = cjson.decode(st)
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return st end
+redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
+return 'cancelled'
+"""
+
+
+def new_record(doc: dict[str, Any]) -> dict[str, bytes]:
+    """Fields of a freshly queued job."""
+    return {
+        "doc": orjson.dumps(doc),
+        "status": b'"queued"',
+        "attempts": b"0",
+        "progress": orjson.dumps(doc.get("progress") or {}),
+    }
+
+
+def parse_record(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
+    """A job hash as read from Redis → the job's status document (without links)."""
+    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    doc = orjson.loads(f["doc"])
+    out: dict[str, Any] = {
+        "job_id": doc["id"],
+        "model": doc["model"],
+        "kind": doc.get("kind", "job"),
+        "status": orjson.loads(f.get("status", b'"queued"')),
+        "created_at": doc.get("created_at"),
+        "started_at": _num(f.get("started_at")),
+        "finished_at": _num(f.get("finished_at")),
+        "attempts": int(f.get("attempts", 0) or 0),
+        "progress": orjson.loads(f["progress"]) if f.get("progress") else {},
+        "params": doc.get("params", {}),
+        "input": doc.get("input", {}),
+        "error": orjson.loads(f["error"]) if f.get("error") else None,
+        "result": orjson.loads(f["result"]) if f.get("result") else None,
+        "tenant": doc.get("tenant", "default"),
+    }
+    if doc.get("callback_url"):
+        out["callback_url"] = doc["callback_url"]
+    return out
+
+
+def _num(v: bytes | str | None) -> float | None:
+    return float(v) if v not in (None, b"", "") else None
+
+
+def now() -> float:
+    return round(time.time(), 6)
+
+
+def reply_payload(job_id: str, status: str, body: dict[str, Any]) -> bytes:
+    return orjson.dumps({"id": job_id, "status": status, **body})
+
+
+def job_key(job_id: str) -> str:
+    return keys.job(job_id)

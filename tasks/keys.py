@@ -1,0 +1,51 @@
+"""Redis key layout and queue names: the one place both halves agree on them."""
+
+from __future__ import annotations
+
+PREFIX = "tf"
+TASK_INFER = "trifecta.infer"
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+
+
+def shared_queue(model: str) -> str:
+    """The queue every worker of `model` consumes."""
+    return model
+
+
+def private_queue(model: str, worker_id: str) -> str:
+    """The queue only worker `worker_id` consumes (cache and session affinity)."""
+    return f"{model}.{worker_id}"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def tomb(job_id: str) -> str:
+    """Kept 7 days past a job's expiry so an expired id answers `expired`, not 404."""
+    return f"{PREFIX}:tomb:{job_id}"
+
+
+def jobs_index(tenant: str) -> str:
+    return f"{PREFIX}:jobs:{tenant}"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idem:{tenant}:{key}"
+
+
+def worker(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+WORKERS = f"{PREFIX}:workers"
+DEADLETTER = f"{PREFIX}:deadletter"
+
+
+def reply_channel(api_id: str) -> str:
+    return f"{PREFIX}:reply:{api_id}"
+
+
+TOMBSTONE_S = 7 * 86_400

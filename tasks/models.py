@@ -1,0 +1,29 @@
+"""The one list of model names shared by `--model`, `MODELS`, queue names and job payloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # runner family in workers/runners/<family>.py
+    takes_images: bool  # usable by the image sync endpoints and WebDataset shard jobs
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        ModelSpec("segmentation", "onnxseg", True, "ONNX semantic segmentation (SegFormer export); foreground = argmax != background"),
+        ModelSpec("textmask", "onnxseg", True, "PP-OCRv4 text detection (pretrained, ONNX); text pixels"),
+        ModelSpec("facemask", "onnxseg", True, "ONNX face mask; answers 204 until a model is served"),
+        ModelSpec("sam3", "sam3", True, "SAM3 (Segment Anything 3) with text and box prompts, video sessions"),
+        ModelSpec("vjepa2", "vjepa2", False, "V-JEPA 2 video classification on 16-frame clips"),
+        ModelSpec("mask2former", "mask2former", True, "Mask2Former multi-class semantic segmentation"),
+        ModelSpec("echo", "echo", True, "no-op model for measurement and tests"),
+    )
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+DEFAULT_MODELS: tuple[str, ...] = ("textmask", "segmentation")

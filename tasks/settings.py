@@ -1,0 +1,120 @@
+"""Every setting of every Trifecta process, read from the environment.
+
+The names are the ones our source services used (`HF_REPO_ID`, `GPU_IDS`,
+`MAX_BATCH_SIZE`, ...) so their deployments keep working. The README's settings
+table is generated from this class's field descriptions (`trifecta settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tasks.models import DEFAULT_MODELS, MODEL_NAMES
+
+
+def _split(v: object) -> object:
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # --- broker, API, client ---
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result store for every process (Redis protocol).")
+    api_port: int = Field(8080, description="Port of `trifecta api` / `trifecta up`.")
+    trifecta_url: str = Field("http://127.0.0.1:8080", description="Where the client CLI and SDK find the server.")
+    trifecta_api_key: str | None = Field(None, description="API key the client CLI and SDK send.")
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_MODELS), description="Models `trifecta up` starts workers for (comma separated).")
+    run_dir: str = Field("./run", description="Where `trifecta up` keeps its embedded Redis data (append-only file) and logs.")
+
+    # --- workers and batching ---
+    gpu_ids: Annotated[list[int], NoDecode] = Field(default_factory=list, description="GPUs to use; `trifecta up` and compose start one worker per GPU per model. Empty: one CPU worker per model.")
+    use_cuda: bool = Field(True, description="Use CUDA when a GPU is present; on a machine without one this falls back to CPU with a warning.")
+    max_batch_size: int = Field(4, ge=1, le=256, description="Dynamic batching: most requests gathered into one model call.")
+    batch_timeout_ms: float = Field(4, ge=0, le=10_000, description="Dynamic batching: longest wait for a batch to fill.")
+    max_concurrency_per_gpu: int = Field(2, ge=1, le=64, description="In-flight batches per device (overlaps decode/encode with inference).")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime / torch intra-op threads per worker; 0 = the cores this worker owns.")
+    worker_heartbeat_s: float = Field(3.0, gt=0, description="How often a worker refreshes its registration and the visibility of the messages it holds.")
+    visibility_timeout_s: float = Field(20.0, gt=0, description="A message held by a worker whose heartbeat stopped is redelivered after this many seconds.")
+    max_deliveries: int = Field(3, ge=1, description="A request delivered this many times without finishing is dead-lettered as failed.")
+    worker_max_memory_mb: int = Field(0, ge=0, description="A worker whose RSS passes this finishes its batch and exits to be restarted (0 = no limit).")
+    task_events: bool = Field(False, description="Send per-task Celery events (Flower's task list); worker events and heartbeats are always on.")
+
+    # --- models ---
+    model_dir: str = Field("./models", description="Local model directory; `<MODEL_DIR>/<model>/` holds each model's files.")
+    hf_repo_id: str | None = Field(None, description="Hugging Face repo holding `segmentation.onnx` + config. Unset: `MODEL_DIR/segmentation` is used.")
+    hf_revision: str | None = Field(None, description="Revision (branch, tag or commit) of `HF_REPO_ID`.")
+    hf_token: str | None = Field(None, description="Token for a private `HF_REPO_ID`.")
+    hf_local_files_only: bool = Field(False, description="Never reach the hub; use the local Hugging Face cache only.")
+    seg_onnx_filename: str = Field("segmentation.onnx", description="ONNX file name of the segmentation model.")
+    seg_config_filename: str = Field("segmentation_config.json", description="Config file name of the segmentation model.")
+    facemask_onnx_filename: str = Field("facemask.onnx", description="ONNX file of the facemask model; `/run_facemask` answers 204 until one is served.")
+    textmask_onnx_filename: str = Field("textmask.onnx", description="ONNX file of the textmask model inside `MODEL_DIR/textmask`.")
+    input_size: int | None = Field(None, ge=32, le=4096, description="Overrides the model config's square input size (smaller = faster).")
+
+    # --- storage ---
+    storage_url: str = Field("file://./data", description="`file://DIR` or `s3://bucket/prefix` for masks, staged inputs and results.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")
+    inline_input_bytes: int = Field(1 << 20, ge=0, description="Inputs up to this size travel inside the queue message; larger ones are staged in storage.")
+    result_ttl_seconds: int = Field(86_400, ge=60, description="Lifetime of job records and stored masks.")
+    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local directories that `file://` inputs may be read from (comma separated); empty = none.")
+
+    # --- API limits ---
+    output_format: str = Field("packbits", description="Default mask format of the sync endpoints: packbits, png or rle.")
+    allow_webdataset: bool = Field(True, description="Accept WebDataset tar bodies on the sync endpoints.")
+    sync_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait of a sync request before 504 (a request may lower it with `?timeout=`).")
+    sync_grace_s: float = Field(60.0, ge=0, description="After a 504 the work stays valid this long for polling; later it is dropped unrun.")
+    max_queue_depth: int = Field(64, ge=1, description="Requests waiting per model at or above which new sync requests get 503.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest image (width x height) accepted; larger → 413, decided from the header.")
+    max_body_bytes: int = Field(100 << 20, ge=1, description="Largest request body, counted while streaming and after gzip decompression.")
+    max_sync_batch: int = Field(64, ge=1, description="Most samples in a sync WebDataset tar; more → 413 pointing to the job API.")
+    max_sample_bytes: int = Field(64 << 20, ge=1, description="Largest tar member accepted.")
+    max_samples_per_shard: int = Field(100_000, ge=1, description="Most members read from one tar.")
+
+    @field_validator("models", "allowed_input_roots", mode="before")
+    @classmethod
+    def _csv(cls, v: object) -> object:
+        return _split(v)
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _gpus(cls, v: object) -> object:
+        v = _split(v)
+        return [int(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("output_format")
+    @classmethod
+    def _fmt(cls, v: str) -> str:
+        v = v.lower()
+        if v not in ("packbits", "png", "rle"):
+            raise ValueError("OUTPUT_FORMAT must be packbits, png or rle")
+        return v
+
+    @model_validator(mode="after")
+    def _models_known(self) -> Settings:
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"MODELS has unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and `trifecta up` change the environment)."""
+    get_settings.cache_clear()
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")

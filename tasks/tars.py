@@ -1,0 +1,114 @@
+"""Reading WebDataset tars safely, without extracting anything.
+
+Written here rather than taken from `webdataset` because importing `webdataset` imports
+torch, which the API process must not load; the grouping rule is webdataset's own
+(`base_plus_ext`: key = path up to the first dot of the file name). Workers processing
+whole shards feed these members to webdataset's pipeline.
+
+Members are streamed (`tarfile` in `r|*` mode, never extracted): only regular files
+are accepted; names with `..` or absolute paths, links, devices, members over
+MAX_SAMPLE_BYTES and members past MAX_SAMPLES_PER_SHARD are refused and reported.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+from tasks.errors import BadRequest
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "img")
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass
+class Sample:
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)  # extension (lower case) → bytes
+    errors: list[str] = field(default_factory=list)
+
+    def image(self) -> tuple[str, bytes] | None:
+        for ext in IMAGE_EXTS:
+            if ext in self.files:
+                return ext, self.files[ext]
+        return None
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def _refusal(ti: tarfile.TarInfo, max_member: int) -> str | None:
+    name = ti.name
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        return f"member {name!r} has an unsafe path"
+    if ti.issym() or ti.islnk():
+        return f"member {name!r} is a link"
+    if ti.isdev() or ti.isfifo() or ti.ischr() or ti.isblk():
+        return f"member {name!r} is a device or fifo"
+    if not ti.isreg():
+        return None if ti.isdir() else f"member {name!r} is not a regular file"
+    if ti.size > max_member:
+        return f"member {name!r} is {ti.size} bytes, over MAX_SAMPLE_BYTES={max_member}"
+    if len(name) > 1024:
+        return "a member name is longer than 1024 characters"
+    return None
+
+
+def iter_samples(f: IO[bytes], *, max_member: int, max_members: int) -> Iterator[Sample]:
+    """Samples in tar order, each with its files; refused members land in `errors`.
+
+    A truncated or corrupt tar ends the stream with a final sample keyed `__tar__`
+    carrying the error, so callers record it and keep what came before.
+    """
+    current: Sample | None = None
+    count = 0
+    try:
+        with tarfile.open(fileobj=f, mode="r|*") as tf:
+            for ti in tf:
+                count += 1
+                if count > max_members:
+                    if current:
+                        yield current
+                        current = None
+                    yield Sample("__tar__", errors=[f"more than MAX_SAMPLES_PER_SHARD={max_members} members; the rest were not read"])
+                    return
+                why = _refusal(ti, max_member)
+                if ti.isdir() and why is None:
+                    continue
+                key, ext = split_key(ti.name)
+                if why is None and key is None:
+                    why = f"member {ti.name!r} has no extension"
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = Sample(key or ti.name)
+                if why:
+                    current.errors.append(why)
+                    continue
+                fobj = tf.extractfile(ti)
+                data = fobj.read() if fobj else b""
+                if len(data) != ti.size:
+                    current.errors.append(f"member {ti.name!r} is truncated")
+                    continue
+                current.files[(ext or "").lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        if current:
+            yield current
+            current = None
+        yield Sample("__tar__", errors=[f"the tar is truncated or corrupt: {e}"])
+        return
+    if current:
+        yield current
+
+
+def read_small_tar(f: IO[bytes], *, max_member: int, max_members: int) -> list[Sample]:
+    samples = list(iter_samples(f, max_member=max_member, max_members=max_members))
+    if not samples:
+        raise BadRequest("the tar holds no samples")
+    return samples

@@ -1,0 +1,68 @@
+"""Celery task messages as they travel through Redis, built without a kombu Producer.
+
+Why by hand: the API is asyncio and kombu's Redis producer is blocking; building the
+envelope ourselves lets the API publish with `redis.asyncio` in the same pipeline that
+writes the job record (one round trip per request). The envelope is exactly what
+`kombu.transport.redis.Channel._put` writes for Celery's message protocol 2 on the
+default exchange (`tests/test_wire.py` checks it field by field against Celery's own
+`send_task` and runs it through a real worker).
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+import orjson
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def build_message(task_name: str, task_id: str, kwargs: dict[str, Any], queue: str, origin: str = "trifecta-api") -> bytes:
+    """The JSON string LPUSHed onto the Redis list named `queue`."""
+    body = orjson.dumps([[], kwargs, _EMBED])
+    headers = {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": "{...}",
+        "origin": origin,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    message = {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return orjson.dumps(message)
+
+
+def decode_message(raw: bytes | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(headers, kwargs) of a message read back from a queue list (tests, dead-lettering)."""
+    msg = orjson.loads(raw)
+    args, kwargs, _ = orjson.loads(base64.b64decode(msg["body"]))
+    return msg["headers"], kwargs

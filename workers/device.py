@@ -1,0 +1,107 @@
+"""Device pinning and provider selection, done before any CUDA library is imported.
+
+One worker process per device. `pin(device)` sets CUDA_VISIBLE_DEVICES so the process
+sees exactly its GPU as cuda:0, respecting a value the operator already set (then
+`cuda:N` means the N-th device of that list, as BentoML does). Nothing here imports
+torch or onnxruntime: the caller passes in what the runtime reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+log = logging.getLogger("trifecta.device")
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" | "cuda"
+    index: int  # index as the operator named it (cuda:N); 0 for cpu
+    physical: str | None  # the CUDA_VISIBLE_DEVICES entry this process was pinned to
+    threads: int  # intra-op threads
+
+    @property
+    def local(self) -> str:
+        """What frameworks inside this process call the device (cuda:0 after pinning)."""
+        return "cuda:0" if self.kind == "cuda" else "cpu"
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.kind == "cuda" else "cpu"
+
+
+def parse(device: str) -> tuple[str, int]:
+    d = device.strip().lower()
+    if d == "cpu":
+        return "cpu", 0
+    if d == "cuda":
+        return "cuda", 0
+    if d.startswith("cuda:") and d[5:].isdigit():
+        return "cuda", int(d[5:])
+    raise ValueError(f"--device must be cpu or cuda:N, got {device!r}")
+
+
+def gpu_present() -> bool:
+    """A cheap look for an NVIDIA GPU without loading CUDA."""
+    return os.path.exists("/dev/nvidia0") or (shutil.which("nvidia-smi") is not None and os.path.exists("/proc/driver/nvidia"))
+
+
+def cores_owned() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pin(device: str, *, use_cuda: bool = True, threads: int = 0, env: dict[str, str] | None = None, has_gpu: bool | None = None) -> Device:
+    """Pin this process to `device` by editing `env` (os.environ by default)."""
+    env = os.environ if env is None else env
+    kind, index = parse(device)
+    n_threads = threads or cores_owned()
+    if kind == "cuda":
+        present = gpu_present() if has_gpu is None else has_gpu
+        if not use_cuda or not present:
+            log.warning("device %s asked for but %s: falling back to CPU", device, "USE_CUDA=false" if not use_cuda else "no GPU is present")
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            return Device("cpu", 0, None, n_threads)
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            listed = [v.strip() for v in visible.split(",") if v.strip()]
+            if index >= len(listed):
+                raise ValueError(f"--device cuda:{index} but CUDA_VISIBLE_DEVICES={visible!r} lists only {len(listed)} device(s)")
+            physical = listed[index]
+        else:
+            physical = str(index)
+        env["CUDA_VISIBLE_DEVICES"] = physical
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        # a GPU worker needs few CPU threads: pre/post-processing only
+        return Device("cuda", index, physical, threads or min(n_threads, 4))
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab a GPU by accident
+    return Device("cpu", 0, None, n_threads)
+
+
+def onnx_providers(dev: Device, available: list[str]) -> list[str | tuple[str, dict]]:
+    """ONNX Runtime providers for a pinned device: CUDA first on a GPU, CPU otherwise."""
+    if dev.kind == "cuda":
+        if "CUDAExecutionProvider" in available:
+            return [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+        log.warning("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); running on CPU")
+    return ["CPUExecutionProvider"]
+
+
+def torch_dtype_name(dev: Device, prefer_bf16: bool = False) -> str:
+    """fp16 (or bf16) on a GPU, fp32 on a CPU."""
+    if dev.kind == "cuda":
+        return "bfloat16" if prefer_bf16 else "float16"
+    return "float32"
+
+
+def plan_workers(models: list[str], gpu_ids: list[int], use_cuda: bool, has_gpu: bool) -> list[tuple[str, str]]:
+    """(model, device) for every worker `trifecta up` starts: one per GPU per model, or one CPU worker per model."""
+    if gpu_ids and use_cuda and has_gpu:
+        return [(m, f"cuda:{g}") for m in models for g in gpu_ids]
+    if gpu_ids and use_cuda and not has_gpu:
+        log.warning("GPU_IDS=%s but no GPU is present: one CPU worker per model", ",".join(map(str, gpu_ids)))
+    return [(m, "cpu") for m in models]

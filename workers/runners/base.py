@@ -1,0 +1,167 @@
+"""The one hook contract every model family implements (after LitServe):
+
+    load()            load the model on the pinned device (once, at start)
+    warmup()          run a dummy batch so the first request pays nothing
+    prepare(item)     decode + preprocess one sample (raising fails that sample only)
+    predict(batch)    ONE model call on a list of prepared samples
+    finish(item, p, y) turn one prediction into masks / blobs / meta
+
+`run_batch` wires them: prepares each item alone, calls predict on the survivors,
+and if the batched call fails, retries items one by one so a bad sample fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import ModelError, TrifectaError, translate
+from tasks.schemas import InferRequest
+from tasks.settings import Settings
+from workers.device import Device
+
+log = logging.getLogger("trifecta.runner")
+
+
+@dataclass
+class Item:
+    """One request inside a batch, with its input bytes already fetched."""
+
+    req: InferRequest
+    data: bytes
+
+
+@dataclass
+class Produced:
+    """What a runner returns for one sample."""
+
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # output key → HxW bool mask
+    blobs: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)  # key → (bytes, format, content type)
+    meta: dict[str, Any] = field(default_factory=dict)  # small JSON: classes, scores, labels ...
+
+
+@dataclass
+class BatchStats:
+    size: int = 0
+    model_ms: float = 0.0
+    prepare_ms: float = 0.0
+    calls: int = 0
+
+
+class Runner(ABC):
+    """Base class; subclasses set `family` and implement the hooks."""
+
+    family = "base"
+
+    def __init__(self, model: str, settings: Settings, device: Device) -> None:
+        self.model, self.settings, self.device = model, settings, device
+        self.warm = False
+        self.source = ""
+        self.revision: str | None = None
+        self.input_size: int | None = None
+        self.calls = 0  # model calls so far (tests count them)
+
+    # -- hooks -------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None: ...
+
+    def warmup(self) -> None:
+        self.warm = True
+
+    @abstractmethod
+    def prepare(self, item: Item) -> Any: ...
+
+    @abstractmethod
+    def predict(self, batch: list[Any]) -> list[Any]: ...
+
+    @abstractmethod
+    def finish(self, item: Item, prepared: Any, pred: Any) -> Produced: ...
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "source": self.source,
+            "revision": self.revision,
+            "input_size": self.input_size,
+            "device": str(self.device),
+            "warm": self.warm,
+            "max_batch_size": self.settings.max_batch_size,
+            "batch_timeout_ms": self.settings.batch_timeout_ms,
+        }
+
+    # -- the batch loop ----------------------------------------------------
+    def _predict_counted(self, batch: list[Any]) -> list[Any]:
+        self.calls += 1
+        return self.predict(batch)
+
+    def run_batch(self, items: list[Item], stats: BatchStats | None = None) -> list[Produced | TrifectaError]:
+        stats = stats or BatchStats()
+        out: list[Produced | TrifectaError | None] = [None] * len(items)
+        prepared: list[tuple[int, Any]] = []
+        t0 = time.perf_counter()
+        for i, it in enumerate(items):
+            try:
+                prepared.append((i, self.prepare(it)))
+            except Exception as e:  # this sample alone fails
+                out[i] = translate(e)
+        t1 = time.perf_counter()
+        stats.prepare_ms += (t1 - t0) * 1000
+        if prepared:
+            try:
+                preds = self._predict_counted([p for _, p in prepared])
+                stats.calls += 1
+                pairs = list(zip(prepared, preds, strict=True))
+            except Exception as e:
+                if len(prepared) == 1:
+                    out[prepared[0][0]] = _model_error(e)
+                    pairs = []
+                else:
+                    log.warning("batched call of %d failed (%s); retrying one by one", len(prepared), e)
+                    pairs = []
+                    for i, p in prepared:
+                        try:
+                            pairs.append(((i, p), self._predict_counted([p])[0]))
+                            stats.calls += 1
+                        except Exception as e1:
+                            out[i] = _model_error(e1)
+            stats.model_ms += (time.perf_counter() - t1) * 1000
+            for (i, p), y in pairs:
+                try:
+                    out[i] = self.finish(items[i], p, y)
+                except Exception as e:
+                    out[i] = translate(e)
+        stats.size += len(items)
+        return out  # type: ignore[return-value]
+
+
+def _model_error(e: Exception) -> TrifectaError:
+    if isinstance(e, TrifectaError):
+        return e
+    return ModelError(f"the model failed on this input: {type(e).__name__}: {e}")
+
+
+_FAMILIES: dict[str, str] = {
+    "onnxseg": "workers.runners.onnxseg:OnnxSegRunner",
+    "echo": "workers.runners.echo:EchoRunner",
+}
+
+
+def register_family(family: str, target: str) -> None:
+    _FAMILIES[family] = target
+
+
+def runner_class(family: str) -> type[Runner]:
+    import importlib
+
+    if family not in _FAMILIES:
+        # families added by later modules register here by import path convention
+        target = f"workers.runners.{family}:Runner"
+    else:
+        target = _FAMILIES[family]
+    mod, _, name = target.partition(":")
+    return getattr(importlib.import_module(mod), name)

@@ -1,0 +1,179 @@
+"""Generic ONNX segmentation runner: `segmentation`, `textmask`, `facemask`.
+
+The source service's contract: `segmentation.onnx` + `segmentation_config.json`
+(`input_size`, `mean`, `std`, `background_class_id`, `input_name`, `output_name`);
+foreground = argmax != background, mask returned at the original image size.
+With `"head": "sigmoid"` and a `threshold` the same runner serves a probability map
+(PP-OCRv4 text detection for `textmask`: mean/std 0.5, threshold 0.3, BGR input).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tasks.images import decode_rgb
+from workers.device import onnx_providers
+from workers.runners.base import Item, Produced, Runner
+
+log = logging.getLogger("trifecta.onnxseg")
+
+
+@dataclass
+class SegConfig:
+    input_size: int = 512
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    background_class_id: int = 0
+    input_name: str = "pixel_values"
+    output_name: str = "logits"
+    head: str = "argmax"  # "argmax" over classes, or "sigmoid" probability map
+    threshold: float = 0.5
+    channel_order: str = "RGB"
+    multiple_of: int = 1  # input side rounded up to this (PP-OCR needs 32)
+    resize: str = "stretch"  # "stretch" to S x S (the source service), or "letterbox" (keep aspect, pad)
+
+    @classmethod
+    def load(cls, path: Path) -> SegConfig:
+        raw = json.loads(path.read_text())
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        for k in ("mean", "std"):
+            if k in known:
+                known[k] = tuple(float(x) for x in known[k])
+        return cls(**known)
+
+
+def locate_files(model: str, settings: Any) -> tuple[Path, Path, str, str | None]:
+    """(onnx path, config path, source, revision) from HF_REPO_ID or MODEL_DIR."""
+    onnx_name = {"segmentation": settings.seg_onnx_filename, "textmask": settings.textmask_onnx_filename, "facemask": settings.facemask_onnx_filename}[model]
+    cfg_names = [settings.seg_config_filename] if model == "segmentation" else [f"{model}_config.json", settings.seg_config_filename]
+    local = Path(settings.model_dir) / model
+    use_hub = bool(settings.hf_repo_id) and not (model != "segmentation" and (local / onnx_name).is_file())
+    if use_hub:
+        from huggingface_hub import hf_hub_download
+
+        kw = dict(repo_id=settings.hf_repo_id, revision=settings.hf_revision, token=settings.hf_token, local_files_only=settings.hf_local_files_only)
+        onnx_path = Path(hf_hub_download(filename=onnx_name, **kw))
+        cfg_path = None
+        for name in cfg_names:
+            try:
+                cfg_path = Path(hf_hub_download(filename=name, **kw))
+                break
+            except Exception:  # noqa: BLE001 - try the next config name
+                continue
+        if cfg_path is None:
+            raise FileNotFoundError(f"none of {cfg_names} in {settings.hf_repo_id}")
+        return onnx_path, cfg_path, f"hf://{settings.hf_repo_id}/{onnx_name}", settings.hf_revision or "main"
+    onnx_path = local / onnx_name
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no model for {model!r}: {onnx_path} does not exist (run `trifecta models fetch {model}` / `make install`, or set HF_REPO_ID)")
+    cfg_path = next((local / n for n in cfg_names if (local / n).is_file()), None)
+    if cfg_path is None:
+        raise FileNotFoundError(f"no config ({' or '.join(cfg_names)}) next to {onnx_path}")
+    rev = None
+    meta = local / "SOURCE.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        return onnx_path, cfg_path, m.get("source", str(local)), m.get("revision")
+    return onnx_path, cfg_path, str(local), rev
+
+
+class OnnxSegRunner(Runner):
+    family = "onnxseg"
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        onnx_path, cfg_path, self.source, self.revision = locate_files(self.model, self.settings)
+        self.cfg = SegConfig.load(cfg_path)
+        size = self.settings.input_size or self.cfg.input_size
+        m = max(1, self.cfg.multiple_of)
+        self.input_size = ((size + m - 1) // m) * m
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.device.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = onnx_providers(self.device, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        self.input_name = self.cfg.input_name if self.cfg.input_name in names_in else names_in[0]
+        self.output_name = self.cfg.output_name if self.cfg.output_name in names_out else names_out[0]
+        mean = np.asarray(self.cfg.mean, np.float32)
+        std = np.asarray(self.cfg.std, np.float32)
+        # x_norm = (x/255 - mean)/std = x * scale + offset, per channel, in one fused pass
+        self._scale = (1.0 / (255.0 * std)).reshape(1, 1, 3)
+        self._offset = (-mean / std).reshape(1, 1, 3)
+        log.info("loaded %s from %s on %s (input %d, threads %d, providers %s)", self.model, self.source, self.device, self.input_size, self.device.threads, self.session.get_providers())
+
+    def warmup(self) -> None:
+        x = np.zeros((1, 3, self.input_size, self.input_size), np.float32)
+        self.session.run([self.output_name], {self.input_name: x})
+        self.warm = True
+
+    def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """H x W x 3 uint8 → (3 x S x S float32 normalised, (h, w) of the content inside it).
+
+        Used by the runner and by `trifecta bench`. Letterboxing pads with the mean colour
+        (0 after normalisation) so every input has the same shape and batches stack.
+        """
+        s = self.input_size
+        im = Image.fromarray(rgb)
+        h, w = rgb.shape[:2]
+        if self.cfg.resize == "letterbox":
+            k = s / max(h, w)
+            ch, cw = max(1, min(s, round(h * k))), max(1, min(s, round(w * k)))
+        else:
+            ch, cw = s, s
+        if im.size != (cw, ch):
+            im = im.resize((cw, ch), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.float32)
+        if self.cfg.channel_order == "BGR":
+            a = a[:, :, ::-1]
+        out = np.zeros((3, s, s), np.float32)
+        out[:, :ch, :cw] = (a * self._scale + self._offset).transpose(2, 0, 1)
+        return out, (ch, cw)
+
+    def prepare(self, item: Item) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        rgb = decode_rgb(item.data, self.settings.max_image_pixels)
+        x, content = self.preprocess(rgb)
+        return x, content, (rgb.shape[0], rgb.shape[1])
+
+    def raw_call(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def predict(self, batch: list[tuple[np.ndarray, tuple[int, int], tuple[int, int]]]) -> list[np.ndarray]:
+        x = np.stack([b[0] for b in batch]) if len(batch) > 1 else batch[0][0][None]
+        y = self.raw_call(x)
+        if self.cfg.head == "sigmoid":
+            fg = (y[:, 0] if y.ndim == 4 else y) > self.cfg.threshold
+        else:
+            fg = y.argmax(axis=1) != self.cfg.background_class_id
+        return list(fg)
+
+    def finish(self, item: Item, prepared: tuple[np.ndarray, tuple[int, int], tuple[int, int]], pred: np.ndarray) -> Produced:
+        (ch, cw), (h, w) = prepared[1], prepared[2]
+        if self.cfg.resize == "letterbox":  # the content is the top-left ch x cw of the input, scaled to the output's size
+            sh, sw = pred.shape
+            pred = pred[: max(1, round(ch * sh / self.input_size)), : max(1, round(cw * sw / self.input_size))]
+        mask = resize_mask(pred, h, w)
+        return Produced(masks={"mask": mask}, meta={"foreground_pixels": int(np.count_nonzero(mask))})
+
+
+def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A model-resolution bool mask → the original image size (bilinear, threshold at half)."""
+    if mask.shape == (h, w):
+        return mask
+    im = Image.fromarray(mask.view(np.uint8) * np.uint8(255), mode="L").resize((w, h), Image.BILINEAR)
+    return np.asarray(im) >= 128
+
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,0 +1,333 @@
+"""The worker process: one model on one device, a Celery worker consuming its queues.
+
+    trifecta worker --model textmask --device cpu|cuda:N [--name ID]
+
+Order matters: pin the device (CUDA_VISIBLE_DEVICES) before any CUDA library loads,
+load and warm the model, register, and only then start consuming. Dynamic batching is
+celery-batches' `Batches` task (flush at MAX_BATCH_SIZE or BATCH_TIMEOUT_MS); the
+threads pool with MAX_CONCURRENCY_PER_GPU threads lets one batch decode and encode
+while another runs the model.
+
+Per batch the worker makes two Redis round trips besides the broker's own: one
+pipeline that counts each delivery and marks the jobs running (a Lua script refuses
+cancelled or finished jobs, and dead-letters a job over MAX_DELIVERIES), and one that
+writes every result and publishes it to the waiting API. Outputs are written to storage
+under the job's own prefix at fixed keys, so a redelivered message rewrites the same
+objects: publishing is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import redis
+
+from storage import codecs
+from storage.blob import BlobStore, open_store
+from tasks import jobstore, keys
+from tasks.errors import TrifectaError, translate
+from tasks.inputs import read_input
+from tasks.models import MODELS
+from tasks.schemas import InferRequest, Output
+from tasks.settings import Settings
+from workers.device import Device
+from workers.runners.base import BatchStats, Item, Produced, Runner
+
+log = logging.getLogger("trifecta.worker")
+
+
+class WorkerService:
+    """Everything a worker does around the model: bookkeeping, storage, replies."""
+
+    def __init__(self, settings: Settings, model: str, device: Device, worker_id: str, runner: Runner) -> None:
+        self.settings, self.model, self.device, self.worker_id, self.runner = settings, model, device, worker_id, runner
+        self.r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10, retry_on_timeout=True)
+        self.store: BlobStore = open_store(settings.storage_url, settings.s3_endpoint_url)
+        self._start = self.r.register_script(jobstore.START_LUA)
+        self._finish = self.r.register_script(jobstore.FINISH_LUA)
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
+        self.processed = 0
+        self.failed = 0
+        self.batches = 0
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self.consumer: Any = None  # set on worker_ready; its channel's QoS holds our unacked tags
+        self.nodename = ""
+        self.stopping = False
+
+    # -- the batch ----------------------------------------------------------
+    def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> None:
+        t_start = time.time()
+        reqs: list[InferRequest] = []
+        for kw in raw:
+            try:
+                reqs.append(InferRequest.model_validate(kw["req"]))
+            except Exception as e:  # a message we cannot even read: drop it, loudly
+                log.error("dropping malformed message: %s", e)
+        if not reqs:
+            return
+        with self._lock:
+            self.in_flight += len(reqs)
+        try:
+            self._handle(reqs, t_start)
+        finally:
+            with self._lock:
+                self.in_flight -= len(reqs)
+                self.batches += 1
+            self._check_memory()
+
+    def _handle(self, reqs: list[InferRequest], t_start: float) -> None:
+        now = jobstore.now()
+        pipe = self.r.pipeline(transaction=False)
+        for q in reqs:
+            self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries], client=pipe)
+        states = pipe.execute()
+        live: list[InferRequest] = []
+        done: list[tuple[InferRequest, str, dict[str, Any]]] = []
+        for q, (st, n) in zip(reqs, states, strict=True):
+            st = st.decode() if isinstance(st, bytes) else st
+            if st == "running":
+                if q.deadline < now:
+                    done.append((q, "failed", {"code": "deadline_exceeded", "message": "the request's deadline passed before a worker reached it; it was dropped unrun"}))
+                else:
+                    live.append(q)
+            elif st == "dead":
+                log.error("job=%s model=%s dead-lettered after %s deliveries", q.id, q.model, int(n) - 1)
+                self.r.lpush(keys.DEADLETTER, orjson.dumps({"id": q.id, "model": q.model, "deliveries": int(n) - 1, "at": now}))
+                self._publish_only(q, "failed", {"error": {"code": "dead_lettered", "message": f"delivered {int(n) - 1} times without finishing; not retried"}})
+            else:  # finished, cancelled, or record gone: a redelivery costs nothing
+                log.info("job=%s skipped (status %s)", q.id, st)
+        items: list[Item] = []
+        for q in live:
+            try:
+                items.append(Item(q, read_input(q.input, self.store, self.settings)))
+            except Exception as e:
+                done.append((q, "failed", _err(translate(e))))
+        stats = BatchStats()
+        results = self.runner.run_batch(items, stats) if items else []
+        futures = [(it, self._io.submit(self._publish_outputs, it.req, res)) if isinstance(res, Produced) else (it, res) for it, res in zip(items, results, strict=True)]
+        model_ms = stats.model_ms + stats.prepare_ms
+        for it, fut in futures:
+            q = it.req
+            if isinstance(fut, TrifectaError):
+                done.append((q, "failed", _err(fut)))
+                continue
+            try:
+                outputs, meta = fut.result()
+            except Exception as e:
+                done.append((q, "failed", _err(translate(e))))
+                continue
+            result = {
+                "outputs": [o.model_dump() for o in outputs],
+                "meta": meta,
+                "timing": {"queue_ms": round((t_start - q.created) * 1000, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
+                "worker": self.worker_id,
+                "device": str(self.device),
+            }
+            if q.write_result_json:
+                self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
+            done.append((q, "succeeded", result))
+        self._finish_all(done)
+        for q, status, body in done:
+            log.info(
+                "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
+                q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),
+            )
+
+    def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
+        outs: list[Output] = []
+        for key, mask in res.masks.items():
+            data = codecs.encode(mask, q.format)
+            path = f"{q.out_prefix}/{key}.{codecs.EXTENSIONS[q.format]}"
+            self.store.put(path, data, codecs.CONTENT_TYPES[q.format])
+            outs.append(Output(key=key, format=q.format, shape=list(mask.shape), path=path, bytes=len(data), content_type=codecs.CONTENT_TYPES[q.format]))
+        for key, (data, fmt, ctype) in res.blobs.items():
+            path = f"{q.out_prefix}/{key}"
+            self.store.put(path, data, ctype)
+            outs.append(Output(key=key, format=fmt, path=path, bytes=len(data), content_type=ctype))
+        return outs, res.meta
+
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]]) -> None:
+        if not done:
+            return
+        now = jobstore.now()
+        pipe = self.r.pipeline(transaction=False)
+        for q, status, body in done:
+            field = "result" if status == "succeeded" else "error"
+            payload = orjson.dumps(body)
+            reply = jobstore.reply_payload(q.id, status, {field: body}) if q.reply else b""
+            self._finish(keys=[keys.job(q.id)], args=[status, now, field, payload, q.reply or "", reply], client=pipe)
+        pipe.execute()
+        with self._lock:
+            for _, status, _ in done:
+                if status == "succeeded":
+                    self.processed += 1
+                else:
+                    self.failed += 1
+
+    def _publish_only(self, q: InferRequest, status: str, body: dict[str, Any]) -> None:
+        if q.reply:
+            self.r.publish(q.reply, jobstore.reply_payload(q.id, status, body))
+
+    # -- memory guard (WORKER_MAX_MEMORY_MB) ----------------------------------
+    def _check_memory(self) -> None:
+        limit = self.settings.worker_max_memory_mb
+        if not limit or self.stopping:
+            return
+        rss = rss_mb()
+        if rss > limit:
+            self.stopping = True
+            log.warning("worker %s RSS %.0f MB over WORKER_MAX_MEMORY_MB=%d: finishing and exiting to be restarted", self.worker_id, rss, limit)
+            threading.Thread(target=self._shutdown_soon, daemon=True).start()
+
+    def _shutdown_soon(self) -> None:
+        time.sleep(0.5)  # let this batch's acks go out
+        from celery import current_app
+
+        current_app.control.shutdown(destination=[self.nodename])
+
+    # -- registration and heartbeat -----------------------------------------
+    def registration(self) -> dict[str, str]:
+        info = self.runner.info()
+        return {
+            "id": self.worker_id,
+            "model": self.model,
+            "device": str(self.device),
+            "queues": ",".join([keys.shared_queue(self.model), keys.private_queue(self.model, self.worker_id)]),
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "info": orjson.dumps(info).decode(),
+            "heartbeat": str(time.time()),
+            "in_flight": str(self.in_flight),
+            "processed": str(self.processed),
+            "failed": str(self.failed),
+            "batches": str(self.batches),
+            "rss_mb": f"{rss_mb():.1f}",
+            "gpu_memory_mb": str(gpu_memory_mb(self.device)),
+        }
+
+    def held_tags(self) -> list[str]:
+        c = self.consumer
+        try:
+            qos = c.task_consumer.channel.qos  # kombu's Redis QoS: the messages we hold unacked
+            return list(qos._delivered.keys())
+        except (AttributeError, RuntimeError):
+            return []
+
+    def beat(self) -> None:
+        hb = self.settings.worker_heartbeat_s
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
+        pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
+        pipe.sadd(keys.WORKERS, self.worker_id)
+        tags = self.held_tags()
+        if tags:
+            # keep the messages we hold invisible to kombu's restore while we are alive
+            pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
+        pipe.execute()
+
+    def heartbeat_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.worker_heartbeat_s):
+            try:
+                self.beat()
+            except redis.RedisError as e:
+                log.warning("heartbeat failed (%s); retrying", e)
+
+    def deregister(self) -> None:
+        try:
+            self.r.delete(keys.worker(self.worker_id))
+            self.r.srem(keys.WORKERS, self.worker_id)
+        except redis.RedisError:
+            pass
+
+
+def _err(e: TrifectaError) -> dict[str, Any]:
+    return {"code": e.code, "message": e.message, "status": e.status}
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:  # pragma: no cover
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_memory_mb(device: Device) -> float:
+    if device.kind != "cuda" or "torch" not in sys.modules:
+        return 0.0
+    import torch
+
+    try:
+        return round(torch.cuda.memory_allocated(0) / 1e6, 1)
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def run_worker(model: str, device: str, name: str | None, settings: Settings, loglevel: str = "INFO") -> None:
+    from workers.device import pin
+
+    if model not in MODELS:
+        raise SystemExit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from celery import signals
+    from celery_batches import Batches
+
+    from tasks.celery_app import make_app
+    from workers.runners.base import runner_class
+
+    worker_id = name or f"{socket.gethostname()}-{os.getpid()}"
+    runner = runner_class(MODELS[model].family)(model, settings, dev)
+    t0 = time.time()
+    runner.load()
+    runner.warmup()
+    log.info("worker %s: %s warm on %s in %.1fs", worker_id, model, dev, time.time() - t0)
+    svc = WorkerService(settings, model, dev, worker_id, runner)
+    app = make_app(settings)
+
+    @app.task(name=keys.TASK_INFER, base=Batches, flush_every=settings.max_batch_size, flush_interval=max(settings.batch_timeout_ms, 0.5) / 1000, acks_late=True, ignore_result=True)
+    def infer(requests: list[Any]) -> None:
+        svc.handle([r.kwargs for r in requests])
+
+    extra = _register_extra_tasks(app, svc)
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(sender: Any = None, **_: Any) -> None:
+        svc.consumer = sender
+        svc.nodename = sender.hostname
+        svc.beat()
+
+    stop = threading.Event()
+    svc.beat()
+    threading.Thread(target=svc.heartbeat_forever, args=(stop,), daemon=True, name="heartbeat").start()
+    queues = [keys.shared_queue(model), keys.private_queue(model, worker_id)]
+    conc = settings.max_concurrency_per_gpu
+    argv = [
+        "worker", "-P", "threads", "-c", str(conc), "-Q", ",".join(queues), "-n", f"{model}.{worker_id}@%h",
+        "--prefetch-multiplier", str(max(1, settings.max_batch_size)), "--without-gossip", "--without-mingle", "-l", loglevel,
+    ]
+    if settings.task_events:
+        argv.append("-E")
+    log.info("worker %s consuming %s (batch %d, timeout %.1f ms, %d in flight, extra tasks: %s)", worker_id, queues, settings.max_batch_size, settings.batch_timeout_ms, conc, extra)
+    try:
+        app.worker_main(argv)
+    finally:
+        stop.set()
+        svc.deregister()
+
+
+def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
+    """Model families may add tasks of their own (shards, sessions, video jobs)."""
+    hook = getattr(svc.runner, "register_tasks", None)
+    return list(hook(app, svc) or []) if hook else []
