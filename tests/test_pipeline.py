@@ -1,0 +1,47 @@
+"""End to end through real processes: API → Redis → textmask worker (real PP-OCRv4) → storage."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage import codecs
+from tests.conftest import photo, png_bytes, with_text
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack):
+    return make_stack(models=["textmask"])
+
+
+def test_textmask_png_mask_lies_on_the_text(stack) -> None:
+    data, gt = with_text("chelsea.png")
+    r = httpx.post(stack.url + "/run_textmask?format=png", content=data, headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and r.headers["x-mask-format"] == "png"
+    mask = codecs.decode_png(r.content)
+    assert mask.shape == gt.shape == (300, 451)
+    on = mask.sum()
+    assert on > 500, "the text must be found"
+    assert mask[gt].sum() / on > 0.9, "the mask must lie on the text"
+    assert mask[gt].mean() > 0.08, "a good part of each text box is covered"
+
+
+def test_default_packbits_matches_png_and_headers(stack) -> None:
+    data, gt = with_text("coffee.png")
+    r = httpx.post(stack.url + "/run_textmask", content=data, headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200
+    assert r.headers["x-mask-format"] == "packbits" and r.headers["x-batch-size"] == "1"
+    h, w, stride = struct.unpack(">HHH", r.content[:6])
+    assert (h, w, stride) == (400, 600, 75) and len(r.content) == 6 + 400 * 75
+    m = codecs.decode_packbits(r.content)
+    r2 = httpx.post(stack.url + "/run_textmask?format=png", content=data, headers={"Content-Type": "image/png"}, timeout=60)
+    assert (codecs.decode_png(r2.content) == m).all()
+    assert m[gt].sum() / max(1, m.sum()) > 0.9
