@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.hub import Hub
 from api.routes import health, jobs, sync
+from api.security import KeyRing, TenantGate
 from tasks.errors import TrifectaError, translate
 from tasks.settings import Settings, get_settings
 
@@ -43,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
+    app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
 
     @app.exception_handler(TrifectaError)
     async def _trifecta(_: Request, exc: TrifectaError) -> JSONResponse:

@@ -173,6 +173,9 @@ class Hub:
         if self.depth.get(model, 0) + n > self.settings.max_queue_depth:
             self.counters["rejected_503"] += 1
             raise Overloaded(f"the {model!r} queue is full ({self.depth.get(model, 0)} waiting, MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry after a moment", headers={"Retry-After": "1"})
+        # reserve the places now, before any await, so a burst cannot all pass at once;
+        # the poller replaces the estimate with the real queue length every POLL_S
+        self.depth[model] = self.depth.get(model, 0) + n
 
     # -- submit and wait -------------------------------------------------------
     def new_request(self, model: str, *, tenant: str, kind: str, params: dict[str, Any], fmt: str, timeout_s: float, inp: dict[str, Any], job_id: str | None = None, write_result_json: bool = False, reply: bool = False) -> InferRequest:
@@ -205,8 +208,6 @@ class Hub:
         except (RedisError, OSError) as e:
             self.redis_ok = False
             raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
-        for q in reqs:
-            self.depth[q.model] = self.depth.get(q.model, 0) + 1
 
     async def run_sync(self, reqs: list[InferRequest], timeout_s: float) -> list[dict[str, Any]]:
         """Submit and wait for every request; 504 (with the job ids) past the timeout."""

@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover - optional
 # between 1x and 2x of its limit, so it is switched off in favour of ours.
 Image.MAX_IMAGE_PIXELS = None
 
+# Magic bytes of the formats above: a body that starts with one is a broken image (422), not a wrong type (415).
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"RIFF", "WEBP"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
 IMAGE_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/heic", "image/heif", "application/octet-stream"}
 
 
@@ -40,7 +43,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        sig = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic) and (fmt != "WEBP" or data[8:12] == b"WEBP")), None)
+        if sig:  # the right magic bytes, then nothing Pillow can read: truncated or corrupt, not a wrong type
+            raise UndecodableImage(f"the body starts like a {sig} image but its header could not be read (truncated or corrupt?)") from None
         raise UnsupportedMediaType(f"not an image in a supported format ({', '.join(f.lower() for f in FORMATS)})") from None
+    except ValueError as e:
+        if "Decompressed data too large" in str(e):  # a zTXt/iCCP chunk that inflates past Pillow's MAX_TEXT_CHUNK
+            raise ImageTooLarge(f"a metadata chunk of the image inflates past the limit: {e}") from None
+        raise UndecodableImage(f"the image header could not be read: {e}") from None
     except Exception as e:  # a header that starts right and then breaks
         raise UndecodableImage(f"the image header could not be read: {e}") from None
     w, h = im.size

@@ -39,6 +39,37 @@ def local_path(uri: str, settings: Settings) -> Path:
     raise Forbidden(f"{uri} is not under ALLOWED_INPUT_ROOTS; local paths outside them are refused")
 
 
+def check_input_uri(uri: str, tenant: str, settings: Settings) -> None:
+    """Refuse (403) a URI a tenant submits that lies outside its reach.
+
+    An `s3://` object must lie under the tenant's own `<STORAGE_URL>/<tenant>/` (when storage
+    is S3) or under an INPUT_URI_ALLOWLIST prefix; prefixes match whole path segments, so
+    `s3://b/data` does not admit `s3://b/data-private/x`. A local path must lie under
+    ALLOWED_INPUT_ROOTS. The URI is parsed exactly as the worker's reader parses it.
+    """
+    u = urlparse(uri)
+    if u.scheme == "file" or (u.scheme == "" and uri.startswith("/")):
+        local_path(uri, settings)
+        return
+    if u.scheme != "s3" or not u.netloc:
+        raise BadRequest("input.uri must be s3://bucket/key or file:///path")
+    if u.query or u.fragment or u.params:
+        raise BadRequest("an s3:// input URI may not carry ?query, ;params or #fragment")
+    parts = u.path.lstrip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts) or "\\" in u.path:
+        raise Forbidden(f"{uri} has an empty, '.' or '..' path segment")
+    roots = [p.replace("{tenant}", tenant) for p in settings.input_uri_allowlist]
+    own = urlparse(settings.storage_url)
+    if own.scheme == "s3":
+        roots.append(f"s3://{own.netloc}/{own.path.strip('/')}/{tenant}")
+    for root in roots:
+        r = urlparse(root)
+        prefix = [p for p in r.path.split("/") if p]
+        if r.scheme == "s3" and r.netloc == u.netloc and parts[: len(prefix)] == prefix and len(parts) > len(prefix):
+            return
+    raise Forbidden(f"{uri} is outside your storage prefix and INPUT_URI_ALLOWLIST; other tenants' objects and other buckets are refused")
+
+
 def open_uri(uri: str, store: BlobStore, settings: Settings) -> IO[bytes]:
     if uri.startswith(STAGED):
         return store.open(uri[len(STAGED):])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 PREFIX = "tf"
 TASK_INFER = "trifecta.infer"
+TASK_SHARD = "trifecta.shard"  # one WebDataset shard of a bulk job (workers/shards.py)
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
@@ -17,6 +18,22 @@ def shared_queue(model: str) -> str:
 def private_queue(model: str, worker_id: str) -> str:
     """The queue only worker `worker_id` consumes (cache and session affinity)."""
     return f"{model}.{worker_id}"
+
+
+def shard_queue(model: str) -> str:
+    """Shard tasks of `model`: every worker of it consumes this queue besides the shared one,
+    so a bulk job never sits in front of sync requests (nor counts toward their 503)."""
+    return f"{model}:shards"
+
+
+def shards(job_id: str) -> str:
+    """Hash of a shard job's per-shard attempts and results (`a:<i>`, `r:<i>`) and totals."""
+    return f"{PREFIX}:shards:{job_id}"
+
+
+def shards_running(job_id: str) -> str:
+    """Hash shard index → live progress of the shards being processed now."""
+    return f"{PREFIX}:shards-running:{job_id}"
 
 
 def job(job_id: str) -> str:

@@ -78,6 +78,28 @@ class Settings(BaseSettings):
     max_sample_bytes: int = Field(64 << 20, ge=1, description="Largest tar member accepted.")
     max_samples_per_shard: int = Field(100_000, ge=1, description="Most members read from one tar.")
 
+    # --- WebDataset shard jobs ---
+    max_shards_per_job: int = Field(10_000, ge=1, description="Most shards in one job after brace expansion; more → 413.")
+    max_shard_bytes: int = Field(64 << 30, ge=1, description="Most bytes read from one shard, counted after gzip decompression (a gzip bomb stops here and is recorded).")
+    max_shard_upload_bytes: int = Field(4 << 30, ge=1, description="Largest shard uploaded as a multipart `file` (streamed to storage, never held in memory).")
+    shard_batch_size: int = Field(0, ge=0, le=256, description="Samples per model call in shard jobs; 0 = MAX_BATCH_SIZE.")
+    shard_decode_threads: int = Field(2, ge=1, le=64, description="Threads per shard task that decode, preprocess and encode while the model runs.")
+    shard_concurrency: int = Field(1, ge=1, le=64, description="Shard tasks one worker runs at once; a worker already that busy hands further shards back to the queue for another worker.")
+
+    # --- tenants ---
+    api_keys: str | None = Field(None, description="`key1:tenantA,key2:tenantB`. When set (or API_KEYS_FILE), every endpoint but /health and /metrics needs a key (`Authorization: Bearer KEY` or `X-API-Key: KEY`), else 401; a tenant sees only its own jobs, sessions and storage prefix.")
+    api_keys_file: str | None = Field(None, description="A file of `key:tenant` lines (`#` comments), used with API_KEYS; re-read when it changes.")
+    protect_ops_endpoints: bool = Field(False, description="Require a key on /health and /metrics as well.")
+    rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per tenant (a token bucket in each API process's memory, bursts up to one minute's worth); over it: 429 with Retry-After. 0 = off.")
+    input_uri_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="s3:// prefixes (comma separated) a job's `input.uri` may read besides the tenant's own `<STORAGE_URL>/<tenant>/`; `{tenant}` stands for the caller's tenant. Others: 403.")
+    result_url_ttl_s: int = Field(3600, ge=1, le=7 * 86400, description="Lifetime of the presigned S3 URLs handed out for job results (at most RESULT_TTL_SECONDS).")
+    max_params_bytes: int = Field(65536, ge=2, description="Largest `params` of a job, as JSON; larger: 413.")
+
+    @field_validator("input_uri_allowlist", mode="before")
+    @classmethod
+    def _allowlist_csv(cls, v: object) -> object:
+        return _split(v)
+
     @field_validator("models", "allowed_input_roots", mode="before")
     @classmethod
     def _csv(cls, v: object) -> object:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from tasks.errors import BadRequest
+from tasks.errors import BadRequest, Unprocessable
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "img")
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -111,4 +112,42 @@ def read_small_tar(f: IO[bytes], *, max_member: int, max_members: int) -> list[S
     samples = list(iter_samples(f, max_member=max_member, max_members=max_members))
     if not samples:
         raise BadRequest("the tar holds no samples")
+    if len(samples) == 1 and samples[0].key == "__tar__":  # not one member could be read: the body is not a tar
+        raise Unprocessable(f"the body is not a readable tar ({samples[0].errors[0]})")
     return samples
+
+
+def iter_members(f: IO[bytes], *, max_member: int, max_members: int) -> Iterator[dict[str, object]]:
+    """Members in tar order as webdataset's `tar_file_iterator` yields them (`{"fname", "data"}`),
+    for its `group_by_keys`; nothing is extracted.
+
+    A refused member (unsafe path, link, device, over MAX_SAMPLE_BYTES, truncated) comes
+    with `data=None` and its reason in `"refused"`, so it is grouped with its sample and
+    reported there. A tar cut short, corrupt, or past `max_members` ends the stream
+    with `{"fname": None, "refused": reason}`.
+    """
+    count = 0
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tf:
+            for ti in tf:
+                if ti.isdir() and _refusal(ti, max_member) is None:
+                    continue
+                count += 1
+                if count > max_members:
+                    yield {"fname": None, "data": None, "refused": f"more than MAX_SAMPLES_PER_SHARD={max_members} members; the rest were not read"}
+                    return
+                why = _refusal(ti, max_member)
+                if why is None and split_key(ti.name)[0] is None:
+                    why = f"member {ti.name!r} has no extension"
+                if why:
+                    yield {"fname": ti.name, "data": None, "refused": why}
+                    continue
+                fobj = tf.extractfile(ti)
+                data = fobj.read() if fobj else b""
+                if len(data) != ti.size:
+                    yield {"fname": ti.name, "data": None, "refused": f"member {ti.name!r} is truncated"}
+                    continue
+                yield {"fname": ti.name, "data": data}
+                tf.members = []  # stream mode keeps every TarInfo otherwise (webdataset does the same)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        yield {"fname": None, "data": None, "refused": f"the tar is truncated or corrupt: {e}"}

@@ -24,9 +24,9 @@ from api.routes.sync import inline_or_staged
 from storage import codecs
 from storage.blob import BlobStore, iter_chunks
 from tasks import keys
-from tasks.errors import BadRequest, Conflict, JobNotFound, NotFound, Unprocessable, UnknownModel, UnsupportedMediaType
+from tasks.errors import BadRequest, Conflict, JobNotFound, NotFound, PayloadTooLarge, UnknownModel, Unprocessable, UnsupportedMediaType
 from tasks.images import probe
-from tasks.inputs import local_path
+from tasks.inputs import check_input_uri
 from tasks.models import MODELS
 from tasks.settings import Settings
 
@@ -79,10 +79,7 @@ async def _submit_image(*, hub: Hub, settings: Settings, store: BlobStore, tenan
         summary = {"kind": "image", "bytes": len(data)}
     else:
         uri = str(input["uri"])
-        if uri.startswith("file://") or uri.startswith("/"):
-            local_path(uri, settings)  # 403 outside ALLOWED_INPUT_ROOTS
-        elif not uri.startswith("s3://"):
-            raise BadRequest("input.uri must be s3://bucket/key or file:///path")
+        check_input_uri(uri, tenant, settings)  # 403: another tenant's prefix, another bucket, a path outside ALLOWED_INPUT_ROOTS
         inp = {"uri": uri}
         summary = {"kind": "uri", "uri": uri}
     q = hub.new_request(model, tenant=tenant, kind="job", params={k: v for k, v in params.items() if k != "format"}, fmt=fmt, timeout_s=settings.result_ttl_seconds, inp=inp, job_id=job_id, write_result_json=True)
@@ -104,7 +101,10 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, bytes | N
         except ValueError as e:
             raise Unprocessable(f"invalid job: {e}") from None
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
+        # Starlette spools file parts to disk with no size limit: read the body through the
+        # capped reader (413 while streaming) and parse the form from those bytes
+        raw = await read_body(request, settings.max_body_bytes)
+        form = await _replay(request, raw).form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
         up = form.get("file")
         if up is None or isinstance(up, str):
             raise Unprocessable("multipart jobs need a `file` part")
@@ -122,6 +122,23 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, bytes | N
     raise UnsupportedMediaType("POST /v1/jobs takes application/json or multipart/form-data")
 
 
+def _replay(request: Request, body: bytes) -> Request:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def check_params(params: dict[str, Any], settings: Settings) -> None:
+    """413 over MAX_PARAMS_BYTES; 422 for what the queue message cannot carry (integers past 64 bits)."""
+    try:
+        n = len(orjson.dumps(params))
+    except TypeError as e:
+        raise Unprocessable(f"params cannot be sent to a worker: {e}") from None
+    if n > settings.max_params_bytes:
+        raise PayloadTooLarge(f"params are {n} bytes of JSON; the limit is {settings.max_params_bytes} (MAX_PARAMS_BYTES)")
+
+
 @router.post("", status_code=202, response_model=JobAccepted, summary="Submit a job")
 async def submit_job(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep, idempotency_key: str | None = Header(None, max_length=200)) -> JSONResponse:
     job, upload = await _parse(request, settings)
@@ -132,6 +149,7 @@ async def submit_job(request: Request, settings: SettingsDep, hub: HubDep, store
         raise Unprocessable(f"input must have one of {sorted(_KINDS)}")
     if not isinstance(job.params, dict):
         raise Unprocessable("params must be an object")
+    check_params(job.params, settings)
     job_id = new_job_id()
     if idempotency_key:
         ik = keys.idempotency(tenant, idempotency_key)
@@ -163,7 +181,7 @@ def render(rec: dict[str, Any], store: BlobStore, settings: Settings) -> dict[st
     res = rec.get("result")
     if res and res.get("outputs"):
         for o in res["outputs"]:
-            url = store.presign(o["path"], min(settings.result_ttl_seconds, 7 * 86400))
+            url = store.presign(o["path"], min(settings.result_ttl_seconds, settings.result_url_ttl_s))
             o["url"] = url or f"/v1/jobs/{rec['job_id']}/result?key={o['key']}"
     if rec["status"] in ("queued", "running") and rec.get("started_at") is None:
         out["queue_position"] = None

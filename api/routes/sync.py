@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -89,10 +91,11 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     body = await read_body(request, settings.max_body_bytes)
     if is_tar:
         return await _run_tar(model, body, ctype, fmt, timeout, request, settings, hub, store, tenant)
-    probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
+    if model != "echo":  # echo never decodes: it measures the pipeline alone
+        probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
     job_id = _job_id()
     inp, _ = inline_or_staged(body, settings, store, tenant, job_id)
-    params = {"sleep_ms": float(request.query_params["sleep_ms"])} if model == "echo" and "sleep_ms" in request.query_params else {}
+    params = {"sleep_ms": _number(request.query_params["sleep_ms"], "sleep_ms")} if model == "echo" and "sleep_ms" in request.query_params else {}
     q = hub.new_request(model, tenant=tenant, kind="sync", params=params, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
     (reply,) = await hub.run_sync([q], timeout)
     if reply["status"] != "succeeded":
@@ -145,13 +148,21 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
     for (i, _), d in zip(paths, datas, strict=True):
         masks[i] = d
         rles[i] = orjson.loads(d) if fmt == "rle" else None
-    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), "X-Sample-Keys": ",".join(order)}
+    # keys come from member names: percent-encoded (RFC 3986) so a comma, newline or non-ASCII name cannot break the header
+    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), "X-Sample-Keys": ",".join(quote(k, safe="/") for k in order)}
     if errors:
-        headers["X-Sample-Errors"] = orjson.dumps(sorted(errors.values(), key=lambda e: e["index"])).decode()
+        headers["X-Sample-Errors"] = json.dumps(sorted(errors.values(), key=lambda e: e["index"]), ensure_ascii=True, separators=(",", ":"))
     if fmt == "rle":
         return JSONResponse({"keys": order, "masks": rles, "errors": sorted(errors.values(), key=lambda e: e["index"])}, headers=headers)
     # a failed sample is a zero-length entry, so positions still match the tar's order
     return Response(codecs.encode_batch(m or b"" for m in masks), media_type="application/octet-stream", headers=headers)
+
+
+def _number(v: str, name: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number") from None
 
 
 def _timing_headers(job_id: str, result: dict[str, Any], n: int, fmt: str) -> dict[str, str]:
