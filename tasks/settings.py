@@ -59,6 +59,21 @@ class Settings(BaseSettings):
     textmask_onnx_filename: str = Field("textmask.onnx", description="ONNX file of the textmask model inside `MODEL_DIR/textmask`.")
     input_size: int | None = Field(None, ge=32, le=4096, description="Overrides the model config's square input size (smaller = faster).")
 
+    # --- V-JEPA 2 / Mask2Former ---
+    vjepa2_checkpoint: str = Field("facebook/vjepa2-vitl-fpc16-256-ssv2", description="V-JEPA 2 video classifier (`VJEPA2ForVideoClassification`): a Hugging Face id or a local directory.")
+    vjepa2_frames_per_clip: int = Field(16, ge=2, le=128, description="Frames in one V-JEPA 2 clip; `/api/v1/infer` takes exactly this many.")
+    vjepa2_top_k: int = Field(5, ge=1, le=100, description="Labels answered per clip, most confident first.")
+    clip_stride: int = Field(16, ge=1, le=10_000, description="Video jobs: source frames between the starts of consecutive clips (16 = back to back); `params.stride` overrides it per job.")
+    video_chunk_clips: int = Field(8, ge=1, le=256, description="Video jobs: clips one decode task emits before it hands the rest of the video back to the queue (bounds queue depth and task length).")
+    max_video_frames: int = Field(108_000, ge=1, description="Video jobs: most frames decoded from one video (1 h at 30 fps); a longer video fails its job with 413.")
+    max_video_pixels: int = Field(3840 * 2160, ge=1, description="Video jobs: largest frame (width x height) decoded; larger → 413.")
+    max_video_bytes: int = Field(4 << 30, ge=1, description="Video jobs: largest video read from a URI or a multipart upload.")
+    video_decode_timeout_s: float = Field(300.0, gt=0, description="Video jobs: longest one decode task may spend decoding before its job fails.")
+    m2f_checkpoint: str = Field("facebook/mask2former-swin-large-ade-semantic", description="Mask2Former semantic segmentation (`Mask2FormerForUniversalSegmentation`): a Hugging Face id or a local directory.")
+    m2f_long_side: int = Field(768, ge=32, le=4096, description="Mask2Former: an image's long side is scaled down to this before the model; masks come back at the original size.")
+    m2f_max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) Mask2Former segments; larger → 422 (the masks are made at the original size).")
+    callback_secret: str | None = Field(None, description="Key of the HMAC-SHA256 signature (`X-Trifecta-Signature: sha256=…`) on job callbacks; unset: callbacks go unsigned.")
+
     # --- storage ---
     storage_url: str = Field("file://./data", description="`file://DIR` or `s3://bucket/prefix` for masks, staged inputs and results.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")

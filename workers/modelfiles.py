@@ -101,7 +101,7 @@ def export_segformer(out_dir: str, *, pretrained: str | None = None, random_init
     target = out / "segmentation.onnx"
     torch.onnx.export(
         Logits(model), (x,), str(target), input_names=["pixel_values"], output_names=["logits"],
-        dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "out_height", 3: "out_width"}}, opset_version=17, dynamo=False,
     )
     (out / "segmentation_config.json").write_text(
         json.dumps({"input_size": input_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "background_class_id": 0, "input_name": "pixel_values", "output_name": "logits"}, indent=2)

@@ -330,4 +330,9 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
 def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
     """Model families may add tasks of their own (shards, sessions, video jobs)."""
     hook = getattr(svc.runner, "register_tasks", None)
-    return list(hook(app, svc) or []) if hook else []
+    extra = list(hook(app, svc) or []) if hook else []
+    if MODELS[svc.model].takes_images:  # WebDataset shard jobs (workers/shards.py)
+        from workers import shards
+
+        extra += shards.register(app, svc)
+    return extra

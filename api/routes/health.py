@@ -39,6 +39,11 @@ async def health(hub: HubDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if hub.redis_ok else 503)
 
 
+@router.get("/ping", summary="A constant answer (liveness of the API process itself)")
+async def ping() -> dict[str, bool]:
+    return {"ok": True}
+
+
 @router.get("/models/info", summary="Each model: source, revision, devices, input size, batch settings, warm")
 async def models_info(hub: HubDep) -> dict[str, Any]:
     out = {}

@@ -1,0 +1,667 @@
+"""WebDataset shard jobs on the worker: the `trifecta.shard` task, one message per input shard.
+
+    kwargs: job, index, uri, model, format, params, tenant, out_prefix, created
+
+Every worker of a model that takes images registers the task and consumes `<model>:shards`
+besides its usual queues (`register(app, svc)`). Per shard:
+
+1. Lua `start`: skip a shard whose result is already recorded or whose job is over
+   (cancelled, finished); count the delivery and give up past MAX_DELIVERIES.
+2. Stream the tar (`tasks.inputs.open_uri`; gzip inflated here under MAX_SHARD_BYTES and a
+   ratio cap) through `tasks.tars.iter_members` (refuses links, devices, traversal,
+   oversize) into webdataset's own `group_by_keys`.
+3. A small pipeline keeps the model busy: a reader thread groups samples and hands them
+   to a pool that decodes and preprocesses (`runner.prepare`); one model thread calls
+   `runner.predict` on batches, one call at a time; the pool runs `runner.finish` and
+   encodes the masks; this thread appends to a temp tar in input order and reports
+   progress (and notices a cancel) about once a second.
+4. Upload the output tar, then the shard manifest (each written whole: temp file + rename
+   or one S3 PUT/multipart completion), then Lua `done` records the shard's result once
+   (HSETNX) and adds its counts; whoever records the last shard writes the job manifest
+   and finishes the job.
+
+Redelivery: a shard whose worker died is restored by kombu after VISIBILITY_TIMEOUT_S
+(live workers refresh the visibility of the messages they hold on every heartbeat, so a
+long shard needs no chunking) and redone whole by another worker. Its output keys are
+fixed per (job, shard index) and written atomically, and its counts are added once, so
+nothing is duplicated; a shard already recorded is never redone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import re
+import tarfile
+import tempfile
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+
+from storage import codecs
+from tasks import keys
+from tasks.errors import TrifectaError, translate
+from tasks.inputs import open_uri
+from tasks.schemas import InferRequest
+from tasks.tars import IMAGE_EXTS, iter_members, split_key
+
+log = logging.getLogger("trifecta.shards")
+
+# Past this much inflated output, a gzip stream inflating more than GZIP_RATIO_LIMIT:1 is
+# a bomb: tars of images barely compress, tars of text/JSON reach ~10:1, zeros ~1000:1.
+GZIP_RATIO_AFTER = 32 << 20
+GZIP_RATIO_LIMIT = 100
+PROGRESS_EVERY_S = 1.0
+
+_TERMINAL_LUA = "local function terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' end\n"
+
+# KEYS[1]=job KEYS[2]=shards KEYS[3]=running
+# ARGV[1]=op (start|progress|done) ARGV[2]=shard index ARGV[3]=json ARGV[4]=now ARGV[5]=max deliveries ARGV[6]=ttl
+# returns {state, n}: state run|done|complete|dead|<job status>|missing
+SHARD_LUA = _TERMINAL_LUA + """
+local function round2(x) return math.floor(x * 100 + 0.5) / 100 end
+local function progress(now)
+  local f = redis.call('HMGET', KEYS[2], 'n', 'shards_done', 'samples', 'done', 'failed', 't0')
+  local n, sd, ss = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
+  local d, fl = tonumber(f[4] or '0'), tonumber(f[5] or '0')
+  local t0 = tonumber(f[6] or now)
+  local run = redis.call('HVALS', KEYS[3])
+  local rdone, rfail, rest = 0, 0, 0
+  for _, v in ipairs(run) do
+    local p = cjson.decode(v)
+    rdone = rdone + p.done
+    rfail = rfail + p.failed
+    local e = p.seen
+    if p.size and p.size > 0 and p.read > 0 and p.read < p.size then e = math.max(p.seen, p.seen * p.size / p.read) end
+    rest = rest + e
+  end
+  local known = sd + #run
+  local total = ss + rest
+  if n > known and known > 0 then total = total + (n - known) * total / known end
+  local processed = d + fl + rdone + rfail
+  if total < processed then total = processed end
+  local out = {shards_total = n, shards_done = sd, shards_running = #run, samples_total = math.floor(total + 0.5),
+    samples_done = d + rdone, samples_failed = fl + rfail, samples_total_exact = (sd >= n), throughput = 0, eta_s = cjson.null}
+  local elapsed = now - t0
+  if processed > 0 and elapsed > 0 then
+    out.throughput = round2(processed / elapsed)
+    out.eta_s = round2((out.samples_total - processed) / (processed / elapsed))
+  end
+  redis.call('HSET', KEYS[1], 'progress', cjson.encode(out))
+end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing', 0} end
+st = cjson.decode(st)
+local op, i, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
+if op == 'start' then
+  if terminal(st) then return {st, 0} end
+  if redis.call('HEXISTS', KEYS[2], 'r:' .. i) == 1 then
+    if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
+    return {'done', 0}
+  end
+  local a = redis.call('HINCRBY', KEYS[2], 'a:' .. i, 1)
+  if a > tonumber(ARGV[5]) then return {'dead', a} end
+  redis.call('HSETNX', KEYS[2], 't0', ARGV[4])
+  if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[4]) end
+  redis.call('HSET', KEYS[3], i, ARGV[3])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
+  progress(now)
+  return {'run', a}
+elseif op == 'progress' then
+  if terminal(st) then return {st, 0} end
+  if redis.call('HEXISTS', KEYS[2], 'r:' .. i) == 1 then return {'done', 0} end
+  redis.call('HSET', KEYS[3], i, ARGV[3])
+  progress(now)
+  return {st, 0}
+end
+-- done: the shard's result is recorded once, its counts added once
+local res = cjson.decode(ARGV[3])
+if redis.call('HSETNX', KEYS[2], 'r:' .. i, ARGV[3]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'shards_done', 1)
+  redis.call('HINCRBY', KEYS[2], 'samples', res.samples)
+  redis.call('HINCRBY', KEYS[2], 'done', res.done)
+  redis.call('HINCRBY', KEYS[2], 'failed', res.failed)
+end
+redis.call('HDEL', KEYS[3], i)
+if terminal(st) then return {st, 0} end
+progress(now)
+if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
+return {st, 0}
+"""
+
+# KEYS[1]=job ARGV[1]=status ARGV[2]=now ARGV[3]=result json ARGV[4]=error json or ''
+FINISH_LUA = _TERMINAL_LUA + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 0 end
+if terminal(cjson.decode(st)) then return 0 end
+redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'finished_at', ARGV[2], 'result', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
+return 1
+"""
+
+
+# ---------------------------------------------------------------- reading a shard
+class ShardTooLarge(Exception):
+    """The shard inflates past MAX_SHARD_BYTES, or a gzip stream inflates like a bomb."""
+
+    code = "payload_too_large"
+
+
+class ShardUnsupported(ShardTooLarge):
+    """A compression we do not inflate (bz2, xz)."""
+
+    code = "unsupported_media_type"
+
+
+class ShardSource:
+    """The shard's bytes as `tarfile` reads them: gzip inflated here (capped), every byte counted.
+
+    Inflating by hand rather than with tarfile's `r|*` so both caps apply while streaming:
+    MAX_SHARD_BYTES on the output, and GZIP_RATIO_LIMIT once past GZIP_RATIO_AFTER.
+    """
+
+    def __init__(self, raw: IO[bytes], limit: int) -> None:
+        self.raw, self.limit = raw, limit
+        self.read_in = 0  # bytes read from storage (what `size` is measured in)
+        self.out = 0  # bytes handed to tarfile
+        self._buf = b""
+        head = self._raw(512)
+        if head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+            raise ShardUnsupported("the shard is bz2/xz compressed; send .tar or .tar.gz")
+        self._gz = zlib.decompressobj(16 + zlib.MAX_WBITS) if head[:2] == b"\x1f\x8b" else None
+        self._pending = head  # raw bytes not yet inflated (or plain tar bytes not yet handed out)
+        self._eof = False
+
+    def _raw(self, n: int) -> bytes:
+        b = self.raw.read(n)
+        self.read_in += len(b)
+        return b
+
+    def _count(self, b: bytes) -> bytes:
+        self.out += len(b)
+        if self.out > self.limit:
+            raise ShardTooLarge(f"the shard inflates past MAX_SHARD_BYTES={self.limit}; the rest was not read")
+        if self._gz is not None and self.out > GZIP_RATIO_AFTER and self.out > GZIP_RATIO_LIMIT * max(1, self.read_in):
+            raise ShardTooLarge(f"a gzip bomb: {self.read_in} bytes inflate to over {self.out} ({GZIP_RATIO_LIMIT}:1 is the most accepted); the rest was not read")
+        return b
+
+    def read(self, n: int = -1) -> bytes:
+        n = 1 << 20 if n is None or n < 0 else n
+        if self._gz is None:
+            if self._pending:
+                b, self._pending = self._pending[:n], self._pending[n:]
+                return self._count(b)
+            return self._count(self._raw(n))
+        out = bytearray()
+        while len(out) < n and not self._eof:
+            if self._gz.unconsumed_tail:
+                src = self._gz.unconsumed_tail
+            elif self._pending:
+                src, self._pending = self._pending, b""
+            else:
+                src = self._raw(1 << 16)
+                if not src:
+                    self._eof = True
+                    break
+            out += self._gz.decompress(src, n - len(out))
+            if self._gz.eof:  # concatenated gzip members: go on with the next one
+                rest = self._gz.unused_data
+                self._gz = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._pending = rest + self._pending
+                if not rest:
+                    nxt = self._raw(1 << 16)
+                    if not nxt:
+                        self._eof = True
+                    self._pending = nxt
+        return self._count(bytes(out))
+
+
+def content_length(f: IO[bytes]) -> int:
+    """The size of an opened input, when the source tells it (S3 body, local file)."""
+    n = getattr(f, "_content_length", None)
+    if n is not None:
+        return int(n)
+    try:
+        import os
+
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return 0
+
+
+@dataclass
+class Refused:
+    name: str
+    reason: str
+
+
+def grouped(members: Any, problems: list[dict[str, Any]]) -> Any:
+    """Samples as webdataset groups them (`__key__` + one entry per extension).
+
+    Refused members ride along as `Refused` values under a reserved extension so each is
+    reported with its sample; a member whose extension starts with `__` is refused (it
+    would overwrite webdataset's `__key__`/`__url__`). Tar-level problems go to `problems`.
+    """
+    from webdataset.tariterators import group_by_keys
+
+    def members_for_wds() -> Any:
+        n = 0
+        for m in members:
+            name = m["fname"]
+            if name is None:  # the tar ended badly: what came before stands
+                problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": m["refused"]}})
+                return
+            key, ext = split_key(name)
+            if m.get("refused") is None and ext is not None and ext.startswith("__"):
+                m = {"fname": name, "data": None, "refused": f"member {name!r} has a reserved extension"}
+            if m.get("refused") is not None:
+                n += 1
+                yield {"fname": f"{key or _flat(name)}.__refused{n}__", "data": Refused(name, m["refused"]), "__url__": ""}
+            else:
+                yield {"fname": name, "data": m["data"], "__url__": ""}
+
+    def handler(exn: Exception) -> bool:
+        problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": str(exn.args[0]) if exn.args else repr(exn)}})
+        return True
+
+    return group_by_keys(members_for_wds(), handler=handler)
+
+
+def _flat(name: str) -> str:
+    """A key for a refused member whose name has none (no extension, odd characters)."""
+    s = re.sub(r"[^\w/\-]", "_", name)[:200] or "_"
+    return s if split_key(s + ".x")[0] else "_"
+
+
+# ---------------------------------------------------------------- one shard
+@dataclass
+class Entry:
+    n: int
+    key: str
+    error: dict[str, Any] | None = None
+    prep: Future | None = None
+    item: Any = None
+    prepared: Any = None
+    done: Future | None = None
+    members: list[str] = field(default_factory=list)
+
+
+_END = object()
+
+
+class Cancelled(Exception):
+    """The job ended (cancelled) or another delivery recorded this shard first."""
+
+
+class ShardRun:
+    def __init__(self, svc: Any, kw: dict[str, Any], pool: ThreadPoolExecutor, lua: Any) -> None:
+        self.svc, self.kw, self.pool, self.lua = svc, kw, pool, lua
+        s = svc.settings
+        self.s = s
+        self.job, self.index, self.uri = kw["job"], int(kw["index"]), kw["uri"]
+        self.fmt = kw.get("format", "packbits")
+        self.batch = s.shard_batch_size or s.max_batch_size
+        self.stop = threading.Event()
+        self.problems: list[dict[str, Any]] = []
+        self.seen = self.ok = self.failed = 0
+        self.source: ShardSource | None = None
+        self.size = 0
+        self.model_ms = 0.0
+        self.keys_json = [keys.job(self.job), keys.shards(self.job), keys.shards_running(self.job)]
+        stem = re.sub(r"\.(tar|tar\.gz|tgz)$", "", self.uri.rstrip("/").rsplit("/", 1)[-1]) or "shard"
+        self.name = f"{self.index:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', stem)[:80]}"
+        self.out_key = f"{kw['out_prefix']}/shards/{self.name}.tar"
+        self.manifest_key = f"{kw['out_prefix']}/shards/{self.name}.manifest.json"
+        self.base = InferRequest.model_validate(
+            {
+                "id": self.job, "model": kw["model"], "input": {}, "params": kw.get("params") or {}, "format": self.fmt,
+                "deadline": float(kw.get("created", time.time())) + s.result_ttl_seconds, "tenant": kw.get("tenant", "default"),
+                "kind": "job", "out_prefix": kw["out_prefix"], "created": float(kw.get("created", time.time())),
+            }
+        )
+
+    # -- Redis bookkeeping -------------------------------------------------
+    def call(self, op: str, payload: dict[str, Any] | None = None) -> str:
+        st, _ = self.lua(keys=self.keys_json, args=[op, self.index, orjson.dumps(payload or {}), time.time(), self.s.max_deliveries, self.s.result_ttl_seconds])
+        return st.decode() if isinstance(st, bytes) else st
+
+    def snapshot(self) -> dict[str, Any]:
+        src = self.source
+        return {"seen": self.seen, "done": self.ok, "failed": self.failed, "read": src.read_in if src else 0, "size": self.size, "worker": self.svc.worker_id}
+
+    # -- the run -----------------------------------------------------------
+    def run(self) -> None:
+        t0 = time.time()
+        state = self.call("start", self.snapshot())
+        if state == "dead":
+            log.error("job=%s shard=%d dead-lettered after %d deliveries", self.job, self.index, self.s.max_deliveries)
+            err = {"code": "dead_lettered", "message": f"the shard was delivered {self.s.max_deliveries} times without finishing (its worker died each time); not retried"}
+            self.record(self.result("failed", error=err, output=None, seconds=0.0), t0)
+            return
+        if state in ("done", "complete"):
+            log.info("job=%s shard=%d already recorded; not redone", self.job, self.index)
+            if state == "complete":
+                finish_job(self.svc, self.kw, self.lua)
+            return
+        if state != "run":
+            log.info("job=%s shard=%d skipped (job %s)", self.job, self.index, state)
+            return
+        try:
+            output = self.process()
+        except Cancelled as e:
+            log.info("job=%s shard=%d stopped: %s", self.job, self.index, e)
+            return
+        except TrifectaError as e:  # the shard could not be opened at all
+            self.write_manifest([], error=_err(e))
+            self.record(self.result("failed", error=_err(e), output=None, seconds=time.time() - t0), t0)
+            return
+        status = "ok" if not (self.failed or self.problems) else "partial" if self.ok else "failed"
+        self.record(self.result(status, error=None, output=output, seconds=time.time() - t0), t0)
+
+    def result(self, status: str, *, error: dict[str, Any] | None, output: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+        return {
+            "index": self.index, "input": self.uri, "status": status, "samples": self.ok + self.failed, "done": self.ok, "failed": self.failed,
+            "errors": len(self.problems), "output": output, "manifest": self.manifest_key, "error": error, "worker": self.svc.worker_id,
+            "seconds": round(seconds, 3),
+        }
+
+    def record(self, res: dict[str, Any], t0: float) -> None:
+        state = self.call("done", res)
+        log.info(
+            "job=%s shard=%d model=%s device=%s status=%s samples=%d done=%d failed=%d seconds=%.2f model_ms=%.0f",
+            self.job, self.index, self.kw["model"], self.svc.device, res["status"], res["samples"], res["done"], res["failed"], time.time() - t0, self.model_ms,
+        )
+        if state == "complete":
+            finish_job(self.svc, self.kw, self.lua)
+
+    def process(self) -> dict[str, Any]:
+        try:
+            raw = open_uri(self.uri, self.svc.store, self.s)
+        except Exception as e:
+            raise translate(e) from e
+        with raw, tempfile.TemporaryFile(prefix="trifecta-shard-", suffix=".tar") as tmp:
+            self.size = content_length(raw)
+            manifest: list[dict[str, Any]] = []
+            with tarfile.open(fileobj=tmp, mode="w|", format=tarfile.PAX_FORMAT) as out:
+                self.pipeline(raw, out, manifest)
+            tmp.flush()
+            size = tmp.tell()
+            tmp.seek(0)
+            n = self.svc.store.put_stream(self.out_key, tmp, "application/x-tar")
+            self.write_manifest(manifest)
+        return {"key": f"{self.name}.tar", "format": "tar", "path": self.out_key, "bytes": n or size, "content_type": "application/x-tar"}
+
+    def write_manifest(self, samples: list[dict[str, Any]], error: dict[str, Any] | None = None) -> None:
+        doc = {
+            "job_id": self.job, "shard": self.index, "input": self.uri, "output": None if error else self.out_key, "model": self.kw["model"], "format": self.fmt,
+            "worker": self.svc.worker_id, "error": error, "counts": {"samples": self.ok + self.failed, "done": self.ok, "failed": self.failed, "errors": len(self.problems)},
+            "samples": samples, "errors": self.problems,
+        }
+        self.svc.store.put(self.manifest_key, orjson.dumps(doc), "application/json")
+
+    # -- the pipeline ------------------------------------------------------
+    def pipeline(self, raw: IO[bytes], out: tarfile.TarFile, manifest: list[dict[str, Any]]) -> None:
+        to_model: queue.Queue = queue.Queue(maxsize=self.batch * 2 + self.s.shard_decode_threads)
+        to_writer: queue.Queue = queue.Queue(maxsize=self.batch * 2 + self.s.shard_decode_threads)
+        threads = [
+            threading.Thread(target=self._reader, args=(raw, to_model), daemon=True, name=f"shard{self.index}-read"),
+            threading.Thread(target=self._model, args=(to_model, to_writer), daemon=True, name=f"shard{self.index}-model"),
+        ]
+        for t in threads:
+            t.start()
+        cancelled: str | None = None
+        last = time.monotonic()
+        mtime = int(self.base.created)
+        while True:
+            e = to_writer.get()
+            if e is _END:
+                break
+            if cancelled:
+                continue  # drain so the other threads can end
+            self.write_entry(e, out, manifest, mtime)
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                st = self.call("progress", self.snapshot())
+                if st not in ("running", "queued"):
+                    cancelled = "job cancelled" if st == "cancelled" else f"job {st}" if st != "done" else "another delivery recorded this shard first"
+                    self.stop.set()
+        for t in threads:
+            t.join()
+        if cancelled:
+            raise Cancelled(cancelled)
+
+    def _reader(self, raw: IO[bytes], to_model: queue.Queue) -> None:
+        seen_keys: set[str] = set()
+        try:
+            self.source = ShardSource(raw, self.s.max_shard_bytes)
+            members = iter_members(self.source, max_member=self.s.max_sample_bytes, max_members=self.s.max_samples_per_shard)  # type: ignore[arg-type]
+            for n, sample in enumerate(grouped(members, self.problems)):
+                if self.stop.is_set():
+                    break
+                key = sample["__key__"]
+                exts = [k for k in sample if not k.startswith("__")]
+                refused = [v for v in sample.values() if isinstance(v, Refused)]
+                e = Entry(n, key, members=[f"{key}.{k}" for k in exts] + [r.name for r in refused])
+                if key in seen_keys:
+                    e.error = {"code": "refused", "message": f"duplicate __key__ {key!r}: its members are not next to each other in the tar"}
+                elif refused:
+                    e.error = {"code": "refused", "message": "; ".join(r.reason for r in refused)}
+                else:
+                    img = next((x for x in IMAGE_EXTS if x in sample and isinstance(sample[x], bytes)), None)
+                    if img is None:
+                        found = ", ".join("." + x for x in exts) or "nothing"
+                        e.error = {"code": "unsupported_media_type", "message": f"no image member ({', '.join('.' + x for x in IMAGE_EXTS[:4])} ...); found {found}"}
+                    else:
+                        req = self.base.model_copy(update={"id": f"{self.job}:{self.index}:{n}"})
+                        from workers.runners.base import Item
+
+                        e.item = Item(req, sample[img])
+                        e.prep = self.pool.submit(self.svc.runner.prepare, e.item)
+                seen_keys.add(key)
+                self.seen += 1
+                to_model.put(e)
+        except ShardTooLarge as ex:
+            self.problems.append({"key": None, "status": "refused", "error": {"code": ex.code, "message": str(ex)}})
+        except Exception as ex:  # storage dropped mid-shard, or anything unforeseen: keep what was read
+            te = translate(ex)
+            log.warning("job=%s shard=%d reading stopped: %s", self.job, self.index, te.message)
+            self.problems.append({"key": None, "status": "refused", "error": _err(te)})
+        finally:
+            to_model.put(_END)
+
+    def _model(self, to_model: queue.Queue, to_writer: queue.Queue) -> None:
+        pending: list[Entry] = []
+        try:
+            while True:
+                live = sum(1 for e in pending if e.error is None)
+                try:
+                    e = to_model.get(timeout=0.2) if pending else to_model.get()
+                except queue.Empty:  # the reader is slow: run what we have
+                    self._flush(pending, to_writer)
+                    pending = []
+                    continue
+                if e is _END:
+                    self._flush(pending, to_writer)
+                    break
+                pending.append(e)
+                if e.error is None:
+                    live += 1
+                if live >= self.batch:
+                    self._flush(pending, to_writer)
+                    pending = []
+        except Exception as ex:  # never leave the writer waiting
+            log.exception("job=%s shard=%d model stage failed", self.job, self.index)
+            for p in pending:
+                p.error = p.error or _err(translate(ex))
+                to_writer.put(p)
+        finally:
+            to_writer.put(_END)
+
+    def _flush(self, pending: list[Entry], to_writer: queue.Queue) -> None:
+        live = []
+        for e in pending:
+            if e.error is None and e.prep is not None:
+                try:
+                    e.prepared = e.prep.result()
+                    live.append(e)
+                except Exception as ex:  # this sample alone fails
+                    e.error = _err(translate(ex))
+        if live and not self.stop.is_set():
+            r = self.svc.runner
+            t = time.perf_counter()
+            try:
+                preds = r._predict_counted([e.prepared for e in live])
+                pairs = list(zip(live, preds, strict=True))
+            except Exception as ex:
+                pairs = []
+                if len(live) > 1:
+                    log.warning("job=%s shard=%d batched call of %d failed (%s); one by one", self.job, self.index, len(live), ex)
+                for e in live:
+                    try:
+                        pairs.append((e, r._predict_counted([e.prepared])[0]))
+                    except Exception as ex1:
+                        e.error = _model_err(ex1)
+            self.model_ms += (time.perf_counter() - t) * 1000
+            for e, y in pairs:
+                e.done = self.pool.submit(self._finish, e, y)
+        for e in pending:
+            e.prepared = None if e.done is None else e.prepared
+            to_writer.put(e)
+
+    def _finish(self, e: Entry, pred: Any) -> list[tuple[str, bytes]]:
+        produced = self.svc.runner.finish(e.item, e.prepared, pred)
+        e.prepared = None
+        files: list[tuple[str, bytes]] = []
+        ext = codecs.EXTENSIONS[self.fmt]
+        shapes: dict[str, list[int]] = {}
+        for name, mask in produced.masks.items():
+            files.append((ext if name == "mask" else f"{name}.{ext}", codecs.encode(mask, self.fmt)))
+            shapes[name] = [int(x) for x in mask.shape]
+        for name, (data, _fmt, _ctype) in produced.blobs.items():
+            files.append((re.sub(r"[^A-Za-z0-9._-]", "_", name), data))
+        doc: dict[str, Any] = {"__key__": e.key, "model": self.kw["model"], "format": self.fmt, "shape": shapes.get("mask") or next(iter(shapes.values()), [])}
+        if len(shapes) > 1:
+            doc["masks"] = shapes
+        doc.update(produced.meta)
+        files.append(("json", orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)))
+        return files
+
+    def write_entry(self, e: Entry, out: tarfile.TarFile, manifest: list[dict[str, Any]], mtime: int) -> None:
+        files: list[tuple[str, bytes]] = []
+        if e.error is None and e.done is not None:
+            try:
+                files = e.done.result()
+            except Exception as ex:
+                e.error = _err(translate(ex))
+        elif e.error is None:
+            e.error = {"code": "cancelled", "message": "the shard stopped before this sample ran"}
+        if e.error is None:
+            for suffix, data in files:
+                ti = tarfile.TarInfo(f"{e.key}.{suffix}")
+                ti.size, ti.mtime, ti.mode = len(data), mtime, 0o644
+                out.addfile(ti, io.BytesIO(data))
+            self.ok += 1
+            shape = next((orjson.loads(d).get("shape") for s, d in files if s == "json"), None)
+            manifest.append({"key": e.key, "status": "ok", "error": None, "shape": shape})
+        else:
+            self.failed += 1
+            manifest.append({"key": e.key, "status": "failed", "error": e.error, "members": e.members})
+
+
+def _err(e: TrifectaError) -> dict[str, Any]:
+    return {"code": e.code, "message": e.message}
+
+
+def _model_err(e: Exception) -> dict[str, Any]:
+    te = translate(e)
+    return {"code": te.code if isinstance(e, TrifectaError) else "model_error", "message": te.message if isinstance(e, TrifectaError) else f"the model failed on this input: {type(e).__name__}: {e}"}
+
+
+# ---------------------------------------------------------------- the job's end
+def finish_job(svc: Any, kw: dict[str, Any], lua: Any) -> None:
+    """Write the job manifest (every sample of every shard) and finish the job once.
+
+    Any delivery that finds every shard recorded may run this; the manifest is the same
+    whoever writes it, and the FINISH script lands once.
+    """
+    r = svc.r
+    job = kw["job"]
+    raw = r.hgetall(keys.shards(job))
+    results = sorted((orjson.loads(v) for k, v in raw.items() if k.startswith(b"r:")), key=lambda x: x["index"])
+    manifest_key = f"{kw['out_prefix']}/manifest.json"
+    done = sum(x["done"] for x in results)
+    failed = sum(x["failed"] for x in results)
+    with tempfile.TemporaryFile(prefix="trifecta-manifest-") as f:
+        f.write(b'{"job_id":' + orjson.dumps(job) + b',"model":' + orjson.dumps(kw["model"]) + b',"format":' + orjson.dumps(kw.get("format", "packbits")))
+        f.write(b',"counts":' + orjson.dumps({"shards": len(results), "samples": done + failed, "done": done, "failed": failed}))
+        f.write(b',"shards":' + orjson.dumps([{k: x[k] for k in ("index", "input", "status", "samples", "done", "failed", "errors", "error", "worker", "manifest")} | {"output": (x.get("output") or {}).get("path")} for x in results]))
+        f.write(b',"samples":[')
+        first = True
+        for x in results:
+            try:
+                sm = orjson.loads(svc.store.get(x["manifest"]))
+            except Exception as e:  # a shard whose manifest could not be written: its summary stands
+                sm = {"samples": [], "errors": [{"key": None, "status": "failed", "error": _err(translate(e))}]}
+            for s in sm.get("samples", []) + sm.get("errors", []):
+                f.write((b"" if first else b",") + orjson.dumps({"shard": x["index"], **s}))
+                first = False
+        f.write(b"]}")
+        nbytes = f.tell()
+        f.seek(0)
+        svc.store.put_stream(manifest_key, f, "application/json")
+    outputs = [x["output"] for x in results if x.get("output")]
+    outputs.append({"key": "manifest.json", "format": "json", "path": manifest_key, "bytes": nbytes, "content_type": "application/json"})
+    result = {
+        "outputs": outputs,
+        "manifest": manifest_key,
+        "shards": [{k: x[k] for k in ("index", "input", "status", "samples", "done", "failed", "errors", "error", "worker")} for x in results],
+        "counts": {"shards": len(results), "samples": done + failed, "done": done, "failed": failed},
+        "worker": svc.worker_id,
+        "device": str(svc.device),
+    }
+    error = b""
+    status = "succeeded"
+    if done == 0:
+        status = "failed"
+        msg = f"every sample failed ({failed}); see the manifest" if failed else "the shards held no readable samples; see the manifest"
+        error = orjson.dumps({"code": "all_samples_failed" if failed else "no_samples", "message": msg})
+    finish = r.register_script(FINISH_LUA)
+    if finish(keys=[keys.job(job)], args=[status, time.time(), orjson.dumps(result), error]):
+        log.info("job=%s model=%s status=%s shards=%d done=%d failed=%d manifest=%s", job, kw["model"], status, len(results), done, failed, manifest_key)
+
+
+# ---------------------------------------------------------------- registration
+def register(app: Any, svc: Any) -> list[str]:
+    """Add `trifecta.shard` to this worker and consume `<model>:shards`."""
+    from celery import signals
+    from celery.exceptions import Reject
+
+    s = svc.settings
+    lua = svc.r.register_script(SHARD_LUA)
+    pool = ThreadPoolExecutor(max_workers=s.shard_decode_threads * s.shard_concurrency, thread_name_prefix="shard-io")
+    slots = threading.BoundedSemaphore(s.shard_concurrency)
+
+    @app.task(name=keys.TASK_SHARD, acks_late=True, ignore_result=True)
+    def shard(**kw: Any) -> None:
+        # A worker busy with SHARD_CONCURRENCY shards hands the next back to the queue (at
+        # its tail) rather than holding it: an idle worker takes it, and a pool thread stays
+        # free for sync batches.
+        if not slots.acquire(timeout=0.5):
+            raise Reject("busy with shards; requeued for another worker", requeue=True)
+        try:
+            ShardRun(svc, kw, pool, lua).run()
+        finally:
+            slots.release()
+
+    @signals.celeryd_after_setup.connect(weak=False)
+    def _consume_shards(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        instance.app.amqp.queues.select_add(keys.shard_queue(svc.model))
+
+    return [keys.TASK_SHARD]
