@@ -74,11 +74,21 @@ class Settings(BaseSettings):
     m2f_max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) Mask2Former segments; larger → 422 (the masks are made at the original size).")
     callback_secret: str | None = Field(None, description="Key of the HMAC-SHA256 signature (`X-Trifecta-Signature: sha256=…`) on job callbacks; unset: callbacks go unsigned.")
 
+    # --- SAM3 ---
+    sam3_checkpoint: str = Field("facebook/sam3", description="SAM3 checkpoint (`Sam3Model` / `Sam3Processor`): a Hugging Face id or a local directory (`trifecta models tiny sam3 DIR` writes a tiny random-init one).")
+    image_model_resolution: int | None = Field(None, ge=56, le=2016, description="SAM3 square input side in pixels, rounded down to a multiple of the patch size (14); unset: the checkpoint's own (1008 for facebook/sam3). Lower is faster.")
+    image_model_confidence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="SAM3: default minimum score (detection x presence) of a returned mask; a request's `confidence_threshold` overrides it.")
+    enable_feature_cache: bool = Field(True, description="SAM3: keep each image's vision features on its worker, keyed by the image's SHA-256, so new prompts on the same image skip the vision encoder.")
+    feature_cache_ttl_seconds: float = Field(600.0, gt=0, description="SAM3: an image's cached features are dropped this long after their last use.")
+    feature_cache_max_entries: int = Field(32, ge=1, description="SAM3: most images whose features a worker keeps (least recently used dropped first).")
+    feature_cache_max_mb: int = Field(2048, ge=1, description="SAM3: most memory (MB) a worker's feature cache holds; about 110 MB per image at 1008 px in fp32, half in fp16/bf16.")
+    max_prompts: int = Field(32, ge=1, le=1024, description="SAM3: most prompts (text + box) in one request; more → 422.")
+
     # --- storage ---
     storage_url: str = Field("file://./data", description="`file://DIR` or `s3://bucket/prefix` for masks, staged inputs and results.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")
     inline_input_bytes: int = Field(1 << 20, ge=0, description="Inputs up to this size travel inside the queue message; larger ones are staged in storage.")
-    result_ttl_seconds: int = Field(86_400, ge=60, description="Lifetime of job records and stored masks.")
+    result_ttl_seconds: int = Field(86_400, ge=1, description="Lifetime of job records and stored masks; an expired job answers `expired` for 7 more days, and the API's janitor deletes its stored outputs.")
     allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local directories that `file://` inputs may be read from (comma separated); empty = none.")
 
     # --- API limits ---
@@ -109,6 +119,23 @@ class Settings(BaseSettings):
     input_uri_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="s3:// prefixes (comma separated) a job's `input.uri` may read besides the tenant's own `<STORAGE_URL>/<tenant>/`; `{tenant}` stands for the caller's tenant. Others: 403.")
     result_url_ttl_s: int = Field(3600, ge=1, le=7 * 86400, description="Lifetime of the presigned S3 URLs handed out for job results (at most RESULT_TTL_SECONDS).")
     max_params_bytes: int = Field(65536, ge=2, description="Largest `params` of a job, as JSON; larger: 413.")
+
+    # --- operations: Flower, metrics, webhooks, janitor ---
+    flower_port: int = Field(5555, ge=1, le=65535, description="Port of Flower (`trifecta flower`, started by `trifecta up` and compose).")
+    flower_basic_auth: str | None = Field(None, description="`user:password[,user2:password2]` protecting Flower's UI and API; unset: the UI is open and Flower's HTTP API answers 401.")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Each worker serves its own Prometheus metrics on this port (`trifecta up` gives the Nth worker PORT+N); 0 = off (the API's /metrics still shows every worker's figures from Redis).")
+    prometheus_multiproc_dir: str | None = Field(None, description="Directory shared by several API processes (`trifecta api --workers N`) so /metrics adds up all of them; `trifecta api --workers N` uses `<RUN_DIR>/prometheus` when unset.")
+    webhook_secret: str | None = Field(None, description="HMAC-SHA256 key of job webhooks: `X-Trifecta-Signature: t=<unix s>,v1=<hex HMAC of \"<t>.<body>\">`. Jobs with a `callback_url` need it set.")
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Hosts a job's `callback_url` may target (comma separated; `host`, `host:port` or `*.domain`); empty = webhooks off (422). A wildcard match must resolve to public addresses.")
+    webhook_max_attempts: int = Field(8, ge=1, le=100, description="Deliveries tried per webhook before it is given up (retries back off exponentially).")
+    webhook_backoff_s: float = Field(5.0, gt=0, le=3600, description="Delay before the first webhook retry; each further retry waits twice as long (at most 1 h), with jitter.")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest wait for a webhook receiver to answer one POST.")
+    janitor_interval_s: float = Field(300.0, ge=0, description="How often the API deletes the stored outputs of jobs whose record expired (RESULT_TTL_SECONDS); 0 = off.")
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _webhook_hosts_csv(cls, v: object) -> object:
+        return _split(v)
 
     @field_validator("input_uri_allowlist", mode="before")
     @classmethod

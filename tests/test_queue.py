@@ -129,6 +129,7 @@ def test_batch_sizes_are_valid_and_give_the_same_masks(make_stack, batch: str) -
         assert r.status_code == 200
         m = codecs.decode_packbits(r.content)
         assert m.shape == gt.shape and m[gt].sum() / max(1, m.sum()) > 0.85
-        sizes.append(int(r.headers["x-queue-ms"] and 1))
-    j = httpx.get(st.url + f"/v1/jobs/{rs[-1].headers['x-job-id']}").json()
-    assert j["result"]["timing"]["batch_size"] <= int(batch)
+        sizes.append(httpx.get(st.url + f"/v1/jobs/{r.headers['x-job-id']}").json()["result"]["timing"]["batch_size"])
+    assert max(sizes) <= int(batch)
+    if batch == "8":
+        assert max(sizes) >= 2, sizes  # requests arriving together ran as one model call

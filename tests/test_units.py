@@ -112,3 +112,21 @@ def test_api_imports_no_heavy_libraries() -> None:
     code = "import sys, api.app; api.app.create_app(); bad=[m for m in ('torch','onnxruntime','transformers','workers','webdataset') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_batch_collector_takes_until_size_or_deadline() -> None:
+    from workers.batching import take_batch
+
+    # waits while the oldest request is younger than the timeout and the batch is not full
+    assert take_batch([10.0, 10.001], now=10.002, max_size=4, timeout_s=0.004, free_slots=1) == 0
+    # deadline reached: takes what is there
+    assert take_batch([10.0, 10.001], now=10.0041, max_size=4, timeout_s=0.004, free_slots=1) == 2
+    # full: takes max_size at once, leaves the rest
+    assert take_batch([10.0] * 6, now=10.0, max_size=4, timeout_s=1, free_slots=1) == 4
+    # no free slot: nothing runs, whatever is waiting
+    assert take_batch([1.0] * 6, now=10.0, max_size=4, timeout_s=0.004, free_slots=0) == 0
+    # timeout 0 or a freed slot (force): run now
+    assert take_batch([10.0], now=10.0, max_size=4, timeout_s=0, free_slots=1) == 1
+    assert take_batch([10.0, 10.0], now=10.0, max_size=4, timeout_s=1, free_slots=1, force=True) == 2
+    assert take_batch([10.0], now=10.0, max_size=1, timeout_s=1, free_slots=2) == 1
+    assert take_batch([], now=10.0, max_size=4, timeout_s=0, free_slots=1) == 0

@@ -282,7 +282,6 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from celery import signals
-    from celery_batches import Batches
 
     from tasks.celery_app import make_app
     from workers.runners.base import runner_class
@@ -296,7 +295,14 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     svc = WorkerService(settings, model, dev, worker_id, runner)
     app = make_app(settings)
 
-    @app.task(name=keys.TASK_INFER, base=Batches, flush_every=settings.max_batch_size, flush_interval=max(settings.batch_timeout_ms, 0.5) / 1000, acks_late=True, ignore_result=True)
+    from workers.batching import AdaptiveBatches
+
+    conc = settings.max_concurrency_per_gpu
+
+    @app.task(
+        name=keys.TASK_INFER, base=AdaptiveBatches, flush_every=settings.max_batch_size, flush_interval=max(settings.batch_timeout_ms, 0.5) / 1000,
+        max_in_flight=conc, acks_late=True, ignore_result=True,
+    )
     def infer(requests: list[Any]) -> None:
         svc.handle([r.kwargs for r in requests])
 
@@ -312,7 +318,6 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     svc.beat()
     threading.Thread(target=svc.heartbeat_forever, args=(stop,), daemon=True, name="heartbeat").start()
     queues = [keys.shared_queue(model), keys.private_queue(model, worker_id)]
-    conc = settings.max_concurrency_per_gpu
     argv = [
         "worker", "-P", "threads", "-c", str(conc), "-Q", ",".join(queues), "-n", f"{model}.{worker_id}@%h",
         "--prefetch-multiplier", str(max(1, settings.max_batch_size)), "--without-gossip", "--without-mingle", "-l", loglevel,

@@ -87,7 +87,7 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
         return Response(status_code=204)  # as the source service: no face model configured yet
     fmt = mask_format(request, settings)
     timeout = sync_timeout(request, settings)
-    hub.admit(model)
+    hub.admit(model, 0 if is_tar else 1)  # a tar reserves its places once its samples are counted (_run_tar)
     body = await read_body(request, settings.max_body_bytes)
     if is_tar:
         return await _run_tar(model, body, ctype, fmt, timeout, request, settings, hub, store, tenant)
@@ -137,25 +137,42 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
     replies = await hub.run_sync([q for _, q in reqs], timeout) if reqs else []
     masks: list[bytes | None] = [None] * len(samples)
     rles: list[Any] = [None] * len(samples)
+    metas: list[Any] = [None] * len(samples)
     paths = []
     for (i, _), rep in zip(reqs, replies, strict=True):
         if rep["status"] != "succeeded":
             err = rep.get("error") or {}
             errors[i] = {"index": i, "key": samples[i].key, "code": err.get("code", "internal"), "message": err.get("message", "")}
         else:
-            paths.append((i, rep["result"]["outputs"][0]["path"]))
+            metas[i] = rep["result"].get("meta")
+            if rep["result"].get("outputs"):  # echo writes none
+                paths.append((i, rep["result"]["outputs"][0]["path"]))
     datas = await asyncio.gather(*(fetch_output(store, p) for _, p in paths))
     for (i, _), d in zip(paths, datas, strict=True):
         masks[i] = d
         rles[i] = orjson.loads(d) if fmt == "rle" else None
-    # keys come from member names: percent-encoded (RFC 3986) so a comma, newline or non-ASCII name cannot break the header
-    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), "X-Sample-Keys": ",".join(quote(k, safe="/") for k in order)}
-    if errors:
-        headers["X-Sample-Errors"] = json.dumps(sorted(errors.values(), key=lambda e: e["index"]), ensure_ascii=True, separators=(",", ":"))
+    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), **_sample_headers(order, sorted(errors.values(), key=lambda e: e["index"]))}
+    if model == "echo":  # echo writes no mask: each sample's answer is its meta, as for one image
+        return JSONResponse({"keys": order, "results": metas, "errors": sorted(errors.values(), key=lambda e: e["index"])}, headers=headers)
     if fmt == "rle":
         return JSONResponse({"keys": order, "masks": rles, "errors": sorted(errors.values(), key=lambda e: e["index"])}, headers=headers)
     # a failed sample is a zero-length entry, so positions still match the tar's order
     return Response(codecs.encode_batch(m or b"" for m in masks), media_type="application/octet-stream", headers=headers)
+
+
+HEADER_BUDGET = 8192  # response headers past 8-16 KiB are refused by common proxies (nginx) and clients (h11)
+
+
+def _sample_headers(order: list[str], errors: list[dict[str, Any]]) -> dict[str, str]:
+    """X-Sample-Keys and X-Sample-Errors. Keys come from member names, so they are percent-encoded
+    (RFC 3986) and the errors are ASCII JSON: a comma, newline or non-ASCII name cannot break a header.
+    Past HEADER_BUDGET only indexes and codes are sent; `?format=rle` has everything in its body."""
+    keys = ",".join(quote(k, safe="/") for k in order)
+    errs = json.dumps(errors, ensure_ascii=True, separators=(",", ":")) if errors else ""
+    if len(keys) + len(errs) <= HEADER_BUDGET:
+        return {"X-Sample-Keys": keys, **({"X-Sample-Errors": errs} if errs else {})}
+    short = json.dumps([{"index": e["index"], "code": e["code"]} for e in errors], separators=(",", ":")) if errors else ""
+    return {"X-Sample-Keys-Omitted": "too long for a header; ask ?format=rle for the keys", **({"X-Sample-Errors": short} if short else {})}
 
 
 def _number(v: str, name: str) -> float:
