@@ -16,8 +16,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.hub import Hub
-from api.routes import health, jobs, sync
+from api.janitor import Janitor
+from api.metrics import MetricsMiddleware
+from api.routes import health, jobs, sam3_image, sync
+from api.routes import mask2former as mask2former_routes
+from api.routes import metrics as metrics_routes
+from api.routes import shards as _shards  # noqa: F401 - registers the `shards` job input kind
+from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
+from api.webhooks import WebhookSender
 from tasks.errors import TrifectaError, translate
 from tasks.settings import Settings, get_settings
 
@@ -32,9 +39,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = Hub(settings)
         app.state.hub = hub
         await hub.start()
+        background = [WebhookSender(settings, hub.redis), Janitor(settings, hub.redis)]  # api/webhooks.py, api/janitor.py
+        for b in background:
+            b.start()
         try:
             yield
         finally:
+            for b in background:
+                await b.stop()
             await hub.stop()
 
     app = FastAPI(
@@ -46,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
     app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
+    app.add_middleware(MetricsMiddleware)  # outermost: counts 401/429 answers too (api/metrics.py)
 
     @app.exception_handler(TrifectaError)
     async def _trifecta(_: Request, exc: TrifectaError) -> JSONResponse:
@@ -71,4 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sync.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(vjepa2_routes.router)
+    app.include_router(mask2former_routes.router)
+    app.include_router(sam3_image.router)
     return app

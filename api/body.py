@@ -8,6 +8,8 @@ and `Content-Encoding: gzip` is inflated with a capped `zlib.decompressobj`.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import zlib
 
 from starlette.requests import Request
@@ -32,7 +34,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(buf) > limit:
             raise PayloadTooLarge(f"the body passed {limit} bytes (MAX_BODY_BYTES)")
     if enc in ("gzip", "x-gzip"):
-        return gunzip_capped(bytes(buf), limit)
+        # off the event loop: inflating up to MAX_BODY_BYTES takes long enough to stall other requests
+        return await asyncio.to_thread(gunzip_capped, bytes(buf), limit)
     return bytes(buf)
 
 
@@ -47,3 +50,42 @@ def gunzip_capped(data: bytes, limit: int) -> bytes:
     if not d.eof:
         raise BadRequest("the gzip body is truncated")
     return out
+
+
+# A multipart part that uploads a WebDataset shard: its file name, or a `kind=shard` field before it.
+_SHARD_PART = re.compile(rb'filename="[^"\r\n]*\.(?:tar|tar\.gz|tgz)"|name="kind"\r\n\r\nshard\r\n', re.IGNORECASE)
+_HEAD = 64 << 10
+
+
+def counted_request(request: Request, limit: int, shard_limit: int) -> Request:
+    """The same request, its body counted while Starlette streams it (file parts spool to disk).
+
+    Past `limit` → 413 as soon as the count passes it; a body whose first 64 KiB show a
+    shard upload (a `.tar`/`.tar.gz` file part, or a `kind=shard` field before the file)
+    may reach `shard_limit` instead. Nothing is held in memory beyond Starlette's spool.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max(limit, shard_limit):
+                raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max(limit, shard_limit)}")
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+    head = bytearray()
+    state = {"n": 0, "cap": limit}
+
+    async def receive() -> dict:
+        msg = await request.receive()
+        if msg.get("type") == "http.request":
+            body = msg.get("body", b"")
+            if len(head) < _HEAD:
+                head.extend(body[: _HEAD - len(head)])
+                if state["cap"] == limit and _SHARD_PART.search(head):
+                    state["cap"] = shard_limit
+            state["n"] += len(body)
+            if state["n"] > state["cap"]:
+                which = "MAX_SHARD_UPLOAD_BYTES" if state["cap"] == shard_limit else "MAX_BODY_BYTES"
+                raise PayloadTooLarge(f"the body passed {state['cap']} bytes ({which})")
+        return msg
+
+    return Request(request.scope, receive)

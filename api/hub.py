@@ -209,8 +209,8 @@ class Hub:
             self.redis_ok = False
             raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
 
-    async def run_sync(self, reqs: list[InferRequest], timeout_s: float) -> list[dict[str, Any]]:
-        """Submit and wait for every request; 504 (with the job ids) past the timeout."""
+    async def run_sync(self, reqs: list[InferRequest], timeout_s: float, queue: str | None = None) -> list[dict[str, Any]]:
+        """Submit (to `queue`, default the model's shared queue) and wait for every request; 504 (with the job ids) past the timeout."""
         loop = asyncio.get_running_loop()
         futs = []
         for q in reqs:
@@ -218,11 +218,16 @@ class Hub:
             self.waiters[q.id] = f
             futs.append(f)
         try:
-            await self.submit(reqs)
+            await self.submit(reqs, queue=queue)
             done, pending = await asyncio.wait(futs, timeout=timeout_s)
             if pending:
-                self.counters["timeouts_504"] += 1
                 ids = [q.id for q in reqs]
+                if not self.redis_ok:  # the deadline passed while Redis was away: say so, don't blame the model
+                    raise BrokerUnavailable(
+                        f"the queue (Redis) became unreachable while this request waited; poll /v1/jobs/{ids[0]} once it is back",
+                        headers={"Retry-After": "2"}, extra={"job_id": ids[0], "status_url": f"/v1/jobs/{ids[0]}"},
+                    )
+                self.counters["timeouts_504"] += 1
                 raise SyncTimeout(
                     f"no result within {timeout_s:g} s; the work goes on — poll its status URL",
                     extra={"job_id": ids[0], "status_url": f"/v1/jobs/{ids[0]}", **({"job_ids": ids} if len(ids) > 1 else {})},

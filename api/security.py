@@ -1,9 +1,11 @@
 """API keys, tenants and the per-tenant rate limit: one ASGI middleware in front of every route.
 
 - `API_KEYS` (`key1:tenantA,key2:tenantB`) and `API_KEYS_FILE` (`key:tenant` lines, `#` comment lines)
-  map keys to tenants. Once either is set, every request except `/health` and `/metrics` (those
-  too with `PROTECT_OPS_ENDPOINTS=true`) must carry a key, as `Authorization: Bearer KEY` or
-  `X-API-Key: KEY`, or gets 401. A set but empty key file fails closed (every request 401).
+  map keys to tenants. Once either is set, every request except the ops endpoints `/health`,
+  `/metrics` and `/ping` (those too with `PROTECT_OPS_ENDPOINTS=true`) and `GET /` (the results
+  page's shell, which asks for a key and sends it on each API call; no tenant data) must carry
+  a key, as `Authorization: Bearer KEY` or `X-API-Key: KEY`, or gets 401 (unknown routes too,
+  so they do not reveal what exists). A set but empty key file fails closed (every request 401).
   The tenant lands in `request.state.tenant`, which `api.deps.TenantDep` reads; job records,
   job indexes, idempotency keys and storage keys are all namespaced by it.
 - Keys are compared in constant time: the SHA-256 of the presented key against the SHA-256 of
@@ -34,7 +36,8 @@ from tasks.settings import Settings
 
 log = logging.getLogger("trifecta.api")
 
-OPS_PATHS = frozenset({"/health", "/metrics"})
+# /ping is a constant liveness answer (health.py): as open as /health, since it tells nothing
+OPS_PATHS = frozenset({"/health", "/metrics", "/ping"})
 # a tenant name becomes a storage prefix and part of Redis keys: one safe path segment
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RELOAD_EVERY_S = 1.0
@@ -153,19 +156,20 @@ class TenantGate:
         self.buckets = TokenBuckets(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         ops = scope["path"] in OPS_PATHS
+        page = scope["path"] == "/" and scope.get("method") in ("GET", "HEAD")
         tenant = "default"
-        if self.keys.enabled and (self.protect_ops or not ops):
+        if self.keys.enabled and not page and (self.protect_ops or not ops):
             found = self.keys.tenant(presented_key(scope))
             if found is None:
                 err = Unauthorized("a valid API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY`", headers={"WWW-Authenticate": 'Bearer realm="trifecta"'})
                 await _reject(err, scope, receive, send)
                 return
             tenant = found
-        if self.buckets is not None and not ops:
+        if self.buckets is not None and not (ops or page):
             wait = self.buckets.take(tenant)
             if wait > 0:
                 err = RateLimited(f"tenant {tenant!r} is over RATE_LIMIT_PER_MINUTE; retry after the Retry-After header", headers={"Retry-After": str(max(1, math.ceil(wait)))})
@@ -177,4 +181,7 @@ class TenantGate:
 
 
 async def _reject(err: TrifectaError, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "websocket":  # no route uses one yet; refused the same way before any accept
+        await send({"type": "websocket.close", "code": 1008, "reason": err.code})
+        return
     await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,11 +25,36 @@ def _settings() -> Any:
 def cmd_api(a: argparse.Namespace) -> int:
     import uvicorn
 
+    s = _settings()
+    common: dict[str, Any] = dict(host=a.host, port=a.port or s.api_port, loop="uvloop", http="httptools", log_level=a.log_level.lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
+    if a.workers > 1:
+        # several processes: prometheus-client keeps their counters in files under
+        # PROMETHEUS_MULTIPROC_DIR and any process's /metrics adds them all up; the
+        # directory is emptied first so a restart does not count old processes twice
+        d = Path(s.prometheus_multiproc_dir or Path(s.run_dir) / "prometheus").resolve()
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.glob("*.db"):
+            f.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
+        uvicorn.run("api.app:create_app", factory=True, workers=a.workers, **common)
+        return 0
     from api.app import create_app
 
-    s = _settings()
-    uvicorn.run(create_app(s), host=a.host, port=a.port or s.api_port, loop="uvloop", http="httptools", log_level=a.log_level.lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
+    uvicorn.run(create_app(s), **common)
     return 0
+
+
+def cmd_flower(a: argparse.Namespace) -> int:
+    """Flower on the same broker; FLOWER_BASIC_AUTH travels in the environment (never on the command line)."""
+    s = _settings()
+    env = dict(os.environ, CELERY_BROKER_URL=s.redis_url)
+    if s.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth
+    # Flower turns on per-task events in every worker unless told not to: follow TASK_EVENTS
+    # (workers, queues and heartbeats show either way; the task list needs TASK_EVENTS=true)
+    argv = [sys.executable, "-m", "celery", "flower", f"--port={a.port or s.flower_port}", f"--address={a.host}", f"--enable_events={s.task_events}"]
+    os.execve(sys.executable, argv, env)
+    return 0  # pragma: no cover - execve does not return
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
@@ -108,36 +132,56 @@ def _out(a: argparse.Namespace, obj: Any, human: str) -> None:
     print(json.dumps(obj, indent=2) if a.json else human)
 
 
+def _progress_of(st: dict[str, Any]) -> tuple[float | None, float, str]:
+    """(total, completed, description) of a job's progress, whatever kind of job it is."""
+    p = st.get("progress") or {}
+    if p.get("samples_total"):  # shard jobs
+        return p["samples_total"], p.get("samples_done", 0) + p.get("samples_failed", 0), f"{p.get('shards_done', 0)}/{p.get('shards_total', '?')} shards"
+    if p.get("total"):  # video / frames jobs: clips
+        return p["total"], p.get("done", 0), f"{st['status']} {p.get('done', 0)}/{p['total']}"
+    return None, 0, st["status"]
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
-    from rich.progress import Progress
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     c = _client(a)
     params = json.loads(a.params) if a.params else {}
     if a.format:
         params["format"] = a.format
+    if not a.files and not a.shards:
+        print("error: give image files and/or --shards", file=sys.stderr)
+        return 2
     jobs = []
     if a.shards:
-        jobs.append(c.submit({"model": a.model, "input": {"shards": a.shards}, "params": params}, a.idempotency_key))
+        jobs.append(c.submit_shards(a.model, a.shards, params, a.idempotency_key, a.callback_url))
     for f in a.files:
-        jobs.append(c.submit_image(a.model, f, params, a.idempotency_key if len(a.files) == 1 else None))
+        jobs.append(c.submit_image(a.model, f, params, a.idempotency_key if len(a.files) == 1 else None, a.callback_url))
     if not a.wait:
         _out(a, jobs, "\n".join(f"{j['job_id']} {j['status']}" for j in jobs))
         return 0
-    final = []
-    with Progress(disable=a.json or (len(jobs) < 2 and not a.shards)) as prog:
-        task = prog.add_task("jobs", total=len(jobs))
-        for j in jobs:
-            while True:
-                st = c.job(j["job_id"])
-                p = st.get("progress") or {}
-                if p.get("samples_total"):
-                    prog.update(task, total=p["samples_total"], completed=p.get("samples_done", 0) + p.get("samples_failed", 0), description=f"{p.get('shards_done', 0)}/{p.get('shards_total', '?')} shards")
-                if st["status"] in ("succeeded", "failed", "cancelled", "expired"):
-                    break
+    # progress goes to stderr, so stdout stays the result (and pure JSON with --json)
+    console = Console(stderr=True)
+    final: list[dict[str, Any]] = []
+    cols = (SpinnerColumn(), TextColumn("{task.fields[job]}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*cols, console=console, disable=a.json or not console.is_terminal, transient=False) as prog:
+        tasks = {j["job_id"]: prog.add_task("queued", total=None, job=j["job_id"][:12]) for j in jobs}
+        pending = [j["job_id"] for j in jobs]
+        done: dict[str, dict[str, Any]] = {}
+        while pending:
+            for jid in list(pending):
+                st = c.job(jid)
+                total, completed, desc = _progress_of(st)
+                if st["status"] in TERMINAL:
+                    pending.remove(jid)
+                    done[jid] = st
+                    total = total or 1
+                    completed = total
+                prog.update(tasks[jid], total=total, completed=completed, description=desc)
+            if pending:
                 time.sleep(0.2)
-            final.append(st)
-            if not p.get("samples_total"):
-                prog.advance(task)
+        final = [done[j["job_id"]] for j in jobs]
     human = []
     for st in final:
         outs = ((st.get("result") or {}).get("outputs")) or []
@@ -147,10 +191,27 @@ def cmd_submit(a: argparse.Namespace) -> int:
     return 0 if all(s["status"] == "succeeded" for s in final) else 1
 
 
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+
+
+def _job_line(st: dict[str, Any]) -> str:
+    total, completed, _ = _progress_of(st)
+    prog = f" {int(completed)}/{int(total)}" if total else ""
+    t = (st.get("result") or {}).get("timing") or {}
+    times = f" queue {t['queue_ms']:.0f} ms, model {t['model_ms']:.0f} ms" if "queue_ms" in t and "model_ms" in t else ""
+    err = f" {st['error'].get('code')}: {st['error'].get('message')}" if st.get("error") else ""
+    outs = ", ".join(o["key"] for o in ((st.get("result") or {}).get("outputs") or []))
+    return f"{st['job_id']} {st['status']} {st.get('model', '')}{prog}{times}{' outputs: ' + outs if outs else ''}{err}"
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     c = _client(a)
-    st = c.job(a.job_id) if a.job_id else c.jobs()
-    _out(a, st, json.dumps(st, indent=2))
+    if a.job_id:
+        st = c.job(a.job_id)
+        _out(a, st, _job_line(st))
+        return 0
+    lst = c.jobs(a.limit)
+    _out(a, lst, "\n".join(_job_line(j) if "model" in j else f"{j['job_id']} {j['status']}" for j in lst["jobs"]) or "no jobs")
     return 0
 
 
@@ -192,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("api", help="run the HTTP API")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=None)
+    s.add_argument("--workers", type=int, default=1, help="API processes (metrics add up through PROMETHEUS_MULTIPROC_DIR)")
     s.set_defaults(fn=cmd_api)
+
+    s = sub.add_parser("flower", help="run Flower (Celery's dashboard) on the same broker: workers, queues, tasks")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default FLOWER_PORT")
+    s.set_defaults(fn=cmd_flower)
 
     s = sub.add_parser("worker", help="run one worker: one model on one device")
     s.add_argument("--model", required=True, choices=MODEL_NAMES)
@@ -233,12 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default=None, choices=["packbits", "png", "rle"])
     s.add_argument("--params", default=None, help="JSON object")
     s.add_argument("--idempotency-key", default=None)
-    s.add_argument("--wait", action="store_true")
+    s.add_argument("--callback-url", default=None, help="POSTed the job's status JSON when it finishes (signed; see WEBHOOK_*)")
+    s.add_argument("--wait", action="store_true", help="wait for the jobs, with progress bars on stderr")
     client_args(s)
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("status", help="a job's status (or the job list)")
     s.add_argument("job_id", nargs="?")
+    s.add_argument("--limit", type=int, default=20, help="jobs listed without a job id")
     client_args(s)
     s.set_defaults(fn=cmd_status)
 
@@ -274,7 +343,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, TrifectaClientError):
             print(f"error: {e}", file=sys.stderr)
+            if getattr(args, "json", False):  # scripts get the service's error body on stdout too
+                print(json.dumps({"status": e.status, **(e.body if isinstance(e.body, dict) else {"error": {"message": str(e.body)}})}, indent=2))
             return 2
+        import httpx
+
+        if isinstance(e, httpx.TransportError):
+            print(f"error: cannot reach {getattr(args, 'url', None) or os.environ.get('TRIFECTA_URL') or 'http://127.0.0.1:8080'} ({e})", file=sys.stderr)
+            return 3
         raise
 
 

@@ -2,30 +2,139 @@
 
     from client.sdk import Client
     with Client("http://127.0.0.1:8080") as c:
-        mask = c.textmask(open("photo.jpg", "rb").read())       # H x W bool array
-        job = c.submit_image("textmask", "photo.jpg")            # {"job_id", ...}
+        mask = c.textmask(open("photo.jpg", "rb").read())        # H x W bool array
+        job = c.submit_image("textmask", "photo.jpg")             # {"job_id", ...}
         c.wait(job["job_id"]); mask = c.fetch_mask(job["job_id"])
+
+    async with AsyncClient(url) as c:                             # the same calls, awaited
+        mask = await c.textmask(data)
+
+Every endpoint family has its calls: sync masks (`run`, `textmask`, `segmentation`,
+`facemask`, `run_tar`), jobs (`submit*`, `job`, `jobs`, `wait`, `cancel`, `fetch*`),
+WebDataset shards (`submit_shards`, `upload_shard`), SAM3 images (`sam3_segment`,
+`sam3_cached_features`), V-JEPA 2 (`vjepa2_infer`, `submit_video`, `submit_frames`),
+Mask2Former (`m2f_segment`, `m2f_segment_batch`) and operations (`health`,
+`models_info`, `metrics`, `service_info`). Masks arrive as packbits, PNG or COCO RLE and
+are decoded into `numpy` bool arrays (storage/codecs.py, the server's own codecs).
+
+Both clients share one description of each call (`_Call`: the request and how to parse
+its answer), so the sync and async versions cannot drift apart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import io
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import numpy as np
 
 from storage import codecs
 
+T = TypeVar("T")
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+ImageInput = bytes | str | Path
+
 
 class TrifectaClientError(RuntimeError):
+    """An error answer: `.status` (HTTP), `.code` (the service's error code), `.body`."""
+
     def __init__(self, status: int, body: Any) -> None:
         err = body.get("error", {}) if isinstance(body, dict) else {}
         super().__init__(f"{status} {err.get('code', '')}: {err.get('message', body)}")
         self.status, self.body, self.code = status, body, err.get("code")
+
+
+# ---------------------------------------------------------------- typed results
+@dataclass
+class Timing:
+    queue_ms: float | None = None
+    model_ms: float | None = None
+    worker: str | None = None
+    job_id: str | None = None
+
+    @classmethod
+    def of(cls, r: httpx.Response) -> Timing:
+        def f(name: str) -> float | None:
+            v = r.headers.get(name)
+            try:
+                return float(v) if v not in (None, "") else None
+            except ValueError:
+                return None
+
+        return cls(f("x-queue-ms"), f("x-model-ms"), r.headers.get("x-worker") or None, r.headers.get("x-job-id") or None)
+
+
+@dataclass
+class MaskResult:
+    """A sync mask call's answer: the mask and where the time went."""
+
+    mask: np.ndarray
+    timing: Timing
+
+
+@dataclass
+class Sam3Instances:
+    """One SAM3 query's objects: a mask per object (H x W bool), boxes [cx, cy, w, h] normalised, scores."""
+
+    prompt: str | None
+    masks: list[np.ndarray]
+    boxes: list[list[float]]
+    scores: list[float]
+
+
+@dataclass
+class Sam3Result:
+    instances: list[Sam3Instances]
+    image_size: Any = None
+    inference_time_ms: float = 0.0
+    cache_hit: bool = False
+    timing: Timing = field(default_factory=Timing)
+
+    @property
+    def masks(self) -> list[np.ndarray]:
+        return [m for i in self.instances for m in i.masks]
+
+    @property
+    def scores(self) -> list[float]:
+        return [s for i in self.instances for s in i.scores]
+
+
+@dataclass
+class Prediction:
+    label: str
+    confidence: float
+
+
+@dataclass
+class ClipResult:
+    predictions: list[Prediction]
+    clip_id: str
+    timing: Timing
+
+
+# ---------------------------------------------------------------- decoding
+def decode_mask_response(r: httpx.Response) -> np.ndarray | list[np.ndarray | None]:
+    """A `/run_*` answer → one mask, or a list for a tar batch (None for a failed sample)."""
+    fmt = r.headers.get("x-mask-format", "packbits")
+    n = int(r.headers.get("x-batch-size", "1"))
+    if fmt == "png":
+        return codecs.decode_png(r.content)
+    if fmt == "rle":
+        body = r.json()
+        if "masks" in body:
+            return [codecs.decode_rle(m) if m else None for m in body["masks"]]
+        return codecs.decode_rle(body)
+    if "x-sample-keys" in r.headers:  # a tar batch
+        return [codecs.decode_packbits(b) if b else None for b in codecs.decode_batch(r.content)][:n]
+    return codecs.decode_packbits(r.content)
 
 
 def _check(r: httpx.Response) -> httpx.Response:
@@ -52,25 +161,202 @@ def _img_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
-def decode_mask_response(r: httpx.Response) -> np.ndarray | list[np.ndarray | None]:
-    fmt = r.headers.get("x-mask-format", "packbits")
-    n = int(r.headers.get("x-batch-size", "1"))
-    if fmt == "png":
-        return codecs.decode_png(r.content)
-    if fmt == "rle":
-        body = r.json()
-        if "masks" in body:
-            return [codecs.decode_rle(m) if m else None for m in body["masks"]]
-        return codecs.decode_rle(body)
-    if "x-sample-keys" in r.headers:  # a tar batch
-        return [codecs.decode_packbits(b) if b else None for b in codecs.decode_batch(r.content)][:n]
-    return codecs.decode_packbits(r.content)
+def _bytes(x: ImageInput) -> bytes:
+    return x if isinstance(x, bytes) else Path(x).read_bytes()
 
 
+def _b64(x: ImageInput) -> str:
+    return base64.b64encode(_bytes(x)).decode("ascii")
+
+
+def _frame_b64(f: bytes | np.ndarray) -> str:
+    """A frame: encoded bytes (JPEG/PNG) as they are, or an H x W x 3 uint8 array as raw pixels."""
+    if isinstance(f, np.ndarray):
+        if f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+            raise ValueError(f"a frame array must be H x W x 3 uint8, got {f.shape} {f.dtype}")
+        return base64.b64encode(np.ascontiguousarray(f).tobytes()).decode("ascii")
+    return base64.b64encode(f).decode("ascii")
+
+
+def _no_mask(model: str) -> TrifectaClientError:
+    return TrifectaClientError(204, {"error": {"code": "no_model", "message": f"{model} has no model configured"}})
+
+
+def _sam3(r: httpx.Response) -> Sam3Result:
+    b = r.json()
+    hit = r.headers.get("x-cache-hit") == "true" or bool(b.get("cache_hit"))
+    if "results" in b:  # cached-features: one entry per text prompt
+        inst = [Sam3Instances(x.get("prompt"), [codecs.decode_rle(m) for m in x["masks"]], x["boxes"], x["scores"]) for x in b["results"]]
+    else:
+        inst = [Sam3Instances(None, [codecs.decode_rle(m) for m in b["masks"]], b["boxes"], b["scores"])]
+    return Sam3Result(inst, b.get("image_size"), float(b.get("inference_time_ms") or 0.0), hit, Timing.of(r))
+
+
+def _m2f_batch(r: httpx.Response) -> dict[str, np.ndarray]:
+    return {name: codecs.decode_png(base64.b64decode(png)) for name, png in r.json().items()}
+
+
+def _clip(r: httpx.Response) -> ClipResult:
+    b = r.json()
+    return ClipResult([Prediction(p["label"], float(p["confidence"])) for p in b["predictions"]], b.get("clip_id", ""), Timing.of(r))
+
+
+def _mask_result(model: str) -> Callable[[httpx.Response], MaskResult]:
+    def parse(r: httpx.Response) -> MaskResult:
+        if r.status_code == 204:
+            raise _no_mask(model)
+        return MaskResult(decode_mask_response(r), Timing.of(r))  # type: ignore[arg-type]
+
+    return parse
+
+
+def _json(r: httpx.Response) -> Any:
+    return r.json()
+
+
+# ---------------------------------------------------------------- one description per call
+@dataclass
+class _Call(Generic[T]):
+    method: str
+    url: str
+    parse: Callable[[httpx.Response], T]
+    kw: dict[str, Any] = field(default_factory=dict)
+
+
+class _Calls:
+    """What each endpoint takes and answers; both clients send these."""
+
+    @staticmethod
+    def run(model: str, image: ImageInput, fmt: str = "packbits", timeout: float | None = None) -> _Call[MaskResult]:
+        data = _bytes(image)
+        params: dict[str, Any] = {"format": fmt}
+        if timeout:
+            params["timeout"] = timeout
+        return _Call("POST", f"/run_{model}", _mask_result(model), {"content": data, "params": params, "headers": {"Content-Type": _img_type(data)}})
+
+    @staticmethod
+    def run_tar(model: str, tar: bytes, fmt: str = "packbits") -> _Call[list[np.ndarray | None]]:
+        ctype = "application/x-tar+gzip" if tar[:2] == b"\x1f\x8b" else "application/x-tar"
+        return _Call("POST", f"/run_{model}", decode_mask_response, {"content": tar, "params": {"format": fmt}, "headers": {"Content-Type": ctype}})  # type: ignore[arg-type]
+
+    @staticmethod
+    def submit(body: dict[str, Any], idempotency_key: str | None = None) -> _Call[dict[str, Any]]:
+        return _Call("POST", "/v1/jobs", _json, {"json": body, "headers": {"Idempotency-Key": idempotency_key} if idempotency_key else {}})
+
+    @staticmethod
+    def job_body(model: str, inp: dict[str, Any], params: dict[str, Any] | None, callback_url: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "input": inp, "params": params or {}}
+        if callback_url:
+            body["callback_url"] = callback_url
+        return body
+
+    @staticmethod
+    def upload(model: str, kind: str, path: str | Path, params: dict[str, Any] | None, callback_url: str | None, idempotency_key: str | None) -> _Call[dict[str, Any]]:
+        import orjson
+
+        p = Path(path)
+        data: dict[str, str] = {"model": model, "kind": kind, "params": orjson.dumps(params or {}).decode()}
+        if callback_url:
+            data["callback_url"] = callback_url
+        h = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return _Call("POST", "/v1/jobs", _json, {"data": data, "files": {"file": (p.name, p.open("rb"), "application/octet-stream")}, "headers": h})
+
+    @staticmethod
+    def job(job_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/v1/jobs/{job_id}", _json)
+
+    @staticmethod
+    def jobs(limit: int = 20, offset: int = 0) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/v1/jobs", _json, {"params": {"limit": limit, "offset": offset}})
+
+    @staticmethod
+    def cancel(job_id: str) -> _Call[dict[str, Any]]:
+        return _Call("DELETE", f"/v1/jobs/{job_id}", _json)
+
+    @staticmethod
+    def fetch(job_id: str, key: str | None = None) -> _Call[bytes]:
+        return _Call("GET", f"/v1/jobs/{job_id}/result", lambda r: r.content, {"params": {"key": key} if key else None})
+
+    @staticmethod
+    def fetch_mask(job_id: str, key: str | None = None) -> _Call[np.ndarray]:
+        return _Call("GET", f"/v1/jobs/{job_id}/result", lambda r: codecs.decode(r.content, r.headers.get("x-mask-format", "packbits")), {"params": {"key": key} if key else None})
+
+    @staticmethod
+    def sam3_segment(image: ImageInput, prompts: Sequence[str | dict[str, Any]] | None, text: str | None, boxes: Sequence[Sequence[float]] | None, confidence_threshold: float | None) -> _Call[Sam3Result]:
+        ps: list[Any] = list(prompts or [])
+        if text:
+            ps.append({"type": "text", "text": text})
+        ps += [{"type": "box", "box": list(b[:4]), "label": bool(b[4]) if len(b) > 4 else True} for b in boxes or []]
+        body: dict[str, Any] = {"image": _b64(image), "prompts": ps}
+        if confidence_threshold is not None:
+            body["confidence_threshold"] = confidence_threshold
+        return _Call("POST", "/api/v1/image/segment", _sam3, {"json": body})
+
+    @staticmethod
+    def sam3_cached_features(image: ImageInput, text_prompts: Sequence[str], confidence_threshold: float | None) -> _Call[Sam3Result]:
+        body: dict[str, Any] = {"image": _b64(image), "text_prompts": list(text_prompts)}
+        if confidence_threshold is not None:
+            body["confidence_threshold"] = confidence_threshold
+        return _Call("POST", "/api/v1/image/cached-features", _sam3, {"json": body})
+
+    @staticmethod
+    def vjepa2_infer(frames: Sequence[bytes | np.ndarray], width: int | None, height: int | None, fmt: str) -> _Call[ClipResult]:
+        if width is None or height is None:
+            f0 = frames[0]
+            if isinstance(f0, np.ndarray):
+                height, width = f0.shape[:2]
+            else:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(f0)) as im:
+                    width, height = im.size
+        body = {"frames": [_frame_b64(f) for f in frames], "width": int(width), "height": int(height), "format": fmt}
+        return _Call("POST", "/api/v1/infer", _clip, {"json": body})
+
+    @staticmethod
+    def m2f_segment(image: ImageInput, mask: str, model: str | None) -> _Call[MaskResult]:
+        data = _bytes(image)
+        h = {"Content-Type": _img_type(data), "X-Mask": mask, **({"X-Model": model} if model else {})}
+        return _Call("POST", "/segment", _mask_result("mask2former"), {"content": data, "headers": h})
+
+    @staticmethod
+    def m2f_segment_batch(image: ImageInput, classes: Iterable[str] | str | None, model: str | None) -> _Call[dict[str, np.ndarray]]:
+        data = _bytes(image)
+        h = {"Content-Type": _img_type(data), **({"X-Model": model} if model else {})}
+        params = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else None
+        return _Call("POST", "/segment-batch", _m2f_batch, {"content": data, "headers": h, "params": params})
+
+    @staticmethod
+    def get_json(url: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", url, _json, {"headers": {"Accept": "application/json"}})
+
+    @staticmethod
+    def metrics() -> _Call[str]:
+        return _Call("GET", "/metrics", lambda r: r.text)
+
+
+def _base_url(url: str | None) -> str:
+    return (url or os.environ.get("TRIFECTA_URL") or "http://127.0.0.1:8080").rstrip("/")
+
+
+def _key(api_key: str | None) -> str | None:
+    return api_key or os.environ.get("TRIFECTA_API_KEY")
+
+
+def _close_files(c: _Call[Any]) -> None:
+    for f in (c.kw.get("files") or {}).values():
+        f[1].close()
+
+
+def _health_ok(r: httpx.Response) -> httpx.Response:
+    return r if r.status_code in (200, 503) else _check(r)  # /health answers 503 with a body when Redis is down
+
+
+# ---------------------------------------------------------------- the sync client
 class Client:
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
-        self.url = (url or os.environ.get("TRIFECTA_URL") or "http://127.0.0.1:8080").rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=_headers(api_key or os.environ.get("TRIFECTA_API_KEY")), timeout=timeout)
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, transport: httpx.BaseTransport | None = None) -> None:
+        self.url = _base_url(url)
+        self.http = httpx.Client(base_url=self.url, headers=_headers(_key(api_key)), timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -81,92 +367,248 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    # sync masks
-    def run(self, model: str, image: bytes, fmt: str = "packbits", timeout: float | None = None) -> np.ndarray:
-        params: dict[str, Any] = {"format": fmt}
-        if timeout:
-            params["timeout"] = timeout
-        r = _check(self.http.post(f"/run_{model}", content=image, params=params, headers={"Content-Type": _img_type(image)}))
-        if r.status_code == 204:
-            raise TrifectaClientError(204, {"error": {"code": "no_model", "message": f"{model} has no model configured"}})
-        return decode_mask_response(r)  # type: ignore[return-value]
+    def _do(self, c: _Call[T]) -> T:
+        try:
+            return c.parse(_check(self.http.request(c.method, c.url, **c.kw)))
+        finally:
+            _close_files(c)
 
-    def textmask(self, image: bytes, **kw: Any) -> np.ndarray:
+    # sync masks
+    def run(self, model: str, image: ImageInput, fmt: str = "packbits", timeout: float | None = None) -> np.ndarray:
+        """One image through `/run_<model>` → its H x W bool mask."""
+        return self._do(_Calls.run(model, image, fmt, timeout)).mask
+
+    def run_timed(self, model: str, image: ImageInput, fmt: str = "packbits", timeout: float | None = None) -> MaskResult:
+        """Like `run`, with the queue/model times and worker the service reported."""
+        return self._do(_Calls.run(model, image, fmt, timeout))
+
+    def textmask(self, image: ImageInput, **kw: Any) -> np.ndarray:
         return self.run("textmask", image, **kw)
 
-    def segmentation(self, image: bytes, **kw: Any) -> np.ndarray:
+    def segmentation(self, image: ImageInput, **kw: Any) -> np.ndarray:
         return self.run("segmentation", image, **kw)
 
-    def run_tar(self, model: str, tar: bytes) -> list[np.ndarray | None]:
-        r = _check(self.http.post(f"/run_{model}", content=tar, headers={"Content-Type": "application/x-tar"}))
-        return decode_mask_response(r)  # type: ignore[return-value]
+    def facemask(self, image: ImageInput, **kw: Any) -> np.ndarray:
+        return self.run("facemask", image, **kw)
+
+    def run_tar(self, model: str, tar: bytes, fmt: str = "packbits") -> list[np.ndarray | None]:
+        """A small WebDataset tar in one request → a mask per sample, in the tar's order (None = that sample failed)."""
+        return self._do(_Calls.run_tar(model, tar, fmt))
 
     # jobs
-    def submit_image(self, model: str, path_or_bytes: str | Path | bytes, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
-        data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
-        body = {"model": model, "input": {"image": base64.b64encode(data).decode()}, "params": params or {}}
-        if callback_url:
-            body["callback_url"] = callback_url
-        return self.submit(body, idempotency_key)
-
     def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        h = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return _check(self.http.post("/v1/jobs", json=body, headers=h)).json()
+        return self._do(_Calls.submit(body, idempotency_key))
+
+    def submit_image(self, model: str, image: ImageInput, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        return self.submit(_Calls.job_body(model, {"image": _b64(image)}, params, callback_url), idempotency_key)
+
+    def submit_uri(self, model: str, uri: str, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        return self.submit(_Calls.job_body(model, {"uri": uri}, params, callback_url), idempotency_key)
+
+    def submit_shards(self, model: str, shards: Sequence[str] | str, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        """WebDataset shard URIs (brace patterns like `s3://b/shard-{000..099}.tar` allowed)."""
+        return self.submit(_Calls.job_body(model, {"shards": [shards] if isinstance(shards, str) else list(shards)}, params, callback_url), idempotency_key)
+
+    def upload_shard(self, model: str, path: str | Path, params: dict[str, Any] | None = None, callback_url: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """One local shard streamed up as a multipart file."""
+        return self._do(_Calls.upload(model, "shard", path, params, callback_url, idempotency_key))
+
+    def submit_video(self, path_or_uri: str | Path, params: dict[str, Any] | None = None, callback_url: str | None = None, model: str = "vjepa2") -> dict[str, Any]:
+        """A whole video classified clip by clip: an `s3://`/`file://` URI, or a local file uploaded."""
+        s = str(path_or_uri)
+        if s.startswith(("s3://", "file://")):
+            return self.submit(_Calls.job_body(model, {"video": s}, params, callback_url))
+        return self._do(_Calls.upload(model, "video", path_or_uri, params, callback_url, None))
+
+    def submit_frames(self, frames: Sequence[bytes | np.ndarray], width: int, height: int, fmt: str = "BGR", params: dict[str, Any] | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        """One or more 16-frame clips as a job (poll it or get a webhook)."""
+        inp = {"frames": [_frame_b64(f) for f in frames], "width": width, "height": height, "format": fmt}
+        return self.submit(_Calls.job_body("vjepa2", inp, params, callback_url))
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return _check(self.http.get(f"/v1/jobs/{job_id}")).json()
+        return self._do(_Calls.job(job_id))
 
     def jobs(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        return _check(self.http.get("/v1/jobs", params={"limit": limit, "offset": offset})).json()
+        return self._do(_Calls.jobs(limit, offset))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return _check(self.http.delete(f"/v1/jobs/{job_id}")).json()
+        return self._do(_Calls.cancel(job_id))
 
-    def wait(self, job_id: str, timeout: float = 300, poll: float = 0.2) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float = 300, poll: float = 0.2, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job is final; `on_progress(status)` is called on every poll."""
         t_end = time.monotonic() + timeout
         while True:
             j = self.job(job_id)
-            if j["status"] in ("succeeded", "failed", "cancelled", "expired"):
+            if on_progress:
+                on_progress(j)
+            if j["status"] in TERMINAL:
                 return j
             if time.monotonic() > t_end:
                 raise TimeoutError(f"job {job_id} still {j['status']} after {timeout}s")
             time.sleep(poll)
 
     def fetch(self, job_id: str, key: str | None = None) -> bytes:
-        return _check(self.http.get(f"/v1/jobs/{job_id}/result", params={"key": key} if key else None)).content
+        return self._do(_Calls.fetch(job_id, key))
 
     def fetch_mask(self, job_id: str, key: str | None = None) -> np.ndarray:
-        r = _check(self.http.get(f"/v1/jobs/{job_id}/result", params={"key": key} if key else None))
-        return codecs.decode(r.content, r.headers.get("x-mask-format", "packbits"))
+        return self._do(_Calls.fetch_mask(job_id, key))
 
+    # SAM3
+    def sam3_segment(self, image: ImageInput, prompts: Sequence[str | dict[str, Any]] | None = None, *, text: str | None = None, boxes: Sequence[Sequence[float]] | None = None, confidence_threshold: float | None = None) -> Sam3Result:
+        """Text and/or box prompts (`boxes`: [cx, cy, w, h(, positive)] normalised) → a mask per object."""
+        return self._do(_Calls.sam3_segment(image, prompts, text, boxes, confidence_threshold))
+
+    def sam3_cached_features(self, image: ImageInput, text_prompts: Sequence[str], confidence_threshold: float | None = None) -> Sam3Result:
+        """Many text prompts on one image: the vision encoder runs once (and stays cached on its worker)."""
+        return self._do(_Calls.sam3_cached_features(image, text_prompts, confidence_threshold))
+
+    # V-JEPA 2
+    def vjepa2_infer(self, frames: Sequence[bytes | np.ndarray], width: int | None = None, height: int | None = None, fmt: str = "BGR") -> ClipResult:
+        """One clip (16 frames: JPEG/PNG bytes or H x W x 3 uint8 arrays in `fmt` order) → top-k labels."""
+        return self._do(_Calls.vjepa2_infer(frames, width, height, fmt))
+
+    # Mask2Former
+    def m2f_segment(self, image: ImageInput, mask: str = "wall", model: str | None = None) -> np.ndarray:
+        """One class (`wall`, `floor`, …) → its mask at the image's size."""
+        return self._do(_Calls.m2f_segment(image, mask, model)).mask
+
+    def m2f_segment_batch(self, image: ImageInput, classes: Iterable[str] | str | None = None, model: str | None = None) -> dict[str, np.ndarray]:
+        """Several classes from ONE inference (default wall, floor, ceiling, window; `"all"` for every class present)."""
+        return self._do(_Calls.m2f_segment_batch(image, classes, model))
+
+    # operations
     def health(self) -> dict[str, Any]:
-        return self.http.get("/health").json()
+        return _health_ok(self.http.get("/health")).json()
+
+    def models_info(self) -> dict[str, Any]:
+        return self._do(_Calls.get_json("/models/info"))["models"]
+
+    def service_info(self) -> dict[str, Any]:
+        return self._do(_Calls.get_json("/"))
+
+    def metrics(self) -> str:
+        return self._do(_Calls.metrics())
 
 
+# ---------------------------------------------------------------- the async client
 class AsyncClient:
     """The same calls with `await`."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, limits: httpx.Limits | None = None) -> None:
-        self.url = (url or os.environ.get("TRIFECTA_URL") or "http://127.0.0.1:8080").rstrip("/")
-        self.http = httpx.AsyncClient(base_url=self.url, headers=_headers(api_key or os.environ.get("TRIFECTA_API_KEY")), timeout=timeout, limits=limits or httpx.Limits(max_connections=1000, max_keepalive_connections=1000))
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, limits: httpx.Limits | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = _base_url(url)
+        self.http = httpx.AsyncClient(
+            base_url=self.url, headers=_headers(_key(api_key)), timeout=timeout,
+            limits=limits or httpx.Limits(max_connections=1000, max_keepalive_connections=1000), transport=transport,
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def run(self, model: str, image: bytes, fmt: str = "packbits") -> np.ndarray:
-        r = _check(await self.http.post(f"/run_{model}", content=image, params={"format": fmt}, headers={"Content-Type": _img_type(image)}))
-        return decode_mask_response(r)  # type: ignore[return-value]
+    async def _do(self, c: _Call[T]) -> T:
+        try:
+            return c.parse(_check(await self.http.request(c.method, c.url, **c.kw)))
+        finally:
+            _close_files(c)
+
+    async def run(self, model: str, image: ImageInput, fmt: str = "packbits", timeout: float | None = None) -> np.ndarray:
+        return (await self._do(_Calls.run(model, image, fmt, timeout))).mask
+
+    async def run_timed(self, model: str, image: ImageInput, fmt: str = "packbits", timeout: float | None = None) -> MaskResult:
+        return await self._do(_Calls.run(model, image, fmt, timeout))
+
+    async def textmask(self, image: ImageInput, **kw: Any) -> np.ndarray:
+        return await self.run("textmask", image, **kw)
+
+    async def segmentation(self, image: ImageInput, **kw: Any) -> np.ndarray:
+        return await self.run("segmentation", image, **kw)
+
+    async def facemask(self, image: ImageInput, **kw: Any) -> np.ndarray:
+        return await self.run("facemask", image, **kw)
+
+    async def run_tar(self, model: str, tar: bytes, fmt: str = "packbits") -> list[np.ndarray | None]:
+        return await self._do(_Calls.run_tar(model, tar, fmt))
 
     async def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        h = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return _check(await self.http.post("/v1/jobs", json=body, headers=h)).json()
+        return await self._do(_Calls.submit(body, idempotency_key))
+
+    async def submit_image(self, model: str, image: ImageInput, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        return await self.submit(_Calls.job_body(model, {"image": _b64(image)}, params, callback_url), idempotency_key)
+
+    async def submit_uri(self, model: str, uri: str, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        return await self.submit(_Calls.job_body(model, {"uri": uri}, params, callback_url), idempotency_key)
+
+    async def submit_shards(self, model: str, shards: Sequence[str] | str, params: dict[str, Any] | None = None, idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        return await self.submit(_Calls.job_body(model, {"shards": [shards] if isinstance(shards, str) else list(shards)}, params, callback_url), idempotency_key)
+
+    async def upload_shard(self, model: str, path: str | Path, params: dict[str, Any] | None = None, callback_url: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        return await self._do(_Calls.upload(model, "shard", path, params, callback_url, idempotency_key))
+
+    async def submit_video(self, path_or_uri: str | Path, params: dict[str, Any] | None = None, callback_url: str | None = None, model: str = "vjepa2") -> dict[str, Any]:
+        s = str(path_or_uri)
+        if s.startswith(("s3://", "file://")):
+            return await self.submit(_Calls.job_body(model, {"video": s}, params, callback_url))
+        return await self._do(_Calls.upload(model, "video", path_or_uri, params, callback_url, None))
+
+    async def submit_frames(self, frames: Sequence[bytes | np.ndarray], width: int, height: int, fmt: str = "BGR", params: dict[str, Any] | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        inp = {"frames": [_frame_b64(f) for f in frames], "width": width, "height": height, "format": fmt}
+        return await self.submit(_Calls.job_body("vjepa2", inp, params, callback_url))
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        return _check(await self.http.get(f"/v1/jobs/{job_id}")).json()
+        return await self._do(_Calls.job(job_id))
+
+    async def jobs(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        return await self._do(_Calls.jobs(limit, offset))
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return await self._do(_Calls.cancel(job_id))
+
+    async def wait(self, job_id: str, timeout: float = 300, poll: float = 0.2, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        t_end = time.monotonic() + timeout
+        while True:
+            j = await self.job(job_id)
+            if on_progress:
+                on_progress(j)
+            if j["status"] in TERMINAL:
+                return j
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"job {job_id} still {j['status']} after {timeout}s")
+            await asyncio.sleep(poll)
+
+    async def fetch(self, job_id: str, key: str | None = None) -> bytes:
+        return await self._do(_Calls.fetch(job_id, key))
 
     async def fetch_mask(self, job_id: str, key: str | None = None) -> np.ndarray:
-        r = _check(await self.http.get(f"/v1/jobs/{job_id}/result", params={"key": key} if key else None))
-        return codecs.decode(r.content, r.headers.get("x-mask-format", "packbits"))
+        return await self._do(_Calls.fetch_mask(job_id, key))
+
+    async def sam3_segment(self, image: ImageInput, prompts: Sequence[str | dict[str, Any]] | None = None, *, text: str | None = None, boxes: Sequence[Sequence[float]] | None = None, confidence_threshold: float | None = None) -> Sam3Result:
+        return await self._do(_Calls.sam3_segment(image, prompts, text, boxes, confidence_threshold))
+
+    async def sam3_cached_features(self, image: ImageInput, text_prompts: Sequence[str], confidence_threshold: float | None = None) -> Sam3Result:
+        return await self._do(_Calls.sam3_cached_features(image, text_prompts, confidence_threshold))
+
+    async def vjepa2_infer(self, frames: Sequence[bytes | np.ndarray], width: int | None = None, height: int | None = None, fmt: str = "BGR") -> ClipResult:
+        return await self._do(_Calls.vjepa2_infer(frames, width, height, fmt))
+
+    async def m2f_segment(self, image: ImageInput, mask: str = "wall", model: str | None = None) -> np.ndarray:
+        return (await self._do(_Calls.m2f_segment(image, mask, model))).mask
+
+    async def m2f_segment_batch(self, image: ImageInput, classes: Iterable[str] | str | None = None, model: str | None = None) -> dict[str, np.ndarray]:
+        return await self._do(_Calls.m2f_segment_batch(image, classes, model))
+
+    async def health(self) -> dict[str, Any]:
+        return _health_ok(await self.http.get("/health")).json()
+
+    async def models_info(self) -> dict[str, Any]:
+        return (await self._do(_Calls.get_json("/models/info")))["models"]
+
+    async def service_info(self) -> dict[str, Any]:
+        return await self._do(_Calls.get_json("/"))
+
+    async def metrics(self) -> str:
+        return await self._do(_Calls.metrics())

@@ -25,7 +25,7 @@ def _trifecta(*args: str) -> list[str]:
 
 def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool = False) -> int:
     s = get_settings()
-    procs: dict[str, tuple[list[str], subprocess.Popen[bytes]]] = {}
+    procs: dict[str, tuple[list[str], dict[str, str], subprocess.Popen[bytes]]] = {}
     redis_srv = None
     if not answers(s.redis_url):
         redis_srv = EmbeddedRedis(Path(s.run_dir) / "redis").start()
@@ -43,21 +43,24 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
         wenv = dict(env)
         if device == "cpu" and not s.intra_op_threads:
             wenv["INTRA_OP_THREADS"] = str(max(1, cores_owned() // n_cpu))  # don't oversubscribe the cores
+        if s.worker_metrics_port:
+            wenv["WORKER_METRICS_PORT"] = str(s.worker_metrics_port + i)  # one scrape port per worker on this host
         cmd = _trifecta("worker", "--model", model, "--device", device, "--name", f"{model}-{device.replace(':', '')}-{i}")
-        procs[f"worker {model} {device}"] = (cmd, subprocess.Popen(cmd, env=wenv))
+        procs[f"worker {model} {device}"] = (cmd, wenv, subprocess.Popen(cmd, env=wenv))
     port = api_port or s.api_port
     cmd = _trifecta("api", "--host", api_host, "--port", str(port))
-    procs["api"] = (cmd, subprocess.Popen(cmd, env=env))
-    flower_port = int(os.environ.get("FLOWER_PORT", "5555"))
+    procs["api"] = (cmd, env, subprocess.Popen(cmd, env=env))
+    flower_port = s.flower_port
     if not no_flower:
-        cmd = [sys.executable, "-m", "celery", "--broker", s.redis_url, "flower", f"--port={flower_port}", "--address=127.0.0.1"]
-        if os.environ.get("FLOWER_BASIC_AUTH"):
-            cmd.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
-        procs["flower"] = (cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cmd = _trifecta("flower", "--host", "127.0.0.1", "--port", str(flower_port))  # FLOWER_BASIC_AUTH from the environment
+        Path(s.run_dir).mkdir(parents=True, exist_ok=True)
+        flower_log = open(Path(s.run_dir) / "flower.log", "ab")  # noqa: SIM115 - lives as long as the process
+        procs["flower"] = (cmd, env, subprocess.Popen(cmd, env=env, stdout=flower_log, stderr=subprocess.STDOUT))
     base = f"http://{api_host}:{port}"
     print(
         f"\nTrifecta is starting:\n  API     {base}   (docs {base}/docs, health {base}/health)\n"
-        + ("" if no_flower else f"  Flower  http://127.0.0.1:{flower_port}\n")
+        + ("" if no_flower else f"  Flower  http://127.0.0.1:{flower_port}   (workers and queues{'; login from FLOWER_BASIC_AUTH' if s.flower_basic_auth else ''})\n")
+        + f"  Metrics {base}/metrics   Page {base}/\n"
         + f"  Redis   {s.redis_url}\n  Workers {', '.join(f'{m}@{d}' for m, d in plan)}\n\n"
         f"Try:\n  curl -s -X POST '{base}/run_textmask?format=png' -H 'Content-Type: image/png' --data-binary @../shared/data/images/text.png -o mask.png\n",
         flush=True,
@@ -73,16 +76,16 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
     try:
         while not stopping:
             time.sleep(0.5)
-            for name, (cmd, p) in list(procs.items()):
+            for name, (cmd, penv, p) in list(procs.items()):
                 if p.poll() is not None and not stopping:
                     log.warning("%s exited with %s; restarting", name, p.returncode)
-                    procs[name] = (cmd, subprocess.Popen(cmd, env=env))
+                    procs[name] = (cmd, penv, subprocess.Popen(cmd, env=penv))
     finally:
-        for _, p in procs.values():
+        for _, _, p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         t_end = time.time() + 10
-        for _, p in procs.values():
+        for _, _, p in procs.values():
             try:
                 p.wait(max(0.1, t_end - time.time()))
             except subprocess.TimeoutExpired:

@@ -152,6 +152,7 @@ class S3Store:
             connect_timeout=float(os.environ.get("S3_CONNECT_TIMEOUT_S", "3")),
             read_timeout=float(os.environ.get("S3_READ_TIMEOUT_S", "20")),
             max_pool_connections=32,
+            signature_version="s3v4",  # presigned URLs too (botocore presigns with deprecated SigV2 otherwise): X-Amz-Expires, at most 7 days
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
         from botocore.exceptions import BotoCoreError, ClientError

@@ -182,19 +182,15 @@ return {r[1], r[2], st}
 """
 
 # KEYS[1]=job KEYS[2]=state  ARGV[1]=now ARGV[2]=max deliveries ARGV[3]=chunk number
-# → {status, deliveries}; status 'dead' when this chunk was delivered too often (job marked failed)
+# → {status, deliveries}; status 'dead' when this chunk was delivered too often (the caller then
+# fails the job through jobstore.FINISH_LUA, which also queues its webhook)
 CHUNK_START_LUA = _PROGRESS + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', 0} end
 st = cjson.decode(st)
 if terminal(st) then return {st, 0} end
 local n = redis.call('HINCRBY', KEYS[2], 'deliveries:' .. ARGV[3], 1)
-if n > tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'status', '"failed"', 'finished_at', ARGV[1],
-    'error', cjson.encode({code='dead_lettered', message='decode chunk ' .. ARGV[3] .. ' of this video was delivered ' ..
-      (n - 1) .. ' times without finishing (the worker died each time); not retried'}))
-  return {'dead', n}
-end
+if n > tonumber(ARGV[2]) then return {'dead', n} end
 if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1]) end
 return {'running', n}
 """

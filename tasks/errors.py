@@ -212,4 +212,10 @@ def translate(exc: BaseException) -> TrifectaError:
         return Forbidden(str(exc))
     if isinstance(exc, StorageFailure):
         return StorageError(str(exc))
+    status = getattr(exc, "status_code", None)  # Starlette's HTTPException (e.g. a form over max_fields) keeps its 4xx
+    if isinstance(status, int) and 400 <= status < 500:
+        cls = next((c for c in _BY_CODE.values() if c.status == status and c.__base__ is TrifectaError), BadRequest)
+        err = cls(str(getattr(exc, "detail", "") or exc))
+        err.status = status
+        return err
     return TrifectaError(f"{type(exc).__name__}: {exc}")

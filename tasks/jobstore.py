@@ -24,7 +24,21 @@ import orjson
 
 from tasks import keys
 
-# KEYS[1]=job  ARGV[1]=now ARGV[2]=max_deliveries
+# A job that reaches a terminal state with a `callback_url` in its doc is queued for the
+# API's webhook sender in the same script (no extra round trip). The queue key is written
+# into the script rather than passed in KEYS so every caller of these scripts (runners with
+# their own finishing paths too) queues webhooks without changing its call.
+_NOTIFY_LUA = """
+local _doc = redis.call('HGET', KEYS[1], 'doc')
+if _doc and string.find(_doc, 'callback_url', 1, true) then
+  local _d = cjson.decode(_doc)
+  if type(_d.callback_url) == 'string' and _d.callback_url ~= '' then
+    redis.call('LPUSH', '%s', string.sub(KEYS[1], %d))
+  end
+end
+""" % (keys.WEBHOOK_QUEUE, len(keys.job("")) + 1)
+
+# KEYS[1]=job  ARGV[1]=now ARGV[2]=max_deliveries ARGV[3]=worker id (recorded while it runs)
 # returns {status, attempts}; status "dead" when over max deliveries (job marked failed)
 START_LUA = """
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -38,11 +52,13 @@ if n > tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'finished_at', ARGV[1],
     'error', cjson.encode({code='dead_lettered', message='delivered ' .. (n - 1) ..
       ' times without finishing (the worker died each time); not retried'}))
+""" + _NOTIFY_LUA + """
   return {'dead', n}
 end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1])
 end
+if ARGV[3] then redis.call('HSET', KEYS[1], 'worker', ARGV[3]) end
 return {'running', n}
 """
 
@@ -55,6 +71,7 @@ st = cjson.decode(st)
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return 0 end
 redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'finished_at', ARGV[2], ARGV[3], ARGV[4])
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+""" + _NOTIFY_LUA + """
 return 1
 """
 
@@ -65,6 +82,7 @@ if not st then return 'missing' end
 st = cjson.decode(st)
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return st end
 redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
+""" + _NOTIFY_LUA + """
 return 'cancelled'
 """
 
@@ -98,6 +116,7 @@ def parse_record(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
         "error": orjson.loads(f["error"]) if f.get("error") else None,
         "result": orjson.loads(f["result"]) if f.get("result") else None,
         "tenant": doc.get("tenant", "default"),
+        "worker": (f["worker"].decode() if isinstance(f.get("worker"), bytes) else f.get("worker")),
     }
     if doc.get("callback_url"):
         out["callback_url"] = doc["callback_url"]

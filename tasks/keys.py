@@ -66,3 +66,17 @@ def reply_channel(api_id: str) -> str:
 
 
 TOMBSTONE_S = 7 * 86_400
+
+# webhooks: finished jobs with a callback_url are LPUSHed here by the finishing Lua script;
+# the API's sender claims them into the schedule (score = when to (re)try), so retries and
+# in-flight deliveries survive an API restart.
+WEBHOOK_QUEUE = f"{PREFIX}:webhooks:queue"
+WEBHOOK_SCHEDULE = f"{PREFIX}:webhooks:schedule"
+
+
+def webhook(job_id: str) -> str:
+    """Delivery bookkeeping of one job's webhook: attempts, last status/error, delivered_at."""
+    return f"{PREFIX}:webhook:{job_id}"
+
+
+JANITOR_LOCK = f"{PREFIX}:janitor:lock"

@@ -72,3 +72,12 @@ def resolve(names: list[str], labels: list[str]) -> list[tuple[str, int]]:
 def key_for(name: str) -> str:
     """A storage-safe output key for a class name (`chest of drawers` → `chest_of_drawers`)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", norm(name)).strip("._") or "class"
+
+
+def too_large_message(w: int, h: int, limit: int) -> str:
+    """The 422 for an image over M2F_MAX_PIXELS, saying how far to shrink it."""
+    side = int((limit * max(w, h) / max(1, min(w, h))) ** 0.5)
+    return (
+        f"the image is {w}x{h} = {w * h / 1e6:.1f} MP; Mask2Former makes its masks at the original size and takes at most "
+        f"{limit / 1e6:.1f} MP (M2F_MAX_PIXELS). Downscale it (e.g. to {side} px on the long side) and retry"
+    )

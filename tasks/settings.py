@@ -72,7 +72,6 @@ class Settings(BaseSettings):
     m2f_checkpoint: str = Field("facebook/mask2former-swin-large-ade-semantic", description="Mask2Former semantic segmentation (`Mask2FormerForUniversalSegmentation`): a Hugging Face id or a local directory.")
     m2f_long_side: int = Field(768, ge=32, le=4096, description="Mask2Former: an image's long side is scaled down to this before the model; masks come back at the original size.")
     m2f_max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) Mask2Former segments; larger → 422 (the masks are made at the original size).")
-    callback_secret: str | None = Field(None, description="Key of the HMAC-SHA256 signature (`X-Trifecta-Signature: sha256=…`) on job callbacks; unset: callbacks go unsigned.")
 
     # --- SAM3 ---
     sam3_checkpoint: str = Field("facebook/sam3", description="SAM3 checkpoint (`Sam3Model` / `Sam3Processor`): a Hugging Face id or a local directory (`trifecta models tiny sam3 DIR` writes a tiny random-init one).")

@@ -127,8 +127,9 @@ def iter_members(f: IO[bytes], *, max_member: int, max_members: int) -> Iterator
     with `{"fname": None, "refused": reason}`.
     """
     count = 0
+    tap = _Tap(f)
     try:
-        with tarfile.open(fileobj=f, mode="r|") as tf:
+        with tarfile.open(fileobj=tap, mode="r|") as tf:  # type: ignore[call-overload]
             for ti in tf:
                 if ti.isdir() and _refusal(ti, max_member) is None:
                     continue
@@ -149,5 +150,33 @@ def iter_members(f: IO[bytes], *, max_member: int, max_members: int) -> Iterator
                     continue
                 yield {"fname": ti.name, "data": data}
                 tf.members = []  # stream mode keeps every TarInfo otherwise (webdataset does the same)
+            if not tap.zero_block_at(tf.offset):
+                # tarfile ends quietly on a missing or partial header after the first member
+                yield {"fname": None, "data": None, "refused": "the tar is truncated: it ends without its end-of-archive block"}
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         yield {"fname": None, "data": None, "refused": f"the tar is truncated or corrupt: {e}"}
+
+
+class _Tap:
+    """A reader that remembers the tail of what passed through, to check how a tar ended."""
+
+    KEEP = 64 << 10  # > tarfile's record size (10 KiB): the end block is in the last record read
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.n, self.tail = f, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.f.read(size)
+        self.n += len(b)
+        self.tail = (self.tail + b)[-self.KEEP :]
+        return b
+
+    def zero_block_at(self, offset: int) -> bool:
+        start = offset - (self.n - len(self.tail))
+        if start < 0:
+            return True  # out of sight: tarfile saw it, trust the clean end
+        block = self.tail[start : start + 512]
+        if len(block) < 512:  # tarfile reads whole records; a short one: peek at the rest
+            more = self.read(512 - len(block))
+            block += more
+        return len(block) == 512 and not any(block)

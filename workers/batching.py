@@ -92,11 +92,16 @@ class AdaptiveBatches(Batches):
     def _run(self, requests: list[Any]) -> None:
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
 
-        def on_return(_: Any) -> None:
-            for r in requests:
-                r.acknowledge()
-            # a slot is free: run what queued up meanwhile without waiting for the timer
-            self._maybe_flush(force=True, release=True)
+        def on_return(result: Any) -> None:
+            try:
+                for r in requests:
+                    if result is False:  # the batch could not even be started (broker away): give the messages back
+                        r.reject(requeue=True)
+                    else:
+                        r.acknowledge()  # may raise while the broker is away; the messages then come back and redo idempotently
+            finally:
+                # a slot is free: run what queued up meanwhile without waiting for the timer
+                self._maybe_flush(force=True, release=True)
 
         self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
 

@@ -39,6 +39,7 @@ from tasks.models import MODELS
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
 from workers.device import Device
+from workers.metrics import WorkerMetrics
 from workers.runners.base import BatchStats, Item, Produced, Runner
 
 log = logging.getLogger("trifecta.worker")
@@ -62,9 +63,11 @@ class WorkerService:
         self.consumer: Any = None  # set on worker_ready; its channel's QoS holds our unacked tags
         self.nodename = ""
         self.stopping = False
+        self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
 
     # -- the batch ----------------------------------------------------------
-    def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> None:
+    def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> bool:
+        """Run one batch. False = it could not start (Redis away): the messages are requeued."""
         t_start = time.time()
         reqs: list[InferRequest] = []
         for kw in raw:
@@ -73,22 +76,25 @@ class WorkerService:
             except Exception as e:  # a message we cannot even read: drop it, loudly
                 log.error("dropping malformed message: %s", e)
         if not reqs:
-            return
+            return True
         with self._lock:
             self.in_flight += len(reqs)
         try:
-            self._handle(reqs, t_start)
+            return self._handle(reqs, t_start)
+        except redis.RedisError as e:
+            log.warning("batch of %d not started: Redis unreachable (%s); requeued", len(reqs), e)
+            return False
         finally:
             with self._lock:
                 self.in_flight -= len(reqs)
                 self.batches += 1
             self._check_memory()
 
-    def _handle(self, reqs: list[InferRequest], t_start: float) -> None:
+    def _handle(self, reqs: list[InferRequest], t_start: float) -> bool:
         now = jobstore.now()
         pipe = self.r.pipeline(transaction=False)
         for q in reqs:
-            self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries], client=pipe)
+            self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries, self.worker_id], client=pipe)
         states = pipe.execute()
         live: list[InferRequest] = []
         done: list[tuple[InferRequest, str, dict[str, Any]]] = []
@@ -136,11 +142,13 @@ class WorkerService:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
         self._finish_all(done)
+        self.metrics.observe(done, t_start, model_ms, len(items))
         for q, status, body in done:
             log.info(
                 "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
                 q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),
             )
+        return True
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
         outs: list[Output] = []
@@ -165,7 +173,16 @@ class WorkerService:
             payload = orjson.dumps(body)
             reply = jobstore.reply_payload(q.id, status, {field: body}) if q.reply else b""
             self._finish(keys=[keys.job(q.id)], args=[status, now, field, payload, q.reply or "", reply], client=pipe)
-        pipe.execute()
+        # the work is done: keep trying to record it through a Redis restart (outputs are already in storage)
+        for delay in (0, 0.25, 0.5, 1, 2, 2, 4, 4, 8):
+            time.sleep(delay)
+            try:
+                pipe.execute()
+                break
+            except redis.RedisError as e:
+                log.warning("recording %d results failed (%s); retrying", len(done), e)
+        else:
+            raise redis.ConnectionError("could not record results after retries")
         with self._lock:
             for _, status, _ in done:
                 if status == "succeeded":
@@ -212,6 +229,7 @@ class WorkerService:
             "batches": str(self.batches),
             "rss_mb": f"{rss_mb():.1f}",
             "gpu_memory_mb": str(gpu_memory_mb(self.device)),
+            "metrics": self.metrics.registration_field(),
         }
 
     def held_tags(self) -> list[str]:
@@ -293,6 +311,9 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     runner.warmup()
     log.info("worker %s: %s warm on %s in %.1fs", worker_id, model, dev, time.time() - t0)
     svc = WorkerService(settings, model, dev, worker_id, runner)
+    if settings.worker_metrics_port:
+        svc.metrics.gpu_memory.set_function(lambda: gpu_memory_mb(dev) * 1e6)
+        svc.metrics.serve(settings.worker_metrics_port)
     app = make_app(settings)
 
     from workers.batching import AdaptiveBatches
@@ -303,8 +324,8 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         name=keys.TASK_INFER, base=AdaptiveBatches, flush_every=settings.max_batch_size, flush_interval=max(settings.batch_timeout_ms, 0.5) / 1000,
         max_in_flight=conc, acks_late=True, ignore_result=True,
     )
-    def infer(requests: list[Any]) -> None:
-        svc.handle([r.kwargs for r in requests])
+    def infer(requests: list[Any]) -> bool:
+        return svc.handle([r.kwargs for r in requests])
 
     extra = _register_extra_tasks(app, svc)
 

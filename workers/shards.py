@@ -45,7 +45,7 @@ from typing import IO, Any
 import orjson
 
 from storage import codecs
-from tasks import keys
+from tasks import jobstore, keys
 from tasks.errors import TrifectaError, translate
 from tasks.inputs import open_uri
 from tasks.schemas import InferRequest
@@ -135,17 +135,6 @@ progress(now)
 if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
 return {st, 0}
 """
-
-# KEYS[1]=job ARGV[1]=status ARGV[2]=now ARGV[3]=result json ARGV[4]=error json or ''
-FINISH_LUA = _TERMINAL_LUA + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 0 end
-if terminal(cjson.decode(st)) then return 0 end
-redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'finished_at', ARGV[2], 'result', ARGV[3])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
-return 1
-"""
-
 
 # ---------------------------------------------------------------- reading a shard
 class ShardTooLarge(Exception):
@@ -268,7 +257,8 @@ def grouped(members: Any, problems: list[dict[str, Any]]) -> Any:
                 yield {"fname": name, "data": m["data"], "__url__": ""}
 
     def handler(exn: Exception) -> bool:
-        problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": str(exn.args[0]) if exn.args else repr(exn)}})
+        msg = (str(exn.args[0]) if exn.args else repr(exn)).split(" dict_keys(")[0]  # "x.jpg: duplicate file name in tar file jpg"
+        problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": msg}})
         return True
 
     return group_by_keys(members_for_wds(), handler=handler)
@@ -314,6 +304,11 @@ class ShardRun:
         self.source: ShardSource | None = None
         self.size = 0
         self.model_ms = 0.0
+        from workers.runners.base import Runner
+
+        # the hooks are driven one by one so decode overlaps the model; a runner with its own
+        # run_batch (grouping, sessions ...) gets whole batches through it instead
+        self.hooks = type(svc.runner).run_batch is Runner.run_batch
         self.keys_json = [keys.job(self.job), keys.shards(self.job), keys.shards_running(self.job)]
         stem = re.sub(r"\.(tar|tar\.gz|tgz)$", "", self.uri.rstrip("/").rsplit("/", 1)[-1]) or "shard"
         self.name = f"{self.index:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', stem)[:80]}"
@@ -348,7 +343,7 @@ class ShardRun:
         if state in ("done", "complete"):
             log.info("job=%s shard=%d already recorded; not redone", self.job, self.index)
             if state == "complete":
-                finish_job(self.svc, self.kw, self.lua)
+                finish_job(self.svc, self.kw)
             return
         if state != "run":
             log.info("job=%s shard=%d skipped (job %s)", self.job, self.index, state)
@@ -357,10 +352,17 @@ class ShardRun:
             output = self.process()
         except Cancelled as e:
             log.info("job=%s shard=%d stopped: %s", self.job, self.index, e)
+            self.svc.r.hdel(keys.shards_running(self.job), self.index)
             return
-        except TrifectaError as e:  # the shard could not be opened at all
-            self.write_manifest([], error=_err(e))
-            self.record(self.result("failed", error=_err(e), output=None, seconds=time.time() - t0), t0)
+        except Exception as e:  # the shard could not be opened, or storage failed after retries
+            te = translate(e)
+            log.warning("job=%s shard=%d failed: %s", self.job, self.index, te.message)
+            try:
+                self.write_manifest([], error=_err(te))
+            except Exception as e2:  # noqa: BLE001 - the shard's result in Redis still says why
+                log.warning("job=%s shard=%d manifest not written: %s", self.job, self.index, e2)
+            self.ok = self.failed = 0
+            self.record(self.result("failed", error=_err(te), output=None, seconds=time.time() - t0), t0)
             return
         status = "ok" if not (self.failed or self.problems) else "partial" if self.ok else "failed"
         self.record(self.result(status, error=None, output=output, seconds=time.time() - t0), t0)
@@ -379,7 +381,7 @@ class ShardRun:
             self.job, self.index, self.kw["model"], self.svc.device, res["status"], res["samples"], res["done"], res["failed"], time.time() - t0, self.model_ms,
         )
         if state == "complete":
-            finish_job(self.svc, self.kw, self.lua)
+            finish_job(self.svc, self.kw)
 
     def process(self) -> dict[str, Any]:
         try:
@@ -463,7 +465,8 @@ class ShardRun:
                         from workers.runners.base import Item
 
                         e.item = Item(req, sample[img])
-                        e.prep = self.pool.submit(self.svc.runner.prepare, e.item)
+                        if self.hooks:
+                            e.prep = self.pool.submit(self.svc.runner.prepare, e.item)
                 seen_keys.add(key)
                 self.seen += 1
                 to_model.put(e)
@@ -505,6 +508,9 @@ class ShardRun:
             to_writer.put(_END)
 
     def _flush(self, pending: list[Entry], to_writer: queue.Queue) -> None:
+        if not self.hooks:
+            self._flush_run_batch(pending, to_writer)
+            return
         live = []
         for e in pending:
             if e.error is None and e.prep is not None:
@@ -532,12 +538,27 @@ class ShardRun:
             for e, y in pairs:
                 e.done = self.pool.submit(self._finish, e, y)
         for e in pending:
-            e.prepared = None if e.done is None else e.prepared
+            to_writer.put(e)
+
+    def _flush_run_batch(self, pending: list[Entry], to_writer: queue.Queue) -> None:
+        live = [e for e in pending if e.error is None and e.item is not None]
+        if live and not self.stop.is_set():
+            t = time.perf_counter()
+            results = self.svc.runner.run_batch([e.item for e in live])
+            self.model_ms += (time.perf_counter() - t) * 1000
+            for e, res in zip(live, results, strict=True):
+                if isinstance(res, TrifectaError):
+                    e.error = _err(res)
+                else:
+                    e.done = self.pool.submit(self._encode, e, res)
+        for e in pending:
             to_writer.put(e)
 
     def _finish(self, e: Entry, pred: Any) -> list[tuple[str, bytes]]:
-        produced = self.svc.runner.finish(e.item, e.prepared, pred)
-        e.prepared = None
+        prepared, e.prepared = e.prepared, None
+        return self._encode(e, self.svc.runner.finish(e.item, prepared, pred))
+
+    def _encode(self, e: Entry, produced: Any) -> list[tuple[str, bytes]]:
         files: list[tuple[str, bytes]] = []
         ext = codecs.EXTENSIONS[self.fmt]
         shapes: dict[str, list[int]] = {}
@@ -585,7 +606,7 @@ def _model_err(e: Exception) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the job's end
-def finish_job(svc: Any, kw: dict[str, Any], lua: Any) -> None:
+def finish_job(svc: Any, kw: dict[str, Any]) -> None:
     """Write the job manifest (every sample of every shard) and finish the job once.
 
     Any delivery that finds every shard recorded may run this; the manifest is the same
@@ -598,6 +619,43 @@ def finish_job(svc: Any, kw: dict[str, Any], lua: Any) -> None:
     manifest_key = f"{kw['out_prefix']}/manifest.json"
     done = sum(x["done"] for x in results)
     failed = sum(x["failed"] for x in results)
+    try:
+        nbytes = write_job_manifest(svc, kw, results, manifest_key, done, failed)
+    except Exception as e:  # storage failed after retries: finish anyway, saying so
+        te = translate(e)
+        log.error("job=%s manifest not written: %s", job, te.message)
+        nbytes = -1
+    outputs = [x["output"] for x in results if x.get("output")]
+    if nbytes >= 0:
+        outputs.append({"key": "manifest.json", "format": "json", "path": manifest_key, "bytes": nbytes, "content_type": "application/json"})
+    result = {
+        "outputs": outputs,
+        "manifest": manifest_key if nbytes >= 0 else None,
+        "shards": [{k: x[k] for k in ("index", "input", "status", "samples", "done", "failed", "errors", "error", "worker")} for x in results],
+        "counts": {"shards": len(results), "samples": done + failed, "done": done, "failed": failed},
+        "worker": svc.worker_id,
+        "device": str(svc.device),
+    }
+    error = b""
+    status = "succeeded"
+    if nbytes < 0:
+        status = "failed"
+        error = orjson.dumps({"code": "storage_error", "message": "the job manifest could not be written (storage failed after retries); the shard outputs and their manifests stand"})
+    elif done == 0:
+        status = "failed"
+        msg = f"every sample failed ({failed}); see the manifest" if failed else "the shards held no readable samples; see the manifest"
+        error = orjson.dumps({"code": "all_samples_failed" if failed else "no_samples", "message": msg})
+    finish = svc.r.register_script(jobstore.FINISH_LUA)
+    if error:  # a failed job keeps its outputs (the manifest says why each sample failed)
+        svc.r.hset(keys.job(job), "result", orjson.dumps(result))
+    field, payload = ("error", error) if error else ("result", orjson.dumps(result))
+    if finish(keys=[keys.job(job)], args=[status, time.time(), field, payload, "", b""]):
+        log.info("job=%s model=%s status=%s shards=%d done=%d failed=%d manifest=%s", job, kw["model"], status, len(results), done, failed, manifest_key)
+
+
+def write_job_manifest(svc: Any, kw: dict[str, Any], results: list[dict[str, Any]], manifest_key: str, done: int, failed: int) -> int:
+    """Stream the job manifest to a temp file (never the whole list in memory), then store it whole."""
+    job = kw["job"]
     with tempfile.TemporaryFile(prefix="trifecta-manifest-") as f:
         f.write(b'{"job_id":' + orjson.dumps(job) + b',"model":' + orjson.dumps(kw["model"]) + b',"format":' + orjson.dumps(kw.get("format", "packbits")))
         f.write(b',"counts":' + orjson.dumps({"shards": len(results), "samples": done + failed, "done": done, "failed": failed}))
@@ -616,45 +674,35 @@ def finish_job(svc: Any, kw: dict[str, Any], lua: Any) -> None:
         nbytes = f.tell()
         f.seek(0)
         svc.store.put_stream(manifest_key, f, "application/json")
-    outputs = [x["output"] for x in results if x.get("output")]
-    outputs.append({"key": "manifest.json", "format": "json", "path": manifest_key, "bytes": nbytes, "content_type": "application/json"})
-    result = {
-        "outputs": outputs,
-        "manifest": manifest_key,
-        "shards": [{k: x[k] for k in ("index", "input", "status", "samples", "done", "failed", "errors", "error", "worker")} for x in results],
-        "counts": {"shards": len(results), "samples": done + failed, "done": done, "failed": failed},
-        "worker": svc.worker_id,
-        "device": str(svc.device),
-    }
-    error = b""
-    status = "succeeded"
-    if done == 0:
-        status = "failed"
-        msg = f"every sample failed ({failed}); see the manifest" if failed else "the shards held no readable samples; see the manifest"
-        error = orjson.dumps({"code": "all_samples_failed" if failed else "no_samples", "message": msg})
-    finish = r.register_script(FINISH_LUA)
-    if finish(keys=[keys.job(job)], args=[status, time.time(), orjson.dumps(result), error]):
-        log.info("job=%s model=%s status=%s shards=%d done=%d failed=%d manifest=%s", job, kw["model"], status, len(results), done, failed, manifest_key)
+    return nbytes
 
 
 # ---------------------------------------------------------------- registration
 def register(app: Any, svc: Any) -> list[str]:
     """Add `trifecta.shard` to this worker and consume `<model>:shards`."""
     from celery import signals
-    from celery.exceptions import Reject
+
+    from tasks.wire import build_message
 
     s = svc.settings
     lua = svc.r.register_script(SHARD_LUA)
     pool = ThreadPoolExecutor(max_workers=s.shard_decode_threads * s.shard_concurrency, thread_name_prefix="shard-io")
     slots = threading.BoundedSemaphore(s.shard_concurrency)
 
+    q = keys.shard_queue(svc.model)
+
     @app.task(name=keys.TASK_SHARD, acks_late=True, ignore_result=True)
     def shard(**kw: Any) -> None:
-        # A worker busy with SHARD_CONCURRENCY shards hands the next back to the queue (at
-        # its tail) rather than holding it: an idle worker takes it, and a pool thread stays
-        # free for sync batches.
-        if not slots.acquire(timeout=0.5):
-            raise Reject("busy with shards; requeued for another worker", requeue=True)
+        # A worker busy with SHARD_CONCURRENCY shards hands the next back to the queue's tail
+        # rather than holding it: an idle worker takes it, and a pool thread stays free for
+        # sync batches. A fresh copy is pushed, then this one acked (Celery's Reject would do
+        # the same but log a traceback each time); dying in between leaves two copies, which
+        # the shard's once-only bookkeeping makes harmless.
+        if not slots.acquire(timeout=0.25):
+            st = svc.r.hget(keys.job(kw["job"]), "status")
+            if st is not None and orjson.loads(st) in ("queued", "running"):
+                svc.r.lpush(q, build_message(keys.TASK_SHARD, f"{kw['job']}.{kw['index']}", kw, q, origin=svc.worker_id))
+            return
         try:
             ShardRun(svc, kw, pool, lua).run()
         finally:
@@ -662,6 +710,6 @@ def register(app: Any, svc: Any) -> list[str]:
 
     @signals.celeryd_after_setup.connect(weak=False)
     def _consume_shards(sender: Any = None, instance: Any = None, **_: Any) -> None:
-        instance.app.amqp.queues.select_add(keys.shard_queue(svc.model))
+        instance.app.amqp.queues.select_add(q)
 
     return [keys.TASK_SHARD]

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from api.body import read_body
+from api.body import counted_request, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub, new_job_id
 from api.routes.sync import inline_or_staged
@@ -29,6 +29,7 @@ from tasks.images import probe
 from tasks.inputs import check_input_uri
 from tasks.models import MODELS
 from tasks.settings import Settings
+from tasks.webhooks import check_callback_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -92,7 +93,7 @@ register_input_kind("image", _submit_image)
 register_input_kind("uri", _submit_image)
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[JobIn, bytes | None]:
+async def _parse(request: Request, settings: Settings) -> tuple[JobIn, Any]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         raw = await read_body(request, settings.max_body_bytes)
@@ -101,10 +102,14 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, bytes | N
         except ValueError as e:
             raise Unprocessable(f"invalid job: {e}") from None
     if ctype == "multipart/form-data":
-        # Starlette spools file parts to disk with no size limit: read the body through the
-        # capped reader (413 while streaming) and parse the form from those bytes
-        raw = await read_body(request, settings.max_body_bytes)
-        form = await _replay(request, raw).form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
+        # Starlette spools file parts to disk with no size limit: count the body while it
+        # streams (413 past MAX_BODY_BYTES, or MAX_SHARD_UPLOAD_BYTES for a shard upload);
+        # a gzip-encoded body is read through the capped gunzip and replayed
+        if request.headers.get("content-encoding", "identity").strip().lower() in ("identity", ""):
+            form = await counted_request(request, settings.max_body_bytes, settings.max_shard_upload_bytes).form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
+        else:
+            raw = await read_body(request, settings.max_body_bytes)
+            form = await _replay(request, raw).form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
         up = form.get("file")
         if up is None or isinstance(up, str):
             raise Unprocessable("multipart jobs need a `file` part")
@@ -113,6 +118,9 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, bytes | N
         except orjson.JSONDecodeError:
             raise Unprocessable("the `params` part is not valid JSON") from None
         kind = str(form.get("kind") or "image")
+        if kind == "shard" or (kind == "image" and (up.filename or "").lower().endswith((".tar", ".tar.gz", ".tgz"))):
+            # a WebDataset shard: streamed to storage by api/routes/shards.py, never read whole
+            return JobIn(model=str(form.get("model") or ""), input={"shards": [], "upload": up.filename or "shard.tar"}, params=params, callback_url=form.get("callback_url") or None), up
         data = await up.read(settings.max_body_bytes + 1)
         if len(data) > settings.max_body_bytes:
             from tasks.errors import PayloadTooLarge
@@ -139,7 +147,22 @@ def check_params(params: dict[str, Any], settings: Settings) -> None:
         raise PayloadTooLarge(f"params are {n} bytes of JSON; the limit is {settings.max_params_bytes} (MAX_PARAMS_BYTES)")
 
 
-@router.post("", status_code=202, response_model=JobAccepted, summary="Submit a job")
+# the body is read by hand (capped, gzip, multipart), so its schema is declared here for the docs and for fuzzing
+_JOB_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {**JobIn.model_json_schema(), "properties": {**JobIn.model_json_schema()["properties"], "model": {"type": "string", "enum": list(MODELS)}}},
+                "example": {"model": "textmask", "input": {"image": "<base64 image>"}, "params": {"format": "png"}},
+            },
+            "multipart/form-data": {"schema": {"type": "object", "required": ["model", "file"], "properties": {"model": {"type": "string"}, "file": {"type": "string", "format": "binary"}, "params": {"type": "string", "description": "JSON object"}, "kind": {"type": "string"}, "callback_url": {"type": "string"}}}},
+        },
+    }
+}
+
+
+@router.post("", status_code=202, response_model=JobAccepted, summary="Submit a job", openapi_extra=_JOB_BODY)
 async def submit_job(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep, idempotency_key: str | None = Header(None, max_length=200)) -> JSONResponse:
     job, upload = await _parse(request, settings)
     if job.model not in MODELS:
@@ -150,6 +173,8 @@ async def submit_job(request: Request, settings: SettingsDep, hub: HubDep, store
     if not isinstance(job.params, dict):
         raise Unprocessable("params must be an object")
     check_params(job.params, settings)
+    if job.callback_url is not None:
+        check_callback_url(job.callback_url, settings)  # 422 unless WEBHOOK_SECRET is set and WEBHOOK_ALLOWED_HOSTS admits it
     job_id = new_job_id()
     if idempotency_key:
         ik = keys.idempotency(tenant, idempotency_key)

@@ -36,7 +36,7 @@ import orjson
 from storage.blob import BlobStore
 from tasks import clips as clipc
 from tasks import jobstore, keys
-from tasks.errors import ModelError, TrifectaError, Unprocessable, UnreadableVideo, translate
+from tasks.errors import Conflict, TrifectaError, Unprocessable, UnreadableVideo, translate
 from tasks.images import decode_rgb
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
@@ -246,15 +246,27 @@ class VJEPA2Runner(Runner):
         return Produced(meta={"predictions": pred, "clip_id": str(uuid.UUID(item.req.id.split(".")[0])) if _is_hex(item.req.id) else item.req.id})
 
     def run_batch(self, items: list[Item], stats: BatchStats | None = None) -> list[Produced | TrifectaError]:
-        out = super().run_batch(items, stats)
-        if self.jobs is not None:
-            parts = [(it, res) for it, res in zip(items, out, strict=True) if it.req.params.get("parent")]
-            if parts:
-                try:
-                    self.jobs.record(parts)
-                except Exception:  # noqa: BLE001 - the clips' own results still go out
-                    log.exception("recording %d clip results failed", len(parts))
-        return out
+        if self.jobs is None:
+            return super().run_batch(items, stats)
+        # clips of a cancelled (or already failed) job are dropped before the model sees them
+        ended = self.jobs.ended_parents({str(it.req.params["parent"]) for it in items if it.req.params.get("parent")})
+        out: list[Produced | TrifectaError | None] = [None] * len(items)
+        live = []
+        for i, it in enumerate(items):
+            parent = it.req.params.get("parent")
+            if parent and str(parent) in ended:
+                out[i] = Conflict(f"job {parent} is {ended[str(parent)]}; its remaining clips are dropped")
+            else:
+                live.append(i)
+        for i, res in zip(live, super().run_batch([items[i] for i in live], stats) if live else [], strict=True):
+            out[i] = res
+        parts = [(items[i], out[i]) for i in live if items[i].req.params.get("parent")]
+        if parts:
+            try:
+                self.jobs.record(parts)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - the clips' own results still go out
+                log.exception("recording %d clip results failed", len(parts))
+        return out  # type: ignore[return-value]
 
     # -- video jobs ----------------------------------------------------------
     def register_tasks(self, app: Any, svc: Any) -> list[str]:
@@ -285,6 +297,12 @@ def encode_frames(frames: np.ndarray) -> list[bytes]:
 
 
 # ---------------------------------------------------------------- multi-clip jobs (video, frames)
+class DeadLettered(TrifectaError):
+    """A decode chunk delivered MAX_DELIVERIES times without finishing."""
+
+    status, code = 500, "dead_lettered"
+
+
 class ClipJobs:
     """Decode chunks of video jobs, record finished clips, assemble and finish parent jobs."""
 
@@ -297,6 +315,21 @@ class ClipJobs:
         self._emitted = self.r.register_script(clipc.EMITTED_LUA)
         self._chunk_start = self.r.register_script(clipc.CHUNK_START_LUA)
         self._finish = self.r.register_script(jobstore.FINISH_LUA)
+
+    def ended_parents(self, parents: set[str]) -> dict[str, str]:
+        """Of these parent jobs, the ones already finished or cancelled (job id → status)."""
+        if not parents:
+            return {}
+        ids = sorted(parents)
+        pipe = self.r.pipeline(transaction=False)
+        for p in ids:
+            pipe.hget(keys.job(p), "status")
+        out = {}
+        for p, st in zip(ids, pipe.execute(), strict=True):
+            status = orjson.loads(st) if st else "expired"
+            if status in keys.TERMINAL:
+                out[p] = status
+        return out
 
     # -- recording finished clips (called after each batch) -------------------
     def record(self, parts: list[tuple[Item, Produced | TrifectaError]]) -> None:
@@ -398,17 +431,8 @@ class ClipJobs:
             self._after_finish(job_id, orjson.loads(raw[b"doc"]), _decode_hash(self.r.hgetall(clipc.state_key(job_id))))
 
     def _after_finish(self, job_id: str, doc: dict[str, Any], state: dict[str, Any]) -> None:
-        from workers.callbacks import post_later
-
-        url = doc.get("callback_url")
-        if url:
-            raw = self.r.hgetall(keys.job(job_id))
-            if raw:
-                rec = jobstore.parse_record(raw)
-                rec.pop("tenant", None)
-                rec["links"] = {"self": f"/v1/jobs/{job_id}", "result": f"/v1/jobs/{job_id}/result"}
-                post_later(url, rec, self.settings.callback_secret)
-        # the clips' own records and the bookkeeping are done with; the timeline has it all
+        # (a callback_url's webhook was queued by FINISH_LUA itself.) The clips' own records
+        # and the bookkeeping are done with; the timeline has it all
         total = int(_num(state.get("emitted")) or 0)
         pipe = self.r.pipeline(transaction=False)
         for i in range(total):
@@ -428,9 +452,8 @@ class ClipJobs:
         st = st.decode() if isinstance(st, bytes) else st
         if st == "dead":
             log.error("job=%s video chunk %d dead-lettered after %d deliveries", job_id, chunk, int(n) - 1)
-            raw = self.r.hgetall(keys.job(job_id))
-            if raw:
-                self._after_finish(job_id, orjson.loads(raw[b"doc"]), _decode_hash(self.r.hgetall(clipc.state_key(job_id))))
+            self.r.lpush(keys.DEADLETTER, orjson.dumps({"id": job_id, "model": MODEL, "chunk": chunk, "deliveries": int(n) - 1, "at": jobstore.now()}))
+            self.fail(job_id, DeadLettered(f"decode chunk {chunk} of this video was delivered {int(n) - 1} times without finishing (the worker died each time); not retried"))
             return
         if st != "running":
             log.info("job=%s video chunk %d skipped (status %s)", job_id, chunk, st)

@@ -1,0 +1,228 @@
+"""Operations, end to end through real processes: Flower on the stack's broker, Prometheus
+/metrics (one process and several), every /health and /models/info field, result lifetime."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.benchkit import ROOT, Proc
+from tasks.embedded_redis import free_port
+from tests.conftest import with_text
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    r = httpx.get(url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    hits = [v for (n, ls), v in m.items() if n == name and want <= set(ls)]
+    return sum(hits) if hits else float("nan")
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack):
+    # one echo worker that runs one batch at a time, so queued work can outlive its deadline
+    st = make_stack(models=["textmask"], env={"SYNC_GRACE_S": "0.3"})
+    st.start_worker("echo", "echo-ops", env={"MAX_CONCURRENCY_PER_GPU": "1", "MAX_BATCH_SIZE": "1"})
+    st.wait_live("echo")
+    return st
+
+
+def test_flower_shows_the_live_workers_and_their_queues(stack, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**stack.env, "FLOWER_PORT": str(port), "FLOWER_BASIC_AUTH": "ops:s3cret"}
+    fl = Proc("flower", [sys.executable, "-m", "client.cli", "flower"], env, tmp_path / "flower.log").start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        workers: dict = {}
+        t_end = time.time() + 40
+        while time.time() < t_end:
+            try:
+                r = httpx.get(base + "/api/workers", params={"refresh": "1"}, auth=("ops", "s3cret"), timeout=10)
+                if r.status_code == 200:
+                    workers = {k: v for k, v in r.json().items() if v.get("active_queues")}
+                    if len(workers) >= 2:
+                        break
+            except httpx.HTTPError:
+                pass
+            assert fl.alive(), fl.tail()
+            time.sleep(0.5)
+        names = sorted(workers)
+        assert any(n.startswith("textmask.") for n in names) and any(n.startswith("echo.echo-ops@") for n in names), names
+        echo = next(v for k, v in workers.items() if k.startswith("echo.echo-ops@"))
+        queues = {q["name"] for q in echo["active_queues"]}
+        assert {"echo", "echo.echo-ops"} <= queues
+        assert "trifecta.infer" in echo["registered"]
+        # the queues' depths as Flower reads them from the same Redis
+        ql = httpx.get(base + "/api/queues/length", auth=("ops", "s3cret"), timeout=10).json()
+        depth = {q["name"]: q["messages"] for q in ql["active_queues"]}
+        assert depth.get("echo") == 0 and depth.get("echo.echo-ops") == 0 and "textmask" in depth
+        # FLOWER_BASIC_AUTH is enforced: no credentials, no page and no API
+        assert httpx.get(base + "/api/workers", timeout=5).status_code == 401
+        assert httpx.get(base + "/", timeout=5).status_code == 401
+        assert httpx.get(base + "/api/workers", auth=("ops", "wrong"), timeout=5).status_code == 401
+    finally:
+        fl.stop()
+
+
+def test_metrics_count_requests_rejections_timeouts_and_worker_figures(stack) -> None:
+    before = scrape(stack.url)
+    data, _ = with_text("coffee.png")
+    for _ in range(2):
+        r = httpx.post(stack.url + "/run_textmask", content=data, headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200
+    # no segmentation worker in this stack: 503 no_worker
+    r = httpx.post(stack.url + "/run_segmentation", content=data, headers={"Content-Type": "image/png"}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
+    # the echo worker sleeps 1.5 s: the first request times out (504), the second one's
+    # deadline (timeout + SYNC_GRACE_S) passes while it waits, so the worker drops it unrun
+    r1 = httpx.post(stack.url + "/run_echo?sleep_ms=1500&timeout=0.3", content=b"x", timeout=10)
+    assert r1.status_code == 504 and r1.json()["error"]["code"] == "timeout"
+    r2 = httpx.post(stack.url + "/run_echo?timeout=0.2", content=b"y", timeout=10)
+    assert r2.status_code == 504
+    job2 = r2.json()["error"]["job_id"]
+    t_end = time.time() + 10
+    while httpx.get(f"{stack.url}/v1/jobs/{job2}", timeout=5).json()["status"] not in ("failed", "succeeded") and time.time() < t_end:
+        time.sleep(0.1)
+    assert httpx.get(f"{stack.url}/v1/jobs/{job2}", timeout=5).json()["error"]["code"] == "deadline_exceeded"
+    time.sleep(1.5)  # a heartbeat (WORKER_HEARTBEAT_S=1) carries the worker's figures to Redis
+
+    m = scrape(stack.url)
+
+    def delta(name: str, **labels: str) -> float:
+        b = value(before, name, **labels)
+        return value(m, name, **labels) - (0 if b != b else b)
+
+    assert delta("trifecta_http_requests_total", route="/run_textmask", method="POST", status="200") == 2
+    assert delta("trifecta_http_requests_total", route="/run_segmentation", status="503") == 1
+    assert value(m, "trifecta_rejected_total", route="/run_segmentation", code="no_worker") == 1
+    assert value(m, "trifecta_timeouts_total", route="/run_echo") == 2
+    assert value(m, "trifecta_http_request_seconds_count", route="/run_textmask") >= 2
+    # live state read from Redis
+    assert value(m, "trifecta_redis_up") == 1
+    assert value(m, "trifecta_workers_live", model="textmask") == 1 and value(m, "trifecta_workers_live", model="echo") == 1
+    assert value(m, "trifecta_queue_depth", queue="textmask") == 0 and value(m, "trifecta_queue_depth", queue="echo.echo-ops") == 0
+    assert value(m, "trifecta_active_sessions", model="textmask") == 0
+    # each worker's own figures, per worker and device
+    tm = [dict(ls)["worker"] for (n, ls), _ in m.items() if n == "trifecta_worker_processed_total" and dict(ls)["model"] == "textmask"]
+    assert len(tm) == 1
+    w = tm[0]
+    assert value(m, "trifecta_worker_processed_total", worker=w) >= 2
+    assert value(m, "trifecta_queue_wait_seconds_count", worker=w, device="cpu") >= 2
+    assert value(m, "trifecta_model_seconds_count", worker=w) >= 2
+    assert value(m, "trifecta_model_seconds_sum", worker=w) > 0
+    assert value(m, "trifecta_batch_size_count", worker=w) >= 2 and value(m, "trifecta_batch_size_bucket", worker=w, le="1.0") >= 2
+    assert value(m, "trifecta_worker_dropped_expired_total", worker="echo-ops") == 1
+    assert value(m, "trifecta_worker_failed_total", worker="echo-ops") == 1
+    assert value(m, "trifecta_worker_rss_bytes", worker=w) > 10e6
+    # no GPU here: no device-memory series at all
+    assert not [k for k in m if k[0] == "trifecta_worker_gpu_memory_bytes"]
+
+
+def test_metrics_add_up_across_api_processes(stack, tmp_path: Path) -> None:
+    port = free_port()
+    mp = tmp_path / "prom"
+    env = {**stack.env, "PROMETHEUS_MULTIPROC_DIR": str(mp)}
+    api = Proc("api2", [sys.executable, "-m", "client.cli", "api", "--port", str(port), "--workers", "2"], env, tmp_path / "api2.log").start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t_end = time.time() + 30
+        while True:
+            try:
+                if httpx.get(base + "/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < t_end and api.alive(), api.tail()
+            time.sleep(0.2)
+        before = value(scrape(base), "trifecta_http_requests_total", route="/models/info")
+        before = 0 if before != before else before
+        for _ in range(30):  # a fresh connection each: both processes take some
+            with httpx.Client() as c:
+                assert c.get(base + "/models/info", timeout=5).status_code == 200
+        for _ in range(3):  # whichever process answers the scrape, it counts all of them
+            assert value(scrape(base), "trifecta_http_requests_total", route="/models/info", status="200") == before + 30
+        pids = {f.name.split("_")[-1].split(".")[0] for f in mp.glob("counter_*.db")}
+        assert len(pids) >= 2, sorted(os.listdir(mp))
+    finally:
+        api.stop()
+
+
+def test_health_answers_every_source_field(stack) -> None:
+    h = httpx.get(stack.url + "/health", timeout=5).json()
+    assert h["status"] == "healthy" and h["ready"] is True and h["model_loaded"] is True and h["redis"] is True
+    assert h["gpu_available"] is False and h["gpu_count"] == 0 and h["gpu_memory_mb"] == 0.0
+    assert h["queue_size"] == 0 and h["active_sessions"] == 0 and h["workers"] == 2
+    assert h["queues"]["textmask"]["depth"] == 0 and len(h["queues"]["textmask"]["workers"]) == 1
+    assert h["queues"]["echo"]["depth"] == 0 and h["queues"]["echo"]["workers"] == ["echo-ops"]
+    assert set(h["queues"]) == {"textmask", "echo"}
+
+
+def test_models_info_lists_source_revision_devices_size_batching_warm(stack) -> None:
+    info = httpx.get(stack.url + "/models/info", timeout=5).json()["models"]
+    tm = info["textmask"]
+    assert tm["live_workers"] == 1 and tm["devices"] == ["cpu"] and tm["warm"] is True
+    assert tm["family"] == "onnxseg" and tm["max_batch_size"] == 4 and tm["batch_timeout_ms"] == 4
+    assert isinstance(tm["source"], str) and tm["source"] and isinstance(tm["input_size"], int) and tm["input_size"] > 0
+    assert "revision" in tm and tm["queue_depth"] == 0
+    assert tm["workers"][0]["device"] == "cpu" and tm["workers"][0]["processed"] >= 0
+    echo = info["echo"]
+    assert echo["live_workers"] == 1 and echo["warm"] is True and echo["source"] == "builtin" and echo["max_batch_size"] == 1
+    seg = info["segmentation"]
+    assert seg["live_workers"] == 0 and seg["devices"] == [] and seg["warm"] is False and seg["source"] is None
+
+
+# ---------------------------------------------------------------- result lifetime
+@pytest.fixture(scope="module")
+def ttl_stack(make_stack):
+    return make_stack(models=["echo"], env={"RESULT_TTL_SECONDS": "2", "JANITOR_INTERVAL_S": "0.5"})
+
+
+def test_expired_job_answers_expired_and_its_stored_objects_are_deleted(ttl_stack) -> None:
+    st = ttl_stack
+    r = httpx.post(st.url + "/v1/jobs", json={"model": "echo", "input": {"image": base64.b64encode(b"hello").decode()}}, timeout=10)
+    assert r.status_code == 202
+    job = r.json()["job_id"]
+    t_end = time.time() + 10
+    while (j := httpx.get(f"{st.url}/v1/jobs/{job}", timeout=5).json())["status"] != "succeeded":
+        assert time.time() < t_end, j
+        time.sleep(0.05)
+    prefix = Path(st.env["STORAGE_URL"][len("file://") :]) / "default" / "jobs" / job
+    assert (prefix / "result.json").is_file()
+    # an id never issued: 404
+    never = "0" * 32
+    assert httpx.get(f"{st.url}/v1/jobs/{never}", timeout=5).status_code == 404
+    t_end = time.time() + 10
+    while (j := httpx.get(f"{st.url}/v1/jobs/{job}", timeout=5)).json()["status"] != "expired":
+        assert time.time() < t_end, j.text
+        time.sleep(0.2)
+    assert j.status_code == 200 and j.json() == {"job_id": job, "status": "expired", "links": {"self": f"/v1/jobs/{job}", "result": f"/v1/jobs/{job}/result"}}
+    assert st.redis.ttl(f"tf:tomb:{job}") > 6 * 86400
+    while prefix.exists():
+        assert time.time() < t_end + 5, sorted(os.listdir(prefix))
+        time.sleep(0.2)
+    assert httpx.get(f"{st.url}/v1/jobs/{never}", timeout=5).status_code == 404
+    r = httpx.get(f"{st.url}/v1/jobs/{job}/result", timeout=5)
+    assert r.status_code == 409 and "expired" in r.json()["error"]["message"]
+
+
+def test_cli_settings_table_lists_the_operations_settings() -> None:
+    out = subprocess.run([sys.executable, "-m", "client.cli", "settings"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    for name in ("FLOWER_PORT", "FLOWER_BASIC_AUTH", "WORKER_METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "WEBHOOK_SECRET", "WEBHOOK_ALLOWED_HOSTS", "RESULT_TTL_SECONDS", "JANITOR_INTERVAL_S"):
+        assert f"| `{name}` |" in out

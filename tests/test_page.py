@@ -1,0 +1,109 @@
+"""The results page: `GET /` content negotiation, and a person's path through it in headless
+Chromium (Debian's `chromium` + `chromium-driver`, installed by `make install`): pick a
+model, upload a photo, see the mask overlaid — checked pixel by pixel on a screenshot."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage import codecs
+from tests.conftest import with_text
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+OVERLAY = np.array([255, 0, 80], np.float32)
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack):
+    return make_stack(models=["textmask"])
+
+
+def test_browser_gets_the_page_and_clients_get_json(stack) -> None:
+    r = httpx.get(stack.url + "/", headers={"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}, timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert '<canvas id="view"' in r.text and "/run_${encodeURIComponent(model)}?format=png" in r.text
+    for accept in ("application/json", "*/*", None):
+        r = httpx.get(stack.url + "/", headers={"Accept": accept} if accept else {}, timeout=5)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), accept
+        body = r.json()
+        assert body["service"] == "Trifecta" and "POST /run_textmask" in body["endpoints"] and "GET /metrics" in body["endpoints"]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        msg = "Debian's chromium and chromium-driver are not installed (make install does it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1100", "--force-device-scale-factor=1",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def test_person_uploads_a_photo_and_sees_the_mask_over_it(stack, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    data, gt = with_text("chelsea.png")
+    img = tmp_path / "cat-with-text.png"
+    img.write_bytes(data)
+    # what the page must draw: the service's own PNG mask over the photo
+    want = codecs.decode_png(httpx.post(stack.url + "/run_textmask?format=png", content=data, headers={"Content-Type": "image/png"}, timeout=60).content)
+    assert want.sum() > 500 and want[gt].sum() / want.sum() > 0.9
+
+    browser.get(stack.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: any(o.get_attribute("value") == "textmask" and o.is_enabled() for o in d.find_elements(By.CSS_SELECTOR, "#model option")))
+    Select(browser.find_element(By.ID, "model")).select_by_value("textmask")
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    wait.until(ec.element_to_be_clickable((By.ID, "run"))).click()
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+    status = browser.find_element(By.ID, "status")
+    assert status.get_attribute("data-state") == "done", status.text
+    assert status.text == f"textmask: mask: {int(want.sum())} of {want.size} pixels"
+
+    canvas = browser.find_element(By.ID, "view")
+    assert int(canvas.get_attribute("data-mask-pixels")) == int(want.sum())
+    assert (canvas.size["width"], canvas.size["height"]) == (want.shape[1], want.shape[0])
+    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB"), np.float32)
+    assert shot.shape[:2] == want.shape
+    base = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+    blended = base * 0.5 + OVERLAY * 0.5
+    # where the mask is, the overlay colour is blended in; everywhere else the photo is untouched
+    assert np.abs(shot[want] - blended[want]).mean() < 3
+    assert np.abs(shot[~want] - base[~want]).mean() < 3
+    assert (shot[want][:, 0] - shot[want][:, 1]).mean() > 60  # visibly red-pink where the text is
+
+    # the labels and the timings the worker reported are on the page
+    labels = browser.find_element(By.ID, "labels").text
+    assert "textmask" in labels and f"{int(want.sum())} px" in labels
+    t = browser.find_element(By.ID, "timings")
+    queue_ms = float(t.find_element(By.CSS_SELECTOR, ".t-queue").text)
+    model_ms = float(t.find_element(By.CSS_SELECTOR, ".t-model").text)
+    assert 0 <= queue_ms < 30_000 and 0 < model_ms < 30_000
+    assert t.find_element(By.CSS_SELECTOR, ".t-worker").text.startswith("textmask-")
+    browser.save_screenshot(str(tmp_path / "page.png"))
