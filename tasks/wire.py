@@ -66,3 +66,30 @@ def decode_message(raw: bytes | str) -> tuple[dict[str, Any], dict[str, Any]]:
     msg = orjson.loads(raw)
     args, kwargs, _ = orjson.loads(base64.b64decode(msg["body"]))
     return msg["headers"], kwargs
+
+
+# Top up a batch straight from a queue, with kombu's own at-least-once bookkeeping.
+# KEYS[1]=queue KEYS[2]=unacked hash KEYS[3]=unacked_index zset  ARGV[1]=max n ARGV[2]=now ARGV[3]=task name
+# Pops from the same end kombu's BRPOP does, stops at the first message of another task,
+# and records each popped message in `unacked` exactly as kombu's QoS.append does
+# ([message, exchange, routing_key] keyed by delivery tag, scored by time), so a worker
+# that dies holding them has them restored by kombu after the visibility timeout.
+DRAIN_LUA = """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local m = redis.call('LINDEX', KEYS[1], -1)
+  if not m then break end
+  local ok, msg = pcall(cjson.decode, m)
+  if not ok or msg['headers'] == nil or msg['headers']['task'] ~= ARGV[3] then break end
+  redis.call('RPOP', KEYS[1])
+  local tag = msg['properties']['delivery_tag']
+  redis.call('HSET', KEYS[2], tag, '[' .. m .. ',"",' .. cjson.encode(KEYS[1]) .. ']')
+  redis.call('ZADD', KEYS[3], ARGV[2], tag)
+  out[#out + 1] = m
+end
+return out
+"""
+
+
+def delivery_tag(raw: bytes | str) -> str:
+    return orjson.loads(raw)["properties"]["delivery_tag"]

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-EXAMPLES = 25
+EXAMPLES = 15
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 
 

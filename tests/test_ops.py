@@ -226,3 +226,69 @@ def test_cli_settings_table_lists_the_operations_settings() -> None:
     out = subprocess.run([sys.executable, "-m", "client.cli", "settings"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     for name in ("FLOWER_PORT", "FLOWER_BASIC_AUTH", "WORKER_METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "WEBHOOK_SECRET", "WEBHOOK_ALLOWED_HOSTS", "RESULT_TTL_SECONDS", "JANITOR_INTERVAL_S"):
         assert f"| `{name}` |" in out
+
+
+def test_janitor_sweeps_expired_prefixes_on_s3(moto_s3: str, redis_server) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from api.janitor import job_prefixes, sweep
+    from storage.blob import S3Store
+    from tasks import keys
+    from tests.conftest import make_bucket
+
+    make_bucket(moto_s3, "janitor")
+    store = S3Store("janitor", "trifecta", moto_s3)
+    ids = {"expired": "a" * 32, "live": "b" * 32, "orphan": "c" * 32, "other": "d" * 32}
+    for tenant, jid in (("default", ids["expired"]), ("default", ids["live"]), ("default", ids["orphan"]), ("acme", ids["other"])):
+        for key in ("mask.png", "result.json", "_in/input"):
+            store.put(f"{tenant}/jobs/{jid}/{key}", b"x")
+    store.put("default/uploads/keep.bin", b"x")  # not a job prefix: never touched
+    assert sorted(job_prefixes(store)) == sorted([("default", ids["expired"]), ("default", ids["live"]), ("default", ids["orphan"]), ("acme", ids["other"])])
+
+    async def go() -> int:
+        r = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/14")
+        await r.flushdb()
+        await r.set(keys.tomb(ids["expired"]), "default")  # record gone, tombstone kept: expired
+        await r.set(keys.tomb(ids["other"]), "acme")
+        await r.hset(keys.job(ids["live"]), "status", '"succeeded"')  # still alive
+        await r.set(keys.tomb(ids["live"]), "default")
+        try:
+            return await sweep(r, store)  # the orphan (neither record nor tombstone) is left to the lifecycle rule
+        finally:
+            await r.flushdb()
+            await r.aclose()
+
+    assert asyncio.run(go()) == 6
+    left = sorted(store.list("default") + store.list("acme"))
+    assert left == sorted([f"default/jobs/{ids[k]}/{f}" for k in ("live", "orphan") for f in ("_in/input", "mask.png", "result.json")] + ["default/uploads/keep.bin"])
+
+
+def test_live_collector_reports_gpu_memory_caches_and_sessions() -> None:
+    import orjson
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api.hub import WorkerInfo
+    from api.metrics import LiveCollector, _worker_metrics
+
+    reg_field = orjson.dumps({"dropped_expired": 3, "histograms": {"batch_size": {"buckets": [["1.0", 2.0], ["2.0", 5.0], ["+Inf", 5.0]], "sum": 8.0, "count": 5.0}}}).decode()
+    gpu = WorkerInfo("sam3-gpu1", "sam3", "cuda:1", ["sam3", "sam3.sam3-gpu1"], {"feature_cache": {"hits": 7, "misses": 2, "entries": 1}}, time.time(), in_flight=1, processed=9, gpu_memory_mb=4536.5, raw={"sessions": "2", "batches": "4", "metrics": reg_field})
+    cpu = WorkerInfo("tm-0", "textmask", "cpu", ["textmask", "textmask.tm-0"], {}, time.time(), raw={})
+    snap = {"workers": [gpu, cpu], "depths": {"sam3": 4, "sam3.sam3-gpu1": 1}, "webhook": {"queued": 2, "scheduled": 1}, "redis_up": True, "models": ["sam3", "textmask"]}
+    reg = CollectorRegistry()
+    reg.register(LiveCollector(snap))
+    m = {}
+    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+        for s in fam.samples:
+            m[(s.name, frozenset(s.labels.items()))] = s.value
+    assert value(m, "trifecta_worker_gpu_memory_bytes", worker="sam3-gpu1", device="cuda:1") == 4536.5e6
+    assert not [k for k in m if k[0] == "trifecta_worker_gpu_memory_bytes" and dict(k[1])["worker"] == "tm-0"]
+    assert value(m, "trifecta_cache_hits_total", worker="sam3-gpu1", cache="feature_cache") == 7
+    assert value(m, "trifecta_cache_misses_total", worker="sam3-gpu1", cache="feature_cache") == 2
+    assert value(m, "trifecta_active_sessions", model="sam3") == 2 and value(m, "trifecta_active_sessions", model="textmask") == 0
+    assert value(m, "trifecta_worker_dropped_expired_total", worker="sam3-gpu1") == 3
+    assert value(m, "trifecta_batch_size_bucket", worker="sam3-gpu1", le="2.0") == 5 and value(m, "trifecta_batch_size_sum", worker="sam3-gpu1") == 8
+    assert value(m, "trifecta_queue_depth", queue="sam3") == 4 and value(m, "trifecta_webhooks_pending", state="queued") == 2
+    assert value(m, "trifecta_worker_batches_total", worker="sam3-gpu1") == 4
+    assert list(_worker_metrics([]))  # families are always declared, even with no worker

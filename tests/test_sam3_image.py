@@ -206,7 +206,7 @@ def test_segment_multipart_matches_json(stack) -> None:
 
 
 def test_combined_text_and_box_prompts(stack) -> None:
-    data = png_bytes(photo("rocket.png"))
+    data = png_bytes(photo("rocket.jpg"))
     text_only = _segment(stack, data, [{"type": "text", "text": "rocket"}]).json()
     boxes = [{"type": "box", "box": [0.5, 0.5, 0.3, 0.6], "label": True}, {"type": "box", "box": [0.15, 0.15, 0.1, 0.1], "label": False}]
     combined = _segment(stack, data, [{"type": "text", "text": "rocket"}, *boxes])
@@ -220,7 +220,7 @@ def test_combined_text_and_box_prompts(stack) -> None:
     assert box_only["num_masks"] == MODEL_QUERIES
     two_texts = _segment(stack, data, ["rocket", {"type": "text", "text": "tower"}, boxes[0]]).json()
     assert two_texts["num_masks"] == 2 * MODEL_QUERIES
-    h, w = np.asarray(photo("rocket.png")).shape[:2]
+    h, w = np.asarray(photo("rocket.jpg")).shape[:2]
     _check_masks(two_texts, h, w)
 
 

@@ -32,7 +32,7 @@ import redis
 
 from storage import codecs
 from storage.blob import BlobStore, open_store
-from tasks import jobstore, keys
+from tasks import jobstore, keys, wire
 from tasks.errors import TrifectaError, translate
 from tasks.inputs import read_input
 from tasks.models import MODELS
@@ -54,6 +54,8 @@ class WorkerService:
         self.store: BlobStore = open_store(settings.storage_url, settings.s3_endpoint_url)
         self._start = self.r.register_script(jobstore.START_LUA)
         self._finish = self.r.register_script(jobstore.FINISH_LUA)
+        self._drain = self.r.register_script(wire.DRAIN_LUA)
+        self.drained_tags: set[str] = set()
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         self.processed = 0
         self.failed = 0
@@ -75,12 +77,13 @@ class WorkerService:
                 reqs.append(InferRequest.model_validate(kw["req"]))
             except Exception as e:  # a message we cannot even read: drop it, loudly
                 log.error("dropping malformed message: %s", e)
+        tags = self._top_up(reqs)
         if not reqs:
             return True
         with self._lock:
             self.in_flight += len(reqs)
         try:
-            return self._handle(reqs, t_start)
+            return self._handle(reqs, t_start, tags)
         except redis.RedisError as e:
             log.warning("batch of %d not started: Redis unreachable (%s); requeued", len(reqs), e)
             return False
@@ -88,9 +91,32 @@ class WorkerService:
             with self._lock:
                 self.in_flight -= len(reqs)
                 self.batches += 1
+                self.drained_tags.difference_update(tags)
             self._check_memory()
 
-    def _handle(self, reqs: list[InferRequest], t_start: float) -> bool:
+    def _top_up(self, reqs: list[InferRequest]) -> list[str]:
+        """Fill the batch from the shared queue in one round trip (BULK_DRAIN): kombu would
+        otherwise fetch, record and ack each message with a round trip of its own."""
+        room = self.settings.max_batch_size - len(reqs)
+        if not self.settings.bulk_drain or room <= 0 or not reqs:
+            return []
+        try:
+            raws = self._drain(keys=[keys.shared_queue(self.model), "unacked", "unacked_index"], args=[room, time.time(), keys.TASK_INFER])
+        except redis.RedisError:
+            return []
+        tags = []
+        for m in raws:
+            try:
+                _, kw = wire.decode_message(m)
+                reqs.append(InferRequest.model_validate(kw["req"]))
+            except Exception as e:  # noqa: BLE001 - unreadable: acked below and dropped, loudly
+                log.error("dropping malformed message: %s", e)
+            tags.append(wire.delivery_tag(m))
+        with self._lock:
+            self.drained_tags.update(tags)
+        return tags
+
+    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str] | None = None) -> bool:
         now = jobstore.now()
         pipe = self.r.pipeline(transaction=False)
         for q in reqs:
@@ -141,7 +167,7 @@ class WorkerService:
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
-        self._finish_all(done)
+        self._finish_all(done, tags or [])
         self.metrics.observe(done, t_start, model_ms, len(items))
         for q, status, body in done:
             log.info(
@@ -163,11 +189,14 @@ class WorkerService:
             outs.append(Output(key=key, format=fmt, path=path, bytes=len(data), content_type=ctype))
         return outs, res.meta
 
-    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]]) -> None:
-        if not done:
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str]) -> None:
+        if not done and not tags:
             return
         now = jobstore.now()
         pipe = self.r.pipeline(transaction=False)
+        if tags:  # ack the messages this batch drained itself, as kombu's QoS.ack would
+            pipe.zrem("unacked_index", *tags)
+            pipe.hdel("unacked", *tags)
         for q, status, body in done:
             field = "result" if status == "succeeded" else "error"
             payload = orjson.dumps(body)
@@ -247,6 +276,8 @@ class WorkerService:
         pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
         pipe.sadd(keys.WORKERS, self.worker_id)
         tags = self.held_tags()
+        with self._lock:
+            tags += list(self.drained_tags)
         if tags:
             # keep the messages we hold invisible to kombu's restore while we are alive
             pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
