@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.admission import AdmissionGate
 from api.hub import Hub
 from api.janitor import Janitor
 from api.metrics import MetricsMiddleware
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_middleware(AdmissionGate)  # innermost: 503 for a full queue before routing (api/admission.py)
     # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
     app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
     app.add_middleware(MetricsMiddleware)  # outermost: counts 401/429 answers too (api/metrics.py)

@@ -166,6 +166,14 @@ class Hub:
         return self.workers.get(model, [])
 
     def admit(self, model: str, n: int = 1) -> None:
+        """Raise 503 now, or reserve n places in the model's queue."""
+        self.check(model, n)
+        # reserve the places now, before any await, so a burst cannot all pass at once;
+        # the poller replaces the estimate with the real queue length every POLL_S
+        self.depth[model] = self.depth.get(model, 0) + n
+
+    def check(self, model: str, n: int = 1) -> None:
+        """The 503 decision alone, from memory: Redis reachable, a live worker, room in the queue."""
         if not self.redis_ok:
             raise BrokerUnavailable("the queue (Redis) is unreachable; retry shortly", headers={"Retry-After": "2"})
         if not self.workers.get(model):
@@ -173,9 +181,6 @@ class Hub:
         if self.depth.get(model, 0) + n > self.settings.max_queue_depth:
             self.counters["rejected_503"] += 1
             raise Overloaded(f"the {model!r} queue is full ({self.depth.get(model, 0)} waiting, MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry after a moment", headers={"Retry-After": "1"})
-        # reserve the places now, before any await, so a burst cannot all pass at once;
-        # the poller replaces the estimate with the real queue length every POLL_S
-        self.depth[model] = self.depth.get(model, 0) + n
 
     # -- submit and wait -------------------------------------------------------
     def new_request(self, model: str, *, tenant: str, kind: str, params: dict[str, Any], fmt: str, timeout_s: float, inp: dict[str, Any], job_id: str | None = None, write_result_json: bool = False, reply: bool = False) -> InferRequest:

@@ -34,6 +34,8 @@ from client import loadgen
 from client.benchkit import Stack
 from tasks.embedded_redis import EmbeddedRedis
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the workers run torch (workers/runners/vjepa2.py): same settings on both sides
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "images"
 if not IMAGES.is_dir():

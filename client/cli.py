@@ -38,6 +38,8 @@ def cmd_api(a: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
         uvicorn.run("api.app:create_app", factory=True, workers=a.workers, **common)
         return 0
+    if s.prometheus_multiproc_dir:  # one process of several started elsewhere: the directory must exist
+        Path(s.prometheus_multiproc_dir).mkdir(parents=True, exist_ok=True)
     from api.app import create_app
 
     uvicorn.run(create_app(s), **common)

@@ -96,7 +96,7 @@ def parse_box(raw: Any, label: Any = True, where: str = "box") -> Box:
 def parse_prompts(raw: Any, *, max_prompts: int, where: str = "prompts") -> tuple[tuple[str, ...], tuple[Box, ...]]:
     """Text prompts and boxes from a list of prompt objects; raises Unprocessable (422) with a clear message."""
     if not isinstance(raw, list):
-        raise Unprocessable(f"{where} must be a list of prompts like {{\"type\": \"text\", \"text\": \"person\"}}")
+        raise Unprocessable(f'{where} must be a list of prompts like {{"type": "text", "text": "person"}}')
     if not raw:
         raise Unprocessable(f"{where} is empty; give at least one text or box prompt")
     if len(raw) > max_prompts:

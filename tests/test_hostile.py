@@ -230,7 +230,10 @@ CASES = [
     case("job-multipart-over-limit", Case("", JOBS, lambda: multipart({"model": "textmask"}, b"\0" * LIMIT)[0], {"Content-Type": multipart({}, b"")[1]}, 413, "payload_too_large")),
     case("job-multipart-over-limit-chunked", Case("", JOBS, lambda: chunked(multipart({"model": "textmask"}, b"\0" * LIMIT)[0]), {"Content-Type": multipart({}, b"")[1]}, 413, "payload_too_large")),
     # each part under the limit, the body over it: caught only by counting the whole stream
-    case("job-multipart-parts-under-limit-sum-over-chunked", Case("", JOBS, lambda: chunked(multipart({"model": "textmask", "pad": "p" * (LIMIT // 2)}, b"\0" * (LIMIT // 2 + 1000))[0]), {"Content-Type": multipart({}, b"")[1]}, 413, "payload_too_large")),
+    case(
+        "job-multipart-parts-under-limit-sum-over-chunked",
+        Case("", JOBS, lambda: chunked(multipart({"model": "textmask", "pad": "p" * (LIMIT // 2)}, b"\0" * (LIMIT // 2 + 1000))[0]), {"Content-Type": multipart({}, b"")[1]}, 413, "payload_too_large"),
+    ),
     case("gzip-corrupt", png_to(TM, lambda: flipped(gzip.compress(small_png()), 20, 40), 400, "bad_request", **{"Content-Encoding": "gzip"})),
     case("gzip-truncated", png_to(TM, lambda: gzip.compress(small_png())[:-30], 400, "bad_request", **{"Content-Encoding": "gzip"})),
     case("content-encoding-br", png_to(TM, small_png, 415, "unsupported_media_type", **{"Content-Encoding": "br"})),
@@ -282,10 +285,16 @@ CASES = [
     case("sam3-1MB-text-prompt", png_to(SAM3, lambda: sam3_json(prompts=[{"type": "text", "text": "c" * 1_000_000}]), 422, "unprocessable", JSON)),
     case("sam3-box-1e308", png_to(SAM3, lambda: sam3_json(prompts=[{"type": "box", "box": [1e308, 0.5, 0.1, 0.1]}]), 422, "unprocessable", JSON)),
     case("sam3-box-100k-numbers", png_to(SAM3, lambda: sam3_json(prompts=[{"type": "box", "box": [0.5] * 100_000}]), 422, "unprocessable", JSON)),
-    case("sam3-cached-features-100k-texts", png_to("/api/v1/image/cached-features", lambda: json.dumps({"image": base64.b64encode(small_png()).decode(), "text_prompts": ["cat"] * 100_000}).encode(), 422, "unprocessable", JSON)),
+    case(
+        "sam3-cached-features-100k-texts",
+        png_to("/api/v1/image/cached-features", lambda: json.dumps({"image": base64.b64encode(small_png()).decode(), "text_prompts": ["cat"] * 100_000}).encode(), 422, "unprocessable", JSON),
+    ),
     case("sam3-body-over-limit", png_to(SAM3, lambda: sam3_json(image=b"\xff" * LIMIT), 413, "payload_too_large", JSON)),
     case("sam3-image-bomb", png_to(SAM3, lambda: sam3_json(image=raw_png(10000, 10000, 1, 0)), 413, "image_too_large", JSON)),
-    case("sam3-multipart-parts-under-limit-sum-over-chunked", Case("", SAM3, lambda: chunked(multipart({"prompt": "cat", "pad": "p" * (LIMIT // 2)}, b"\0" * (LIMIT // 2 + 1000))[0]), {"Content-Type": multipart({}, b"")[1]}, 413, "payload_too_large")),
+    case(
+        "sam3-multipart-parts-under-limit-sum-over-chunked",
+        Case("", SAM3, lambda: chunked(multipart({"prompt": "cat", "pad": "p" * (LIMIT // 2)}, b"\0" * (LIMIT // 2 + 1000))[0]), {"Content-Type": multipart({}, b"")[1]}, 413, "payload_too_large"),
+    ),
     # input URIs outside what the caller may read
     case("uri-etc-passwd", png_to(JOBS, lambda: b'{"model":"textmask","input":{"uri":"file:///etc/passwd"}}', 403, "forbidden", JSON)),
     case("uri-bare-path-etc-shadow", png_to(JOBS, lambda: b'{"model":"textmask","input":{"uri":"/etc/shadow"}}', 403, "forbidden", JSON)),

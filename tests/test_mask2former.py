@@ -156,3 +156,26 @@ def test_job_with_all_classes_writes_masks_and_a_label_map(stack) -> None:
     while (j := httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=5).json())["status"] not in ("succeeded", "failed"):
         time.sleep(0.1)
     assert j["status"] == "failed" and j["error"]["code"] == "unprocessable" and "unicorn" in j["error"]["message"]
+
+
+def test_full_size_labels_are_the_bilinear_resize_of_the_scores_in_bands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory-bounded upsampling equals resizing the content's scores to H x W at once."""
+    import torch
+    import torch.nn.functional as F
+
+    from workers.runners import mask2former as m2f
+
+    torch.manual_seed(0)
+    hp, wp, h, w, H, W = 64, 96, 60, 90, 301, 449
+    scores = torch.randn(6, hp // 4, wp // 4)
+    ids = [0, 3, 5, 8, 12, 140]
+    # reference: the scores over the padded input, the content cut out, resized to H x W, argmax
+    up = F.interpolate(scores[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
+    monkeypatch.setattr(m2f, "BAND_BYTES", 4 * W * 40)  # a handful of rows per band
+    got = m2f.upsample_labels(scores, ids, (h, w), (h, w), (hp, wp))
+    assert (got == np.array(ids)[up[:, :h, :w].argmax(0).numpy()]).all()
+    big = m2f.upsample_labels(scores, ids, (H, W), (h, w), (hp, wp))
+    ref = np.array(ids)[F.interpolate(scores[None], size=(H * hp // h, W * wp // w), mode="bilinear", align_corners=False)[0].argmax(0).numpy()]
+    assert big.shape == (H, W) and big.dtype == np.uint8
+    assert (big == ref[:H, :W]).mean() > 0.97  # same picture; pixel centres differ by the rounding of the scale
+    assert m2f.upsample_labels(scores[:1], [7], (H, W), (h, w), (hp, wp)).max() == 7

@@ -11,7 +11,7 @@ boxes and scores, the per-image feature cache across requests and across two wor
 from __future__ import annotations
 
 import base64
-import io
+import os
 import subprocess
 import sys
 import time
@@ -270,7 +270,11 @@ def test_cache_hits_across_two_workers(stack) -> None:
 
 def test_job_writes_instances_and_union_mask(stack) -> None:
     data = png_bytes(photo("chelsea.png"))
-    r = httpx.post(stack.url + "/v1/jobs", json={"model": "sam3", "input": {"image": _b64(data)}, "params": {"prompts": [{"type": "text", "text": "cat"}], "confidence_threshold": 0.0, "format": "png"}}, timeout=B)
+    r = httpx.post(
+        stack.url + "/v1/jobs",
+        json={"model": "sam3", "input": {"image": _b64(data)}, "params": {"prompts": [{"type": "text", "text": "cat"}], "confidence_threshold": 0.0, "format": "png"}},
+        timeout=B,
+    )
     assert r.status_code == 202, r.text
     job = r.json()["job_id"]
     t_end = time.time() + B
@@ -352,3 +356,20 @@ def test_owner_gone_requests_move_to_the_other_worker(stack) -> None:
     assert r.headers["x-worker"] != owner and r.headers["x-cache-hit"] == "false"
     assert r.json()["masks"] == first.json()["masks"], "the same checkpoint gives the same answer on either worker"
 
+
+def test_offline_start_falls_back_to_the_tiny_checkpoint(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`trifecta up` with MODELS=sam3 and no hub: the ensure hook points SAM3_CHECKPOINT at a tiny checkpoint, loudly."""
+    import shutil
+
+    from tasks.settings import Settings
+    from workers.tiny import ensure_model
+
+    shutil.copytree(tiny, tmp_path / "sam3-tiny")  # already written: the hook reuses it instead of writing another
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SAM3_CHECKPOINT", "facebook/sam3")
+    s = Settings(model_dir=str(tmp_path), hf_local_files_only=True, sam3_checkpoint="facebook/sam3-not-cached-here")
+    msg = ensure_model("sam3", s)
+    assert msg == f"sam3: UNTRAINED tiny random-init checkpoint at {tmp_path / 'sam3-tiny'}"
+    assert os.environ["SAM3_CHECKPOINT"] == str(tmp_path / "sam3-tiny")
+    assert "UNTRAINED tiny random-init SAM3" in capsys.readouterr().out
+    assert ensure_model("sam3", Settings(sam3_checkpoint=str(tiny))) == f"sam3: local checkpoint {tiny}"

@@ -9,6 +9,7 @@ import base64
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,6 +20,7 @@ from client.benchkit import ROOT
 from client.sdk import AsyncClient, Client, TrifectaClientError
 from storage import codecs
 from tests.conftest import photo, png_bytes
+from tests.test_page import browser  # noqa: F401 - the headless Chromium fixture
 
 pytestmark = pytest.mark.slow
 W, H = 64, 48
@@ -91,3 +93,67 @@ def test_mask2former_masks_as_numpy(stack) -> None:
             return await ac.m2f_segment_batch(data, ["wall", "floor"])
 
     assert all((m == batch[k]).all() for k, m in asyncio.run(go()).items())
+
+
+def write_video(path: Path, n: int = 40) -> None:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        for i in range(n):
+            a = np.zeros((H, W, 3), np.uint8)
+            a[..., 0] = (i * 7) % 256
+            a[10:30, (i % 40) : (i % 40) + 16, 1] = 250
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_sdk_uploads_a_video_job(stack, tmp_path: Path) -> None:
+    v = tmp_path / "clip.mp4"
+    write_video(v)
+    with Client(stack.url) as c:
+        job = c.submit_video(v, {"stride": 16})
+        seen: list[str] = []
+        done = c.wait(job["job_id"], timeout=120, on_progress=lambda st: seen.append(st["status"]))
+        assert done["status"] == "succeeded", done
+        assert seen[-1] == "succeeded" and done["input"]["kind"] == "video" and done["result"]["meta"]["top_labels"]
+
+
+def test_results_page_shows_mask2former_classes_and_vjepa2_labels(stack, browser, tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    img = tmp_path / "room.png"
+    img.write_bytes(png_bytes(photo("coffee.png").resize((160, 120))))
+    with Client(stack.url) as c:
+        want = c.m2f_segment_batch(img, ["wall", "floor", "ceiling", "window"])
+    wait = WebDriverWait(browser, 60)
+
+    def run(model: str, path: Path) -> str:
+        browser.get(stack.url + "/")
+        wait.until(lambda d: any(o.get_attribute("value") == model and o.is_enabled() for o in d.find_elements(By.CSS_SELECTOR, "#model option")))
+        Select(browser.find_element(By.ID, "model")).select_by_value(model)
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        browser.find_element(By.ID, "run").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+        st = browser.find_element(By.ID, "status")
+        assert st.get_attribute("data-state") == "done", st.text
+        return st.text
+
+    assert run("mask2former", img) == f"mask2former: {len(want)} class mask(s)"
+    canvas = browser.find_element(By.ID, "view")
+    assert int(canvas.get_attribute("data-mask-pixels")) == sum(int(m.sum()) for m in want.values())
+    labels = browser.find_element(By.ID, "labels").text
+    for name, m in want.items():
+        assert f"{name} {100 * m.sum() / m.size:.1f} %" in labels
+
+    v = tmp_path / "clip.mp4"
+    write_video(v)
+    text = run("vjepa2", v)
+    assert text.startswith("vjepa2: ") and text.endswith("label(s)") and not text.startswith("vjepa2: 0 ")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#labels tr")
+    assert len(rows) >= 2  # a header and at least one label
+    assert browser.find_element(By.ID, "video").is_displayed() and not browser.find_element(By.ID, "view").is_displayed()

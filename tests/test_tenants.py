@@ -231,8 +231,14 @@ def test_result_url_is_presigned_with_expiry(stack) -> None:
 # ------------------------------------------------------------------ input URIs
 def test_input_uris_are_confined_to_own_prefix_and_allowlist(stack, s3) -> None:
     png = small_png()
-    for bucket, key in ((BUCKET, f"{PREFIX}/tenantA/uploads/in.png"), (BUCKET, f"{PREFIX}/tenantB/uploads/in.png"), ("shared-in", "public/in.png"),
-                        ("shared-in", "public-evil/in.png"), ("shared-in", "per-tenant/tenantA/in.png"), ("private-other", "in.png")):
+    for bucket, key in (
+        (BUCKET, f"{PREFIX}/tenantA/uploads/in.png"),
+        (BUCKET, f"{PREFIX}/tenantB/uploads/in.png"),
+        ("shared-in", "public/in.png"),
+        ("shared-in", "public-evil/in.png"),
+        ("shared-in", "per-tenant/tenantA/in.png"),
+        ("private-other", "in.png"),
+    ):
         s3.put_object(Bucket=bucket, Key=key, Body=png)
     allowed = [
         f"s3://{BUCKET}/{PREFIX}/tenantA/uploads/in.png",  # A's own prefix

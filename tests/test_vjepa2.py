@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_bucket
 
 W, H, FPS, N_FRAMES = 64, 48, 25, 70
 SECRET = "s3cret"
@@ -267,6 +267,28 @@ def test_video_uri_job_with_frame_step(stack, video_dir: Path, oracle) -> None:
     assert r.status_code == 202, r.text
     j = wait_job(stack.url, r.json()["job_id"])
     _check_timeline(stack, j, [(0, 30), (16, 46), (32, 62), (39, 69)], 2, frames, oracle)
+
+
+@pytest.fixture(scope="module")
+def s3_stack(make_stack, ckpt: Path, moto_s3: str):
+    make_bucket(moto_s3, "vids")
+    return make_stack(models=["vjepa2"], env={"VJEPA2_CHECKPOINT": str(ckpt), "S3_ENDPOINT_URL": moto_s3}, storage="s3://vids/trifecta")
+
+
+def test_video_job_from_s3(s3_stack, moto_s3: str, video_dir: Path) -> None:
+    import boto3
+
+    path = video_dir / "s3.mp4"
+    write_video(path, 40)
+    boto3.client("s3", endpoint_url=moto_s3).put_object(Bucket="vids", Key="trifecta/default/in/s3.mp4", Body=path.read_bytes())
+    r = httpx.post(s3_stack.url + "/v1/jobs", json={"model": "vjepa2", "input": {"video": "s3://vids/trifecta/default/in/s3.mp4"}}, timeout=30)
+    assert r.status_code == 202, r.text
+    j = wait_job(s3_stack.url, r.json()["job_id"])
+    assert j["status"] == "succeeded", j
+    tl = json.loads(boto3.client("s3", endpoint_url=moto_s3).get_object(Bucket="vids", Key=f"trifecta/{j['result']['outputs'][0]['path']}")["Body"].read())
+    assert [(c["start_frame"], c["end_frame"]) for c in tl["clips"]] == [(0, 15), (16, 31), (24, 39)]
+    r = httpx.post(s3_stack.url + "/v1/jobs", json={"model": "vjepa2", "input": {"video": "s3://other-bucket/x.mp4"}}, timeout=30)
+    assert r.status_code == 403
 
 
 def test_bad_videos_fail_their_job_with_the_reason(stack, video_dir: Path) -> None:

@@ -74,9 +74,15 @@ class FeatureCache(Generic[V]):
 
     def stats(self) -> dict[str, Any]:
         return {
-            "entries": len(self._d), "bytes": self.bytes, "hits": self.hits, "misses": self.misses,
-            "evictions": self.evictions, "expired": self.expired,
-            "max_entries": self.max_entries, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s,
+            "entries": len(self._d),
+            "bytes": self.bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "expired": self.expired,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
+            "ttl_s": self.ttl_s,
         }
 
     def _drop(self, key: str) -> None:

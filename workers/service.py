@@ -169,7 +169,7 @@ class WorkerService:
             done.append((q, "succeeded", result))
         self._finish_all(done, tags or [])
         self.metrics.observe(done, t_start, model_ms, len(items))
-        for q, status, body in done:
+        for q, status, _body in done:
             log.info(
                 "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
                 q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),

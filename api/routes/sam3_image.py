@@ -50,7 +50,11 @@ _SEGMENT_DOC = {
                 }
             },
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file", "prompt"], "properties": {"file": {"type": "string", "format": "binary"}, "prompt": {"type": "string"}, "confidence_threshold": {"type": "number"}}}
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "prompt"],
+                    "properties": {"file": {"type": "string", "format": "binary"}, "prompt": {"type": "string"}, "confidence_threshold": {"type": "number"}},
+                }
             },
         }
     }
@@ -62,7 +66,11 @@ _CACHED_DOC = {
                 "schema": {
                     "type": "object",
                     "required": ["image", "text_prompts"],
-                    "properties": {"image": {"type": "string"}, "text_prompts": {"type": "array", "items": {"type": "string"}, "example": ["person", "car"]}, "confidence_threshold": {"type": "number"}},
+                    "properties": {
+                        "image": {"type": "string"},
+                        "text_prompts": {"type": "array", "items": {"type": "string"}, "example": ["person", "car"]},
+                        "confidence_threshold": {"type": "number"},
+                    },
                 }
             }
         }

@@ -39,6 +39,10 @@ from tasks.settings import Settings
 from workers.runners.base import Item, Produced, Runner
 
 log = logging.getLogger("trifecta.mask2former")
+# OpenMP threads that spin while they wait take the cores this worker's other threads (decode,
+# encode, heartbeat) and other processes need: V-JEPA 2 ran 2x slower with spinning on a loaded
+# 2-core machine. It must be set before torch is imported, which happens in load().
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 MODEL = "mask2former"
 BAND_BYTES = 64 << 20  # working memory of one band of the full-size upsampling
 

@@ -121,7 +121,14 @@ class Sam3Runner(Runner):
         s = self.settings
         if s.enable_feature_cache:
             self.cache = FeatureCache(max_entries=s.feature_cache_max_entries, max_bytes=s.feature_cache_max_mb << 20, ttl_s=s.feature_cache_ttl_seconds, size_of=_features_bytes)
-        log.info("loaded sam3 from %s on %s (input %d px, %s, feature cache %s)", self.source, self.device, self.input_size, str(self.dtype).removeprefix("torch."), "on" if self.cache is not None else "off")
+        log.info(
+            "loaded sam3 from %s on %s (input %d px, %s, feature cache %s)",
+            self.source,
+            self.device,
+            self.input_size,
+            str(self.dtype).removeprefix("torch."),
+            "on" if self.cache is not None else "off",
+        )
 
     def warmup(self) -> None:
         from tasks.sam3 import Box
@@ -159,13 +166,15 @@ class Sam3Runner(Runner):
                 rles.append(codecs.encode_rle(full))
                 if union is not None:
                     union |= full
-            results.append({
-                "prompt": q.text if q.is_text else None,
-                "masks": rles,
-                "boxes": [_cxcywh(b) for b in boxes],
-                "scores": [round(float(s), 6) for s in scores],
-                "num_masks": len(rles),
-            })
+            results.append(
+                {
+                    "prompt": q.text if q.is_text else None,
+                    "masks": rles,
+                    "boxes": [_cxcywh(b) for b in boxes],
+                    "scores": [round(float(s), 6) for s in scores],
+                    "num_masks": len(rles),
+                }
+            )
         post_ms = (time.perf_counter() - t0) * 1000
         n = sum(r["num_masks"] for r in results)
         doc = {"image_size": {"width": w, "height": h}, "results": results}
@@ -205,6 +214,7 @@ class Sam3Runner(Runner):
 
     def _vision(self, rgb: np.ndarray) -> tuple[Any, ...]:
         """The image's FPN features (what the decoder reads), kept on the device."""
+        rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on a read-only array
         x = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         out = self.net.get_vision_features(pixel_values=x.to(self.torch_device, dtype=self.dtype))
         self.vision_calls += 1
@@ -284,17 +294,38 @@ def tiny_config(vocab_size: int, res: int = TINY_RESOLUTION, hidden: int = 32) -
     h2 = 2 * hidden
     g = res // 14
     vision = {
-        "backbone_config": {"model_type": "sam3_vit_model", "hidden_size": hidden, "intermediate_size": h2, "num_hidden_layers": 2, "num_attention_heads": 2,
-                            "image_size": res, "patch_size": 14, "window_size": 4, "global_attn_indexes": [1], "pretrain_image_size": 56},
+        "backbone_config": {
+            "model_type": "sam3_vit_model",
+            "hidden_size": hidden,
+            "intermediate_size": h2,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": res,
+            "patch_size": 14,
+            "window_size": 4,
+            "global_attn_indexes": [1],
+            "pretrain_image_size": 56,
+        },
         "fpn_hidden_size": hidden,
         "backbone_feature_sizes": [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]],
     }
     detector = {
         "model_type": "sam3",
         "vision_config": vision,
-        "text_config": {"model_type": "clip_text_model", "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": h2, "projection_dim": hidden,
-                        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32, "hidden_act": "gelu",
-                        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": h2,
+            "projection_dim": hidden,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "hidden_act": "gelu",
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
         "geometry_encoder_config": {"hidden_size": hidden, "num_layers": 1, "num_attention_heads": 2, "intermediate_size": h2},
         "detr_encoder_config": {"hidden_size": hidden, "num_layers": 1, "num_attention_heads": 2, "intermediate_size": h2},
         "detr_decoder_config": {"hidden_size": hidden, "num_layers": 1, "num_queries": 16, "num_attention_heads": 2, "intermediate_size": h2},
@@ -305,9 +336,15 @@ def tiny_config(vocab_size: int, res: int = TINY_RESOLUTION, hidden: int = 32) -
         "vision_config": vision,
         "prompt_encoder_config": {"hidden_size": hidden, "image_size": res, "patch_size": 14},
         "mask_decoder_config": {"hidden_size": hidden, "mlp_dim": h2, "num_hidden_layers": 2, "num_attention_heads": 2, "iou_head_hidden_dim": hidden},
-        "memory_attention_hidden_size": hidden, "memory_attention_num_layers": 1, "memory_attention_num_attention_heads": 1,
-        "memory_attention_feed_forward_hidden_size": h2, "memory_encoder_hidden_size": hidden, "memory_encoder_output_channels": 16,
-        "mask_downsampler_embed_dim": hidden, "memory_fuser_embed_dim": hidden, "memory_fuser_intermediate_dim": h2,
+        "memory_attention_hidden_size": hidden,
+        "memory_attention_num_layers": 1,
+        "memory_attention_num_attention_heads": 1,
+        "memory_attention_feed_forward_hidden_size": h2,
+        "memory_encoder_hidden_size": hidden,
+        "memory_encoder_output_channels": 16,
+        "mask_downsampler_embed_dim": hidden,
+        "memory_fuser_embed_dim": hidden,
+        "memory_fuser_intermediate_dim": h2,
         "image_size": res,
     }
     return Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * g)

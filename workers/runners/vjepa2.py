@@ -44,6 +44,10 @@ from tasks.wire import build_message
 from workers.runners.base import BatchStats, Item, Produced, Runner
 
 log = logging.getLogger("trifecta.vjepa2")
+# OpenMP threads that spin while they wait take the cores this worker's other threads (decode,
+# encode, heartbeat) and other processes need: V-JEPA 2 ran 2x slower with spinning on a loaded
+# 2-core machine. It must be set before torch is imported, which happens in load().
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 MODEL = "vjepa2"
 JPEG_QUALITY = 95  # prepared clip frames (already at the model's input size) travel as JPEG
 
