@@ -11,11 +11,13 @@
 
 ARG PYTHON_VERSION=3.11
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 
 # ---------------------------------------------------------------- cpu
 FROM python:${PYTHON_VERSION}-slim-bookworm AS cpu
 ARG TORCH_VERSION
+ARG TORCHVISION_VERSION
 # TORCH_INDEX: a pip index holding CPU-only torch wheels (smaller image); empty = PyPI's default build
 ARG TORCH_INDEX=""
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -28,7 +30,7 @@ COPY tasks ./tasks
 COPY workers ./workers
 COPY storage ./storage
 COPY client ./client
-RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} \
+RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} \
  && pip install ".[worker,torch]" \
  && trifecta models fetch textmask
 RUN useradd --system --uid 10001 --home-dir /app trifecta \
@@ -42,6 +44,7 @@ CMD ["api", "--host", "0.0.0.0", "--port", "8080"]
 # ---------------------------------------------------------------- cuda
 FROM ${CUDA_IMAGE} AS cuda
 ARG TORCH_VERSION
+ARG TORCHVISION_VERSION
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODEL_DIR=/models RUN_DIR=/var/lib/trifecta STORAGE_URL=file:///data \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
@@ -58,7 +61,7 @@ COPY storage ./storage
 COPY client ./client
 # the CUDA torch build is PyPI's default; onnxruntime-gpu replaces the CPU onnxruntime (both
 # install the same `onnxruntime` package, so the CPU one goes first)
-RUN pip install "torch==${TORCH_VERSION}" \
+RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
  && pip install ".[worker,torch]" \
  && pip uninstall -y onnxruntime \
  && pip install ".[gpu]" \

@@ -11,20 +11,20 @@ from storage.blob import BlobStore, open_store
 from tasks.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_hub(request: Request) -> Hub:
+async def get_hub(request: Request) -> Hub:
     return request.app.state.hub
 
 
-def get_store(request: Request) -> BlobStore:
+async def get_store(request: Request) -> BlobStore:
     s: Settings = request.app.state.settings
     return open_store(s.storage_url, s.s3_endpoint_url)
 
 
-def get_tenant(request: Request) -> str:
+async def get_tenant(request: Request) -> str:
     """The caller's tenant (API keys map to tenants when API_KEYS is set)."""
     return getattr(request.state, "tenant", "default")
 

@@ -18,6 +18,7 @@ Two kinds of figures:
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -51,7 +52,31 @@ if not MULTIPROC:
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return str(path) if path else "unmatched"
+    if path:
+        return str(path)
+    # answered before routing (the admission gate's 503, the tenant gate's 401/429): name
+    # the route it was meant for, so the answer is counted where a person looks for it
+    app = scope.get("app")
+    for rx, template in _templates(app) if app is not None else ():
+        if rx.fullmatch(scope.get("path", "")):
+            return template
+    return "unmatched"
+
+
+_TEMPLATE_CACHE: dict[int, list[tuple[re.Pattern[str], str]]] = {}
+
+
+def _templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
+    """The app's path templates (from its OpenAPI schema, which FastAPI caches), static ones first."""
+    key = id(app)
+    if key not in _TEMPLATE_CACHE:
+        try:
+            paths = list(app.openapi().get("paths", {}))
+        except Exception:  # noqa: BLE001 - no schema: every unrouted answer is "unmatched"
+            paths = []
+        paths.sort(key=lambda t: (t.count("{"), -len(t)))
+        _TEMPLATE_CACHE[key] = [(re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(t))), t) for t in paths]
+    return _TEMPLATE_CACHE[key]
 
 
 class MetricsMiddleware:

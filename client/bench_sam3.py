@@ -61,7 +61,8 @@ def _post(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any], httpx.
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    resolution = 224 if quick else 336  # 1008 is SAM3's own; on 2 CPU cores one ViT-L pass at 336 already takes ~20-40 s
+    # 1008 is SAM3's own input; a 2-core CPU needs less (BENCH_SAM3_RESOLUTION picks another)
+    resolution = int(os.environ.get("BENCH_SAM3_RESOLUTION") or (224 if quick else 504))
     rounds = 1 if quick else 2
     threads = max(1, len(os.sched_getaffinity(0)))
     ckpt = ensure_checkpoint()

@@ -87,6 +87,8 @@ def test_metrics_count_requests_rejections_timeouts_and_worker_figures(stack) ->
     for _ in range(2):
         r = httpx.post(stack.url + "/run_textmask", content=data, headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200
+    assert httpx.get(stack.url + "/v1/jobs/" + "e" * 32, timeout=5).status_code == 404
+    assert httpx.get(stack.url + "/no/such/page", timeout=5).status_code == 404
     # no segmentation worker in this stack: 503 no_worker
     r = httpx.post(stack.url + "/run_segmentation", content=data, headers={"Content-Type": "image/png"}, timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
@@ -111,6 +113,9 @@ def test_metrics_count_requests_rejections_timeouts_and_worker_figures(stack) ->
 
     assert delta("trifecta_http_requests_total", route="/run_textmask", method="POST", status="200") == 2
     assert delta("trifecta_http_requests_total", route="/run_segmentation", status="503") == 1
+    assert delta("trifecta_http_requests_total", route="/v1/jobs/{job_id}", method="GET", status="404") == 1  # templates, never raw ids
+    assert delta("trifecta_http_requests_total", route="unmatched", status="404") == 1
+    assert not [k for k in m if k[0] == "trifecta_http_requests_total" and "eeee" in dict(k[1])["route"]]
     assert value(m, "trifecta_rejected_total", route="/run_segmentation", code="no_worker") == 1
     assert value(m, "trifecta_timeouts_total", route="/run_echo") == 2
     assert value(m, "trifecta_http_request_seconds_count", route="/run_textmask") >= 2
