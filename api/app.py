@@ -19,7 +19,7 @@ from api.admission import AdmissionGate
 from api.hub import Hub
 from api.janitor import Janitor
 from api.metrics import MetricsMiddleware
-from api.routes import health, jobs, sam3_image, sync
+from api.routes import health, jobs, sam3_image, sam3_video, sync
 from api.routes import mask2former as mask2former_routes
 from api.routes import metrics as metrics_routes
 from api.routes import shards as _shards  # noqa: F401 - registers the `shards` job input kind
@@ -90,4 +90,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(vjepa2_routes.router)
     app.include_router(mask2former_routes.router)
     app.include_router(sam3_image.router)
+    app.include_router(sam3_video.router)
     return app

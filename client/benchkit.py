@@ -44,7 +44,7 @@ class Proc:
         if self.p and self.p.poll() is None:
             os.killpg(self.p.pid, signal.SIGTERM)
             try:
-                self.p.wait(15)
+                self.p.wait(6)
             except subprocess.TimeoutExpired:
                 self.kill()
 

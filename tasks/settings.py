@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     feature_cache_max_mb: int = Field(2048, ge=1, description="SAM3: most memory (MB) a worker's feature cache holds; about 110 MB per image at 1008 px in fp32, half in fp16/bf16.")
     max_prompts: int = Field(32, ge=1, le=1024, description="SAM3: most prompts (text + box) in one request; more → 422.")
 
+    # --- SAM3 video sessions (/api/v1/video/session/*) ---
+    max_sessions_per_worker: int = Field(4, ge=1, le=1024, description="SAM3 video: most open sessions (decoded frames + tracking state) one worker holds; every worker full → 503 with Retry-After.")
+    session_ttl_seconds: float = Field(1800.0, gt=0, description="SAM3 video: a session unused this long is closed by its worker (and its record in Redis expires).")
+    session_call_timeout_s: float = Field(600.0, gt=0, le=7200, description="SAM3 video: longest wait of one session call (start, prompt, propagate) before 504.")
+    video_session_model: str = Field("sam3", description="Model whose workers hold video sessions (sam3; `echo` holds decode-only sessions without a model, for tests).")
+
     # --- storage ---
     storage_url: str = Field("file://./data", description="`file://DIR` or `s3://bucket/prefix` for masks, staged inputs and results.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")

@@ -66,6 +66,7 @@ class WorkerService:
         self.nodename = ""
         self.stopping = False
         self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
+        self.reg_fields: dict[str, Any] = {}  # extra registration fields from runners' tasks: name -> () -> str (e.g. video `sessions`)
 
     # -- the batch ----------------------------------------------------------
     def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> bool:
@@ -259,6 +260,7 @@ class WorkerService:
             "rss_mb": f"{rss_mb():.1f}",
             "gpu_memory_mb": str(gpu_memory_mb(self.device)),
             "metrics": self.metrics.registration_field(),
+            **{k: f() for k, f in self.reg_fields.items()},
         }
 
     def held_tags(self) -> list[str]:

@@ -40,3 +40,11 @@ class EchoRunner(Runner):
 
     def finish(self, item: Item, prepared: dict[str, Any], pred: dict[str, Any]) -> Produced:
         return Produced(meta={"bytes": pred["n"], "digest": pred["digest"]})
+
+    def register_tasks(self, app: Any, svc: Any) -> list[str]:
+        """Decode-only video sessions (no model) when VIDEO_SESSION_MODEL=echo: the session machinery without SAM3."""
+        if self.settings.video_session_model != self.model:
+            return []
+        from workers.runners.sam3_video import register
+
+        return register(app, svc, None)

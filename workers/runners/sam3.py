@@ -144,6 +144,14 @@ class Sam3Runner(Runner):
         out["vision_calls"] = self.vision_calls
         return out
 
+    def register_tasks(self, app: Any, svc: Any) -> list[str]:
+        """Video sessions (`workers/runners/sam3_video.py`) on this worker, when it serves VIDEO_SESSION_MODEL."""
+        if self.settings.video_session_model != self.model:
+            return []
+        from workers.runners.sam3_video import Sam3VideoTracker, register
+
+        return register(app, svc, Sam3VideoTracker(self.settings, self.device, self.dtype))
+
     # -- hooks -------------------------------------------------------------------
     def prepare(self, item: Item) -> Prepared:
         params = parse_params(item.req.params, max_prompts=self.settings.max_prompts)

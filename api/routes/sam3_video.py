@@ -1,0 +1,304 @@
+"""SAM3 video sessions, the source services' contract (`tasks.sam3_video`).
+
+    POST   /api/v1/video/session/start            {"video_path"|"resource_path", "session_id"?}
+    POST   /api/v1/video/session/upload           multipart `file` (mp4/avi/mov/mkv/webm/flv), `session_id`?
+    POST   /api/v1/video/session/{id}/prompt      {"frame_index", "prompts": [{"type": "text", "text"}], "obj_id"?}
+    POST   /api/v1/video/prompt/add               {"session_id", "frame_index", "text"}
+    POST   /api/v1/video/session/{id}/propagate   {"direction", "start_frame_index", "max_frames", "stream": false}
+    POST   /api/v1/video/propagate                {"session_id", ...}
+    GET    /api/v1/video/session/{id}/status
+    DELETE /api/v1/video/session/{id}/object/{obj_id}
+    POST   /api/v1/video/session/{id}/reset
+    DELETE /api/v1/video/session/{id}
+    GET    /api/v1/video/sessions
+
+Affinity: a session is started on the live worker of VIDEO_SESSION_MODEL holding the
+fewest sessions (its registration hash's `sessions`); `tf:session:<id>` records that
+worker's private queue (TTL SESSION_TTL_SECONDS, renewed by every call) and every later
+call is a `trifecta.video` task on that queue, answered on this API's reply channel.
+A session whose worker is gone answers 410.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import PurePosixPath
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.body import counted_request, read_body
+from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
+from api.hub import Hub
+from storage.blob import BlobStore
+from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, SyncTimeout, Unprocessable, UnsupportedMediaType, from_code
+from tasks.inputs import STAGED, local_path
+from tasks.sam3_video import DIRECTIONS, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, session_key
+from tasks.settings import Settings
+from tasks.wire import build_message
+
+router = APIRouter(prefix="/api/v1/video", tags=["sam3 video"])
+
+
+# ---------------------------------------------------------------- helpers
+async def _json(request: Request, settings: Settings) -> dict[str, Any]:
+    raw = await read_body(request, settings.max_body_bytes)
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        raise Unprocessable("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Unprocessable("the body must be a JSON object")
+    return body
+
+
+def _stale_after(settings: Settings) -> float:
+    return 2 * settings.worker_heartbeat_s + 1
+
+
+def _session_workers(hub: Hub, settings: Settings) -> list[Any]:
+    now = time.time()
+    return [w for w in hub.live(settings.video_session_model) if "sessions" in w.raw and len(w.queues) > 1 and now - w.heartbeat <= _stale_after(settings)]
+
+
+def _pick_worker(hub: Hub, settings: Settings) -> Any:
+    ws = _session_workers(hub, settings)
+    if not ws:
+        raise NoWorker(f"no live worker holds video sessions; start one with `trifecta worker --model {settings.video_session_model}`", headers={"Retry-After": "5"})
+    cap = settings.max_sessions_per_worker
+    free = [w for w in ws if int(w.raw.get("sessions", 0)) < int(w.raw.get("max_sessions", cap))]
+    if not free:
+        raise Overloaded(f"every video worker holds its MAX_SESSIONS_PER_WORKER={cap} sessions; close a session or retry later", headers={"Retry-After": "10"})
+    return min(free, key=lambda w: (int(w.raw.get("sessions", 0)), w.in_flight, w.id))
+
+
+async def _call(hub: Hub, queue: str, op: str, sid: str, tenant: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One `trifecta.video` task on `queue`; its reply (on hub.channel) or the error it carried."""
+    cid = uuid.uuid4().hex
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    hub.waiters[cid] = fut
+    call = {"id": cid, "op": op, "session_id": sid, "tenant": tenant, "args": args, "reply": hub.channel}
+    try:
+        await hub.redis.lpush(queue, build_message(TASK_VIDEO, cid, {"call": call}, queue))
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise SyncTimeout(f"session {sid}: no answer to {op!r} within {timeout:g} s (SESSION_CALL_TIMEOUT_S)") from None
+    finally:
+        hub.waiters.pop(cid, None)
+    if reply.get("status") != "succeeded":
+        err = reply.get("error") or {}
+        code, msg = err.get("code", "internal"), err.get("message", "the session call failed")
+        if code == "overloaded":
+            raise Overloaded(msg, headers={"Retry-After": "10"})
+        raise from_code(code, msg)
+    return reply["result"]
+
+
+async def _record(hub: Hub, sid: str, tenant: str) -> dict[str, str]:
+    raw = await hub.redis.hgetall(session_key(check_session_id(sid)))
+    rec = {k.decode(): v.decode() for k, v in raw.items()}
+    if not rec or rec.get("tenant") != tenant:
+        raise NotFound(f"no session {sid} (never started, closed, or expired after SESSION_TTL_SECONDS idle)")
+    return rec
+
+
+async def _forget(hub: Hub, store: BlobStore, sid: str, rec: dict[str, str]) -> None:
+    await hub.redis.delete(session_key(sid))
+    if rec.get("upload"):
+        await asyncio.to_thread(store.delete_prefix, rec["upload"])
+
+
+async def _session_call(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A call on an open session, on its own worker; 410 when that worker is gone."""
+    rec = await _record(hub, sid, tenant)
+    alive = {w.id: w for w in hub.live(settings.video_session_model)}
+    w = alive.get(rec["worker"])
+    if w is None or time.time() - w.heartbeat > _stale_after(settings):
+        await _forget(hub, store, sid, rec)
+        raise Gone(f"session {sid} lived on worker {rec['worker']}, which is gone; its frames and tracking state are lost — start a new session")
+    await hub.redis.expire(session_key(sid), int(settings.session_ttl_seconds) + 5)
+    try:
+        return await _call(hub, rec["queue"], op, sid, tenant, args, settings.session_call_timeout_s)
+    except Gone:
+        await _forget(hub, store, sid, rec)
+        raise
+
+
+async def _start(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, uri: str, upload: str | None) -> dict[str, Any]:
+    w = _pick_worker(hub, settings)
+    rec = {"worker": w.id, "queue": w.queues[1], "tenant": tenant, "created": str(time.time()), "source": uri}
+    if upload:
+        rec["upload"] = upload
+    k = session_key(sid)
+    if not await hub.redis.hsetnx(k, "worker", w.id):
+        raise Conflict(f"session {sid} already exists")
+    pipe = hub.redis.pipeline(transaction=True)
+    pipe.hset(k, mapping=rec)
+    pipe.expire(k, int(settings.session_ttl_seconds) + 5)
+    await pipe.execute()
+    try:
+        res = await _call(hub, w.queues[1], "start", sid, tenant, {"uri": uri, "upload": upload}, settings.session_call_timeout_s)
+    except BaseException:
+        await _forget(hub, store, sid, {"upload": upload or ""})
+        raise
+    return {"session_id": sid, "video_info": res["video_info"], "status": res.get("status", "ready"), "worker": res.get("worker", w.id)}
+
+
+def _new_sid(body: dict[str, Any]) -> str:
+    sid = body.get("session_id")
+    return str(uuid.uuid4()) if sid in (None, "") else check_session_id(sid)
+
+
+# ---------------------------------------------------------------- session lifecycle
+@router.post("/session/start", summary="Start a video session from a server path (under ALLOWED_INPUT_ROOTS)")
+async def start_session(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    body = await _json(request, settings)
+    path = body.get("video_path") or body.get("resource_path")
+    if not isinstance(path, str) or not path:
+        raise Unprocessable("give video_path (or resource_path): a video file on the server, under ALLOWED_INPUT_ROOTS")
+    if path.startswith(STAGED) or "://" in path and not path.startswith("file://"):
+        raise BadRequest("video_path must be a local path or file:// URI; upload other videos to /api/v1/video/session/upload")
+    p = local_path(path, settings)  # 403 outside ALLOWED_INPUT_ROOTS
+    if not p.is_file():
+        raise BadRequest(f"no video file at {path}")
+    return JSONResponse(await _start(hub, settings, store, tenant, _new_sid(body), str(p), None))
+
+
+@router.post("/session/upload", summary="Upload a video (multipart `file`) and start a session on it")
+async def upload_session(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType("POST /api/v1/video/session/upload takes multipart/form-data with a `file` part")
+    limit = settings.max_video_bytes
+    _pick_worker(hub, settings)  # 503 before reading a large body
+    form = await counted_request(request, limit, limit).form(max_files=1, max_fields=8)
+    up = form.get("file")
+    if up is None or isinstance(up, str):
+        raise Unprocessable("the form needs a `file` part with the video")
+    ext = PurePosixPath(up.filename or "").suffix.lower()
+    if ext not in VIDEO_EXTENSIONS:
+        raise BadRequest(f"unsupported video format {ext or '(no extension)'!r}; upload one of {', '.join(e[1:] for e in VIDEO_EXTENSIONS)}")
+    raw_sid = form.get("session_id")
+    sid = _new_sid({"session_id": raw_sid if isinstance(raw_sid, str) else None})
+    prefix = f"{tenant}/videos/{sid}/"
+    if await hub.redis.exists(session_key(sid)):
+        raise Conflict(f"session {sid} already exists")
+    key = f"{prefix}video{ext}"
+    try:
+        size = await asyncio.to_thread(store.put_stream, key, up.file, "application/octet-stream")
+        if size > limit:
+            raise PayloadTooLarge(f"the video is over {limit} bytes (MAX_VIDEO_BYTES)")
+        if size == 0:
+            raise BadRequest("the uploaded video is empty")
+    except BaseException:
+        await asyncio.to_thread(store.delete_prefix, prefix)
+        raise
+    return JSONResponse(await _start(hub, settings, store, tenant, sid, f"{STAGED}{key}", prefix))
+
+
+@router.get("/session/{session_id}/status", summary="A session's video, prompts, objects and worker")
+async def session_status(session_id: str, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    return JSONResponse(await _session_call(hub, settings, store, tenant, session_id, "status", {}))
+
+
+@router.post("/session/{session_id}/reset", summary="Clear a session's prompts and objects (the frames stay)")
+async def reset_session(session_id: str, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    return JSONResponse(await _session_call(hub, settings, store, tenant, session_id, "reset", {}))
+
+
+@router.delete("/session/{session_id}/object/{obj_id}", summary="Stop tracking one object")
+async def remove_object(session_id: str, obj_id: int, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    return JSONResponse(await _session_call(hub, settings, store, tenant, session_id, "remove_object", {"obj_id": obj_id}))
+
+
+@router.delete("/session/{session_id}", summary="Close a session: frees its worker slot and deletes an uploaded video")
+async def close_session(session_id: str, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    rec = await _record(hub, session_id, tenant)
+    try:
+        res = await _session_call(hub, settings, store, tenant, session_id, "close", {})
+    except Gone:
+        res = {"session_id": session_id, "closed": True, "worker": rec["worker"], "note": "its worker was already gone"}
+    await _forget(hub, store, session_id, rec)
+    return JSONResponse({**res, "upload_deleted": bool(rec.get("upload"))})
+
+
+@router.get("/sessions", summary="The caller's open sessions")
+async def list_sessions(settings: SettingsDep, hub: HubDep, tenant: TenantDep) -> JSONResponse:
+    out = []
+    alive = {w.id for w in hub.live(settings.video_session_model)}
+    async for k in hub.redis.scan_iter(match=session_key("*"), count=500):
+        raw = await hub.redis.hgetall(k)
+        rec = {a.decode(): b.decode() for a, b in raw.items()}
+        if rec.get("tenant") != tenant:
+            continue
+        sid = k.decode().rsplit(":", 1)[1]
+        out.append({"session_id": sid, "worker": rec.get("worker"), "created_at": float(rec.get("created", 0)), "uploaded": bool(rec.get("upload")), "worker_alive": rec.get("worker") in alive})
+    out.sort(key=lambda s: s["created_at"])
+    return JSONResponse({"sessions": out, "count": len(out)})
+
+
+# ---------------------------------------------------------------- prompts and propagation
+def _prompt_args(body: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    fi = int_field(body, "frame_index", 0)
+    obj_id = int_field(body, "obj_id", None)
+    return {"frame_index": fi, "texts": texts, "obj_id": obj_id}
+
+
+def _texts(raw: Any) -> list[str]:
+    if not isinstance(raw, list) or not raw:
+        raise Unprocessable('prompts must be a non-empty list like [{"type": "text", "text": "person"}]')
+    out = []
+    for i, p in enumerate(raw):
+        t = p if isinstance(p, str) else p.get("text") if isinstance(p, dict) and p.get("type", "text") == "text" else None
+        if not isinstance(t, str) or not t.strip():
+            raise Unprocessable(f"prompts[{i}] must be a text prompt {{\"type\": \"text\", \"text\": \"...\"}} (video sessions take text prompts)")
+        out.append(" ".join(t.split())[:200])
+    return out
+
+
+def _prompt_answer(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: res[k] for k in ("frame_index", "obj_id", "masks", "boxes", "scores", "obj_ids", "worker") if k in res}
+
+
+@router.post("/session/{session_id}/prompt", summary="Text prompt(s) on one frame: the objects found there")
+async def add_prompt(session_id: str, request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    body = await _json(request, settings)
+    res = await _session_call(hub, settings, store, tenant, session_id, "prompt", _prompt_args(body, _texts(body.get("prompts"))))
+    return JSONResponse(_prompt_answer(res))
+
+
+@router.post("/prompt/add", summary="Add a text prompt on a frame (session id in the body)")
+async def add_prompt_flat(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    body = await _json(request, settings)
+    sid = check_session_id(body.get("session_id"))
+    res = await _session_call(hub, settings, store, tenant, sid, "prompt", _prompt_args(body, _texts([body.get("text")])))
+    return JSONResponse({"session_id": sid, **_prompt_answer(res)})
+
+
+def _propagate_args(body: dict[str, Any]) -> dict[str, Any]:
+    direction = body.get("direction", "forward")
+    if direction not in DIRECTIONS:
+        raise Unprocessable(f"direction must be one of {', '.join(DIRECTIONS)}")
+    if body.get("stream"):
+        raise Unprocessable("stream: true is not served on this endpoint; it answers every frame at once")
+    return {"direction": direction, "start_frame_index": int_field(body, "start_frame_index", 0), "max_frames": int_field(body, "max_frames", None, minimum=1)}
+
+
+@router.post("/session/{session_id}/propagate", summary="Track the prompted objects through the video")
+async def propagate(session_id: str, request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    body = await _json(request, settings)
+    res = await _session_call(hub, settings, store, tenant, session_id, "propagate", _propagate_args(body))
+    return JSONResponse({k: res[k] for k in ("session_id", "results", "total_frames", "processing_time_ms", "worker")})
+
+
+@router.post("/propagate", summary="Track through the video (session id in the body)")
+async def propagate_flat(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    body = await _json(request, settings)
+    sid = check_session_id(body.get("session_id"))
+    res = await _session_call(hub, settings, store, tenant, sid, "propagate", _propagate_args(body))
+    return JSONResponse({k: res[k] for k in ("session_id", "results", "total_frames", "processing_time_ms", "worker")})
