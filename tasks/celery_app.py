@@ -33,6 +33,9 @@ def make_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,
+            # kombu's restore holds a mutex that expires after 300 s by default: a worker killed
+            # while holding it would stop every restore for five minutes
+            "unacked_mutex_expire": 15,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "retry_on_timeout": True,

@@ -68,7 +68,12 @@ def test_kill_9_mid_batch_twenty_times(make_stack) -> None:
         st.start_worker("textmask", f"tm-r{round_}", env=env, wait=False)  # the replacement joins the back of the list
         st.workers.append(st.workers.pop(0))  # ... and the survivor becomes the next victim
         for j in jobs:
-            res = wait_job(st.url, j, 60)
+            try:
+                res = wait_job(st.url, j, 60)
+            except AssertionError:
+                r = st.redis
+                print("DIAG queue", [m[:0] or len(m) for m in r.lrange("textmask", 0, -1)], "unacked", r.hlen("unacked"), "index", r.zrange("unacked_index", 0, -1, withscores=True), "now", time.time(), "mutex", r.get("unacked_mutex"), r.ttl("unacked_mutex"), "workers", r.smembers("tf:workers"), [w.name for w in st.workers], [w.alive() for w in st.workers], "keys", r.keys("*"))
+                raise
             assert res["status"] == "succeeded", res
             redelivered += res["attempts"] > 1
     assert kills == 20 and redelivered >= 20  # every killed batch was redone on a live worker

@@ -10,6 +10,7 @@ sam3 worker needs torchvision for SAM3's processors, which this venv lacks at th
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from tasks.errors import Unprocessable
 from tasks.sam3_video import check_frame, check_session_id, session_key
@@ -86,7 +88,7 @@ def _settle(stack, counts: dict[str, int]) -> None:
     while time.time() < t_end and any(_sessions_on(stack, w) != n for w, n in counts.items()):
         time.sleep(0.05)
     assert {w: _sessions_on(stack, w) for w in counts} == counts
-    time.sleep(0.3)  # the API's poller reads them every 0.1 s
+    time.sleep(0.5)  # the API's poller reads them every 0.1 s
 
 
 def _start(stack, name: str = "shapes.mp4", videos: Path | None = None, **extra) -> httpx.Response:
@@ -148,6 +150,10 @@ def test_session_calls_and_bad_input(stack, videos: Path) -> None:
     rs = httpx.post(f"{u}/session/s-calls/reset", timeout=B)
     assert rs.status_code == 200 and rs.json()["worker"] == wid and rs.json()["reset"] is True
     assert httpx.get(f"{u}/session/nope/status", timeout=B).status_code == 404
+    with ws_connect(stack.url.replace("http://", "ws://") + "/api/v1/video/ws/propagate/nope", open_timeout=B) as ws:
+        ws.send(json.dumps({"direction": "forward"}))
+        err = json.loads(ws.recv(timeout=B))
+    assert err["type"] == "error" and err["error"]["status"] == 404
     assert httpx.get(f"{u}/session/bad%20id/status", timeout=B).status_code == 422
     assert _close(stack, "s-calls").status_code == 200
     # bad videos and paths
@@ -271,6 +277,43 @@ def test_sam3_session_prompt_and_propagate(sam3_stack, videos: Path) -> None:
     assert flat.status_code == 200, flat.text
     frames = sorted(int(k) for k in flat.json()["results"])
     assert frames[0] == 0 and frames == list(range(len(frames))) and 4 <= len(frames) <= 5
+    with ws_connect(sam3_stack.url.replace("http://", "ws://") + "/api/v1/video/ws/propagate/s-sam3", open_timeout=B) as ws:
+        ws.send(json.dumps({"direction": "forward", "start_frame_index": 0}))
+        msgs = [json.loads(ws.recv(timeout=B))]
+        while msgs[-1]["type"] == "frame":
+            msgs.append(json.loads(ws.recv(timeout=B)))
+    assert [m["frame_index"] for m in msgs[:-1]] == list(range(N)) and all(isinstance(m["objects"], list) for m in msgs[:-1])
+    assert msgs[-1]["type"] == "complete" and msgs[-1]["total_frames"] == N
     st = httpx.get(u + "/session/s-sam3/status", timeout=B).json()
     assert st["worker"] == wid and st["model_state"] is True and st["prompts"] == [{"frame_index": 3, "texts": ["red square"]}]
     assert httpx.delete(u + "/session/s-sam3", timeout=B).status_code == 200
+
+
+def test_idle_sessions_are_reaped(redis_server, tmp_path: Path) -> None:
+    """SESSION_TTL_SECONDS: the reaper closes an idle session, deletes its upload and its record."""
+    import types
+
+    import redis as redis_lib
+
+    from storage.blob import open_store
+    from tasks.settings import Settings
+    from workers.runners.sam3_video import Session, SessionManager
+
+    settings = Settings(session_ttl_seconds=5, max_sessions_per_worker=2, storage_url=f"file://{tmp_path}")
+    r = redis_lib.Redis(port=redis_server.port, db=0)
+    store = open_store(settings.storage_url, None)
+    beats: list[int] = []
+    svc = types.SimpleNamespace(worker_id="w-reap", store=store, r=r, settings=settings, beat=lambda: beats.append(1))
+    mgr = SessionManager(settings, svc, None)
+    frames = [np.zeros((H, W, 3), np.uint8)] * 3
+    for sid, used in ((f"idle-{uuid.uuid4().hex}", 100.0), (f"busy-{uuid.uuid4().hex}", 104.0)):
+        store.put(f"default/videos/{sid}/video.mp4", b"x")
+        r.hset(session_key(sid), mapping={"worker": "w-reap"})
+        mgr.sessions[sid] = Session(sid, "default", "key:x", frames, 12.0, upload=f"default/videos/{sid}/", last_used=used)
+    idle, busy = sorted(mgr.sessions)[1], sorted(mgr.sessions)[0]
+    assert mgr.count == 2 and mgr.sessions[busy].info()["total_frames"] == 3
+    assert mgr.reap(now=106.0) == [idle]  # 6 s idle > 5 s; the other 2 s
+    assert mgr.count == 1 and busy in mgr.sessions and beats == [1]
+    assert not store.list(f"default/videos/{idle}/") and store.list(f"default/videos/{busy}/")
+    assert not r.exists(session_key(idle)) and r.exists(session_key(busy))
+    assert mgr.reap(now=110.0) == [busy] and mgr.count == 0 and mgr.closed_idle == 2

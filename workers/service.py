@@ -374,7 +374,11 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     queues = [keys.shared_queue(model), keys.private_queue(model, worker_id)]
     argv = [
         "worker", "-P", "threads", "-c", str(conc), "-Q", ",".join(queues), "-n", f"{model}.{worker_id}@%h",
-        "--prefetch-multiplier", str(max(1, settings.max_batch_size)), "--without-gossip", "--without-mingle", "-l", loglevel,
+        # With BULK_DRAIN a batch fills itself from the queue atomically (Lua), so kombu needs to
+        # hold just one message per in-flight batch: while every slot is busy no BRPOP is
+        # outstanding, and a worker killed mid-batch cannot take a message popped-but-unrecorded
+        # with it (kombu's BRPOP and its unacked record are two round trips).
+        "--prefetch-multiplier", str(1 if settings.bulk_drain else max(1, settings.max_batch_size)), "--without-gossip", "--without-mingle", "-l", loglevel,
     ]
     if settings.task_events:
         argv.append("-E")

@@ -28,14 +28,14 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from api.body import counted_request, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub
-from storage.blob import BlobStore
-from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, SyncTimeout, Unprocessable, UnsupportedMediaType, from_code
+from storage.blob import BlobStore, open_store
+from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, SyncTimeout, TrifectaError, Unprocessable, UnsupportedMediaType, from_code, translate
 from tasks.inputs import STAGED, local_path
 from tasks.sam3_video import DIRECTIONS, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, session_key
 from tasks.settings import Settings
@@ -131,6 +131,7 @@ async def _session_call(hub: Hub, settings: Settings, store: BlobStore, tenant: 
 
 async def _start(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, uri: str, upload: str | None) -> dict[str, Any]:
     w = _pick_worker(hub, settings)
+    w.raw["sessions"] = str(int(w.raw.get("sessions", 0)) + 1)  # counted at once (as hub.admit does); the next poll reads the worker's own count
     rec = {"worker": w.id, "queue": w.queues[1], "tenant": tenant, "created": str(time.time()), "source": uri}
     if upload:
         rec["upload"] = upload
@@ -285,7 +286,7 @@ def _propagate_args(body: dict[str, Any]) -> dict[str, Any]:
     if direction not in DIRECTIONS:
         raise Unprocessable(f"direction must be one of {', '.join(DIRECTIONS)}")
     if body.get("stream"):
-        raise Unprocessable("stream: true is not served on this endpoint; it answers every frame at once")
+        raise Unprocessable("stream: true is served by the WebSocket WS /api/v1/video/ws/propagate/{session_id}; this endpoint answers every frame at once")
     return {"direction": direction, "start_frame_index": int_field(body, "start_frame_index", 0), "max_frames": int_field(body, "max_frames", None, minimum=1)}
 
 
@@ -302,3 +303,61 @@ async def propagate_flat(request: Request, settings: SettingsDep, hub: HubDep, s
     sid = check_session_id(body.get("session_id"))
     res = await _session_call(hub, settings, store, tenant, sid, "propagate", _propagate_args(body))
     return JSONResponse({k: res[k] for k in ("session_id", "results", "total_frames", "processing_time_ms", "worker")})
+
+
+@router.websocket("/ws/propagate/{session_id}")
+async def ws_propagate(websocket: WebSocket, session_id: str) -> None:
+    """Send `{"direction", "start_frame_index", "max_frames"}` (or nothing within 10 s: forward
+    from frame 0); receive `{"type": "frame", "frame_index", "objects"}` per frame as the worker
+    finishes it (Redis pub/sub), then `{"type": "complete", "total_frames"}`, or `{"type": "error", "error"}`."""
+    await websocket.accept()
+    app = websocket.app
+    settings: Settings = app.state.settings
+    hub: Hub = app.state.hub
+    store = open_store(settings.storage_url, settings.s3_endpoint_url)
+    tenant = getattr(websocket.state, "tenant", "default")
+    pubsub = hub.redis.pubsub(ignore_subscribe_messages=True)
+    task: asyncio.Task[dict[str, Any]] | None = None
+    try:
+        try:
+            body = await asyncio.wait_for(websocket.receive_json(), 10)
+        except TimeoutError:
+            body = {}
+        if not isinstance(body, dict):
+            raise Unprocessable("send a JSON object: {\"direction\", \"start_frame_index\", \"max_frames\"}")
+        args = _propagate_args({**body, "stream": False})
+        channel = f"tf:stream:{uuid.uuid4().hex}"
+        await pubsub.subscribe(channel)  # before the call: no frame is published unheard
+        args["stream"] = channel
+        task = asyncio.create_task(_session_call(hub, settings, store, tenant, session_id, "propagate", args))
+        grace_until: float | None = None
+        while True:
+            msg = await pubsub.get_message(timeout=0.25)
+            if msg is not None:
+                data = orjson.loads(msg["data"])
+                await websocket.send_json(data)
+                if data.get("type") == "complete":
+                    break
+                continue
+            if task.done():
+                task.result()  # raises the call's error
+                grace_until = grace_until or time.monotonic() + 2
+                if time.monotonic() > grace_until:  # the reply came but the last message was lost: finish anyway
+                    await websocket.send_json({"type": "complete", "total_frames": task.result()["total_frames"]})
+                    break
+    except WebSocketDisconnect:
+        return
+    except Exception as e:  # noqa: BLE001 - every failure reaches the client as an error message
+        err: TrifectaError = translate(e)
+        try:
+            await websocket.send_json({"type": "error", "error": {"code": err.code, "message": err.message, "status": err.status}})
+        except (WebSocketDisconnect, RuntimeError):
+            return
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        await pubsub.aclose()
+    try:
+        await websocket.close()
+    except RuntimeError:
+        pass

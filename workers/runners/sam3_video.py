@@ -282,18 +282,28 @@ class SessionManager:
         tr = self._need_tracker()
         if s.state is None or not s.prompts:
             raise Unprocessable("add a prompt (POST .../prompt) before propagating")
+        stream = args.get("stream")  # a pub/sub channel: each frame is published there as it is done (the WebSocket)
         results: dict[str, Any] = {}
+        seen: set[int] = set()
         for reverse in ([False] if direction == "forward" else [True] if direction == "backward" else [False, True]):
             for fr in tr.propagate(s.state, start, mx, reverse):
-                results[str(fr.frame_index)] = {
+                frame = {
                     "frame_index": fr.frame_index,
                     "objects": [
                         {"id": oid, "mask": codecs.encode_rle(m), "box": b, "score": sc}
                         for oid, m, b, sc in zip(fr.obj_ids, fr.masks, fr.boxes, fr.scores, strict=False)
                     ],
                 }
+                seen.add(fr.frame_index)
+                if stream:
+                    self.svc.r.publish(stream, orjson.dumps({"type": "frame", **frame}))
+                else:
+                    results[str(fr.frame_index)] = frame
         results = dict(sorted(results.items(), key=lambda kv: int(kv[0])))
-        return {"session_id": s.id, "results": results, "total_frames": len(results), "processing_time_ms": round((time.perf_counter() - t0) * 1000, 2), "worker": self.svc.worker_id}
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        if stream:
+            self.svc.r.publish(stream, orjson.dumps({"type": "complete", "total_frames": len(seen), "processing_time_ms": ms}))
+        return {"session_id": s.id, "results": results, "total_frames": len(seen), "processing_time_ms": ms, "worker": self.svc.worker_id}
 
     def op_remove_object(self, s: Session, args: dict[str, Any]) -> dict[str, Any]:
         oid = int(args["obj_id"])
