@@ -54,7 +54,10 @@ class Hub:
         self.settings = settings
         self.id = uuid.uuid4().hex[:12]
         self.channel = keys.reply_channel(self.id)
-        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10, max_connections=256)
+        # a bounded pool that makes a burst wait its turn for a connection (a few ms) rather than
+        # fail with "too many connections": 1,000 waiting requests share these, none holds one while it waits
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.depth: dict[str, int] = {m: 0 for m in MODEL_NAMES}
         self.workers: dict[str, list[WorkerInfo]] = {m: [] for m in MODEL_NAMES}

@@ -269,6 +269,24 @@ def test_video_uri_job_with_frame_step(stack, video_dir: Path, oracle) -> None:
     _check_timeline(stack, j, [(0, 30), (16, 46), (32, 62), (39, 69)], 2, frames, oracle)
 
 
+def test_video_shorter_than_a_clip_gets_one_padded_clip(stack, video_dir: Path, oracle) -> None:
+    path = video_dir / "short.mp4"
+    frames = write_video(path, 10)
+    r = httpx.post(stack.url + "/v1/jobs", json={"model": "vjepa2", "input": {"video": f"file://{path}"}}, timeout=30)
+    j = wait_job(stack.url, r.json()["job_id"])
+    assert j["status"] == "succeeded", j
+    tl = httpx.get(stack.url + f"/v1/jobs/{j['job_id']}/result", timeout=10).json()
+    (clip,) = tl["clips"]
+    assert (clip["start_frame"], clip["end_frame"], tl["frames"]) == (0, 9, 10)
+    crops = oracle.transform.resize_crop(np.stack([frames[min(i, 9)] for i in range(16)]))  # the last frame repeated
+    from tasks import clips as clipc
+    from workers.runners.base import Item
+    from workers.runners.vjepa2 import encode_frames
+
+    data = clipc.pack_clip(encode_frames(crops), crops.shape[2], crops.shape[1], "RGB", prepared=True)
+    same_predictions(clip["predictions"], oracle.predict([oracle.prepare(Item(_req(), data))])[0])
+
+
 @pytest.fixture(scope="module")
 def s3_stack(make_stack, ckpt: Path, moto_s3: str):
     make_bucket(moto_s3, "vids")
