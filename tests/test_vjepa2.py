@@ -230,7 +230,7 @@ def _check_timeline(stack, j: dict, expect: list[tuple[int, int]], step: int, fr
     for c in tl["clips"]:
         idx = list(range(c["start_frame"], c["end_frame"] + 1, step))
         assert len(idx) == 16
-        crops = oracle.transform.resize_crop(np.stack([frames[i] for i in idx]))
+        crops = oracle.resize_crop(np.stack([frames[i] for i in idx]))
         data = clipc.pack_clip(encode_frames(crops), crops.shape[2], crops.shape[1], "RGB", prepared=True)
         item = Item(_req(), data)
         want = oracle.predict([oracle.prepare(item)])[0]
@@ -278,7 +278,7 @@ def test_video_shorter_than_a_clip_gets_one_padded_clip(stack, video_dir: Path, 
     tl = httpx.get(stack.url + f"/v1/jobs/{j['job_id']}/result", timeout=10).json()
     (clip,) = tl["clips"]
     assert (clip["start_frame"], clip["end_frame"], tl["frames"]) == (0, 9, 10)
-    crops = oracle.transform.resize_crop(np.stack([frames[min(i, 9)] for i in range(16)]))  # the last frame repeated
+    crops = oracle.resize_crop(np.stack([frames[min(i, 9)] for i in range(16)]))  # the last frame repeated
     from tasks import clips as clipc
     from workers.runners.base import Item
     from workers.runners.vjepa2 import encode_frames

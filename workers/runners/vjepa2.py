@@ -12,9 +12,10 @@ ever waits for another (a waiting task would hold a pool thread the batches need
 finished clip is recorded beside the job (`tasks.clips`); whoever records the last one
 writes the timeline JSON to storage, finishes the job and sends its callback.
 
-Preprocessing follows the checkpoint's `VJEPA2VideoProcessor` config (shortest edge
-resize, centre crop, rescale, ImageNet normalisation), written here in torch: the
-processor class itself needs torchvision, which this deployment does not install.
+Preprocessing is the checkpoint's own `VJEPA2VideoProcessor` (shortest-edge resize, centre
+crop, rescale, ImageNet normalisation). A video job runs its resize and crop on the decoding
+worker and ships the cropped frames (JPEG, small enough to ride inside the queue message);
+the classifying worker then applies only the rescale and normalisation.
 """
 
 from __future__ import annotations
@@ -52,97 +53,9 @@ MODEL = "vjepa2"
 JPEG_QUALITY = 95  # prepared clip frames (already at the model's input size) travel as JPEG
 
 
-# ---------------------------------------------------------------- preprocessing
-@dataclass
-class ClipTransform:
-    """The checkpoint's video processor settings, applied in torch."""
-
-    shortest_edge: int = 292
-    crop: int = 256
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_center_crop: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], model_crop: int) -> ClipTransform:
-        crop = d.get("crop_size", model_crop)
-        if isinstance(crop, dict):
-            crop = crop.get("height") or crop.get("shortest_edge") or model_crop
-        size = d.get("size") or {}
-        short = size.get("shortest_edge") if isinstance(size, dict) else None
-        return cls(
-            shortest_edge=int(short or int(int(crop) * 256 / 224)),
-            crop=int(crop),
-            mean=tuple(float(x) for x in d.get("image_mean", cls.mean)),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in d.get("image_std", cls.std)),  # type: ignore[arg-type]
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            do_resize=bool(d.get("do_resize", True)),
-            do_center_crop=bool(d.get("do_center_crop", True)),
-            do_rescale=bool(d.get("do_rescale", True)),
-            do_normalize=bool(d.get("do_normalize", True)),
-        )
-
-    def resize_crop(self, frames: np.ndarray) -> np.ndarray:
-        """T x H x W x 3 uint8 → T x crop x crop x 3 uint8 (shortest edge to `shortest_edge`,
-        bilinear with antialiasing and rounding back to uint8 as torchvision does, then the
-        centre crop at int((H - crop) / 2))."""
-        import torch
-        import torch.nn.functional as F
-
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-        h, w = x.shape[-2:]
-        if self.do_resize:
-            s = self.shortest_edge
-            nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-            if (nh, nw) != (h, w):
-                x = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-            h, w = nh, nw
-        if self.do_center_crop:
-            c = self.crop
-            if h < c or w < c:  # pad like torchvision's center_crop, then crop
-                pt, pl = max(0, (c - h) // 2), max(0, (c - w) // 2)
-                x = F.pad(x, (pl, max(0, c - w + 1) // 2 if w < c else 0, pt, max(0, c - h + 1) // 2 if h < c else 0))
-                h, w = x.shape[-2:]
-            top, left = int((h - c) / 2.0), int((w - c) / 2.0)
-            x = x[:, :, top : top + c, left : left + c]
-        return x.permute(0, 2, 3, 1).contiguous().numpy()
-
-    def to_tensor(self, frames: np.ndarray) -> Any:
-        """T x S x S x 3 uint8 → T x 3 x S x S float32, rescaled and normalised."""
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        if self.do_normalize:
-            x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
-        return x.contiguous()
-
-
+# ---------------------------------------------------------------- checkpoint sources
 def _hf_kwargs(settings: Settings) -> dict[str, Any]:
     return {"token": settings.hf_token, "local_files_only": settings.hf_local_files_only}
-
-
-def _processor_config(src: str, settings: Settings) -> dict[str, Any]:
-    """The saved video processor config of a local dir or hub checkpoint ({} if it has none)."""
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        p = Path(src) / name
-        if p.is_file():
-            return json.loads(p.read_text())
-        if not Path(src).is_dir():
-            from transformers.utils import cached_file
-
-            try:
-                f = cached_file(src, name, _raise_exceptions_for_missing_entries=False, **_hf_kwargs(settings))
-            except OSError:
-                f = None
-            if f:
-                return json.loads(Path(f).read_text())
-    return {}
 
 
 def source_of(src: str) -> tuple[str, str | None]:
@@ -171,25 +84,39 @@ class VJEPA2Runner(Runner):
 
     def load(self) -> None:
         import torch
-        from transformers import VJEPA2ForVideoClassification
+        from transformers import VJEPA2ForVideoClassification, VJEPA2VideoProcessor
 
         torch.set_num_threads(max(1, self.device.threads))
         src = self.settings.vjepa2_checkpoint
         self.source, self.revision = source_of(src)
         dtype = torch.float16 if self.device.kind == "cuda" else torch.float32
         self.net = VJEPA2ForVideoClassification.from_pretrained(src, dtype=dtype, **_hf_kwargs(self.settings)).eval().to(self.device.local)
+        self.processor = VJEPA2VideoProcessor.from_pretrained(src, **_hf_kwargs(self.settings))
         cfg = self.net.config
         self.labels = [str(cfg.id2label.get(i, cfg.id2label.get(str(i), f"LABEL_{i}"))) for i in range(cfg.num_labels)]  # type: ignore[union-attr]
-        self.transform = ClipTransform.from_dict(_processor_config(src, self.settings), int(cfg.crop_size))
+        crop = self.processor.crop_size
+        self.crop = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
         self.frames_per_clip = self.settings.vjepa2_frames_per_clip
-        self.input_size = self.transform.crop
+        self.input_size = self.crop
         self.dtype = dtype
-        log.info("loaded V-JEPA 2 from %s on %s: %d labels, crop %d, %d frames per clip", self.source, self.device, len(self.labels), self.transform.crop, self.frames_per_clip)
+        log.info("loaded V-JEPA 2 from %s on %s: %d labels, crop %d, %d frames per clip", self.source, self.device, len(self.labels), self.crop, self.frames_per_clip)
+
+    # -- the checkpoint's video processor, in two steps so video jobs can ship prepared frames --
+    def resize_crop(self, frames: np.ndarray) -> np.ndarray:
+        """T x H x W x 3 uint8 RGB → T x crop x crop x 3 uint8: the processor's resize and centre crop."""
+        x = self.processor(videos=frames, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values_videos"][0]
+        return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def to_tensor(self, frames: np.ndarray, prepared: bool) -> Any:
+        """T x h x w x 3 uint8 RGB → T x 3 x crop x crop float: the processor's whole transform
+        (only its rescale and normalisation for frames `resize_crop` already prepared)."""
+        kw = {"do_resize": False, "do_center_crop": False} if prepared else {}
+        return self.processor(videos=frames, return_tensors="pt", **kw)["pixel_values_videos"][0]
 
     def warmup(self) -> None:
         import torch
 
-        c = self.transform.crop
+        c = self.crop
         with torch.inference_mode():
             self.net(pixel_values_videos=torch.zeros(1, self.frames_per_clip, 3, c, c, dtype=self.dtype, device=self.device.local))
         self.warm = True
@@ -198,8 +125,8 @@ class VJEPA2Runner(Runner):
         return {**super().info(), "frames_per_clip": self.frames_per_clip, "num_labels": len(self.labels), "calls": self.calls, "clips": self.clips_classified}
 
     # -- hooks -------------------------------------------------------------
-    def decode_clip(self, data: bytes) -> np.ndarray:
-        """A clip container → T x S x S x 3 uint8 RGB at the model's input size."""
+    def decode_clip(self, data: bytes) -> tuple[np.ndarray, bool]:
+        """A clip container → (T x H x W x 3 uint8 RGB, whether it is already prepared)."""
         header, frames = clipc.unpack_clip(data)
         n = len(frames)
         if n != self.frames_per_clip:
@@ -220,18 +147,17 @@ class VJEPA2Runner(Runner):
                 if a.shape[:2] != (h, w):
                     raise Unprocessable(f"frame {i} is {a.shape[1]}x{a.shape[0]}; the clip says {w}x{h}")
                 out[i] = a
-        if header.get("prepared"):
-            c = self.transform.crop
-            if (h, w) != (c, c):
-                raise Unprocessable(f"a prepared clip must be {c}x{c}, got {w}x{h}")
-            return out
-        return self.transform.resize_crop(out)
+        prepared = bool(header.get("prepared"))
+        if prepared and (h, w) != (self.crop, self.crop):
+            raise Unprocessable(f"a prepared clip must be {self.crop}x{self.crop}, got {w}x{h}")
+        return out, prepared
 
     def prepare(self, item: Item) -> PreparedClip:
         k = item.req.params.get("top_k", self.settings.vjepa2_top_k)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k:
             raise Unprocessable("top_k must be a positive integer")
-        return PreparedClip(self.transform.to_tensor(self.decode_clip(item.data)), min(k, len(self.labels)))
+        frames, prepared = self.decode_clip(item.data)
+        return PreparedClip(self.to_tensor(frames, prepared), min(k, len(self.labels)))
 
     def predict(self, batch: list[PreparedClip]) -> list[list[dict[str, Any]]]:
         import torch
@@ -484,7 +410,6 @@ class ClipJobs:
         n_chunk = s.video_chunk_clips
         last_clip = first_clip + n_chunk - 1
         needed_end = last_clip * stride + span - 1
-        tf = self.runner.transform
         path = local_video(str(state["uri"]), self.store, s)
         frames: dict[int, np.ndarray] = {}
         times: dict[int, float] = {}
@@ -503,14 +428,25 @@ class ClipJobs:
                 if info.frames_estimate > 0:
                     estimated = max(1, (max(0, info.frames_estimate - span) + stride - 1) // stride + 1)
                 self.r.hset(clipc.state_key(job_id), mapping={"fps": info.fps, "width": info.width, "height": info.height, "codec": info.codec, "duration_s": info.duration_s or ""})
+            pending: list[tuple[int, np.ndarray]] = []  # resized a few frames at a time: one processor call per frame costs 6x
+
+            def flush() -> None:
+                for (i, _), crop in zip(pending, self.runner.resize_crop(np.stack([a for _, a in pending])), strict=True):
+                    frames[i] = crop
+                pending.clear()
+
             for idx, pts, t, rgb in v.frames(start_frame, start_pts, deadline):
                 if idx > needed_end:
                     eof = False
                     break
-                frames[idx] = tf.resize_crop(rgb[None])[0]
+                if pending and (len(pending) >= 16 or pending[0][1].shape != rgb.shape):
+                    flush()
+                pending.append((idx, rgb))
                 times[idx] = t
                 pts_of[idx] = pts
                 last_idx = idx
+            if pending:
+                flush()
             fps = info.fps
         if last_idx < 0 and start_frame == 0:
             raise UnreadableVideo("the video has no decodable frames")
@@ -550,7 +486,7 @@ class ClipJobs:
 
     def _clip_request(self, job_id: str, state: dict[str, Any], index: int, idxs: list[int], frames: dict[int, np.ndarray], times: dict[int, float], fps: float) -> InferRequest:
         s = self.settings
-        crop = self.runner.transform.crop
+        crop = self.runner.crop
         arr = np.stack([frames[i] for i in idxs])
         data = clipc.pack_clip(encode_frames(arr), crop, crop, "RGB", prepared=True)
         tenant = str(state.get("tenant", "default"))
@@ -610,7 +546,7 @@ TINY_LABELS = [
 def write_random(out: str, *, crop: int = 32, hidden: int = 32, layers: int = 2, heads: int = 2, labels: list[str] | None = None, source: str | None = None) -> str:
     """A random-init `VJEPA2ForVideoClassification` + video processor config, saved with `save_pretrained`."""
     import torch
-    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+    from transformers import VJEPA2Config, VJEPA2ForVideoClassification, VJEPA2VideoProcessor
 
     labels = labels or TINY_LABELS
     torch.manual_seed(0)
@@ -623,16 +559,7 @@ def write_random(out: str, *, crop: int = 32, hidden: int = 32, layers: int = 2,
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(d))
-    (d / "video_preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "video_processor_type": "VJEPA2VideoProcessor", "crop_size": {"height": crop, "width": crop}, "size": {"shortest_edge": int(crop * 256 / 224)},
-                "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2,
-            },
-            indent=2,
-        )
-    )
+    VJEPA2VideoProcessor(crop_size=crop).save_pretrained(str(d))
     n_params = sum(p.numel() for p in model.parameters())
     desc = source or f"random-init V-JEPA 2 (hidden {hidden}, {layers} layers, crop {crop}, {n_params / 1e6:.2f} M parameters; UNTRAINED: labels are meaningless)"
     (d / "SOURCE.json").write_text(json.dumps({"source": desc, "revision": None, "pretrained": False}, indent=2))
