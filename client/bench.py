@@ -50,9 +50,7 @@ def row(goal: str, figure: float, target: float, higher_is_better: bool = True, 
 def text_image(size: tuple[int, int] | None = None) -> bytes:
     from PIL import Image, ImageDraw, ImageFont
 
-    imgs = ROOT.parent / "shared" / "data" / "images"
-    if not imgs.is_dir():
-        imgs = ROOT / "tests" / "data" / "images"
+    imgs = ROOT / "tests" / "data" / "images"
     im = Image.open(imgs / "chelsea.png").convert("RGB")
     if size:
         im = im.resize(size)

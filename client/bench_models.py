@@ -37,7 +37,7 @@ from tasks.embedded_redis import EmbeddedRedis
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the workers run torch (workers/runners/vjepa2.py): same settings on both sides
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "data" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 if not IMAGES.is_dir():
     IMAGES = ROOT / "tests" / "data" / "images"
 VITL_NOTE = "ViT-L (facebook/vjepa2-vitl-fpc16-256-ssv2's architecture) random-init took ~59 s per clip on this 2-core CPU (measured while developing): far too slow for a bench run"

@@ -36,7 +36,7 @@ from client.benchkit import Stack
 from tasks.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "data" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 if not IMAGES.is_dir():
     IMAGES = ROOT / "tests" / "data" / "images"
 CHECKPOINT = ROOT / "run" / "bench" / "sam3-random-full"  # kept between runs: writing it takes a minute and 3 GB

@@ -62,7 +62,7 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
         + ("" if no_flower else f"  Flower  http://127.0.0.1:{flower_port}   (workers and queues{'; login from FLOWER_BASIC_AUTH' if s.flower_basic_auth else ''})\n")
         + f"  Metrics {base}/metrics   Page {base}/\n"
         + f"  Redis   {s.redis_url}\n  Workers {', '.join(f'{m}@{d}' for m, d in plan)}\n\n"
-        f"Try:\n  curl -s -X POST '{base}/run_textmask?format=png' -H 'Content-Type: image/png' --data-binary @../shared/data/images/text.png -o mask.png\n",
+        f"Try:\n  curl -s -X POST '{base}/run_textmask?format=png' -H 'Content-Type: image/png' --data-binary @tests/data/images/text.png -o mask.png\n",
         flush=True,
     )
     stopping = False

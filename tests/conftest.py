@@ -23,9 +23,7 @@ from client.benchkit import Proc, Stack  # noqa: F401 - re-exported for tests
 from tasks.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "data" / "images"
-if not IMAGES.is_dir():  # a clone elsewhere: the photos are copied into the repo's test data
-    IMAGES = ROOT / "tests" / "data" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"  # copies of ../shared/data/images (scikit-image samples, PD/CC0)
 MODEL_DIR = ROOT / "models"
 _db = itertools.count(1)
 
