@@ -326,6 +326,34 @@ class _Calls:
         params = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else None
         return _Call("POST", "/segment-batch", _m2f_batch, {"content": data, "headers": h, "params": params})
 
+    # SAM3 video sessions (api/routes/sam3_video.py)
+    @staticmethod
+    def video_start(video_path: str, session_id: str | None) -> _Call[dict[str, Any]]:
+        body: dict[str, Any] = {"video_path": video_path}
+        if session_id:
+            body["session_id"] = session_id
+        return _Call("POST", f"{VIDEO}/session/start", _json, {"json": body})
+
+    @staticmethod
+    def video_upload(path: str | Path, session_id: str | None) -> _Call[dict[str, Any]]:
+        p = Path(path)
+        data = {"session_id": session_id} if session_id else None
+        return _Call("POST", f"{VIDEO}/session/upload", _json, {"files": {"file": (p.name, p.open("rb"), "application/octet-stream")}, "data": data})
+
+    @staticmethod
+    def video_prompt(session_id: str, frame_index: int, prompts: Sequence[str | dict[str, Any]], obj_id: int | None) -> _Call[dict[str, Any]]:
+        ps = [{"type": "text", "text": p} if isinstance(p, str) else p for p in prompts]
+        return _Call("POST", f"{VIDEO}/session/{session_id}/prompt", _json, {"json": {"frame_index": frame_index, "prompts": ps, "obj_id": obj_id}})
+
+    @staticmethod
+    def video_propagate(session_id: str, direction: str, start_frame_index: int | None, max_frames: int | None) -> _Call[dict[str, Any]]:
+        body = {"direction": direction, "start_frame_index": start_frame_index, "max_frames": max_frames, "stream": False}
+        return _Call("POST", f"{VIDEO}/session/{session_id}/propagate", _json, {"json": {k: v for k, v in body.items() if v is not None}})
+
+    @staticmethod
+    def video_session(method: str, session_id: str, tail: str = "") -> _Call[dict[str, Any]]:
+        return _Call(method, f"{VIDEO}/session/{session_id}{tail}", _json)
+
     @staticmethod
     def get_json(url: str) -> _Call[dict[str, Any]]:
         return _Call("GET", url, _json, {"headers": {"Accept": "application/json"}})
@@ -333,6 +361,9 @@ class _Calls:
     @staticmethod
     def metrics() -> _Call[str]:
         return _Call("GET", "/metrics", lambda r: r.text)
+
+
+VIDEO = "/api/v1/video"
 
 
 def _base_url(url: str | None) -> str:
@@ -477,6 +508,37 @@ class Client:
         return self._do(_Calls.m2f_segment_batch(image, classes, model))
 
     # operations
+    # SAM3 video sessions: every call after start goes to the worker holding the session
+    def video_start(self, video_path: str, session_id: str | None = None) -> dict[str, Any]:
+        """A session on a video already on the server (under ALLOWED_INPUT_ROOTS)."""
+        return self._do(_Calls.video_start(video_path, session_id))
+
+    def video_upload(self, path: str | Path, session_id: str | None = None) -> dict[str, Any]:
+        """Upload a video and start a session on it (the upload is deleted when it closes)."""
+        return self._do(_Calls.video_upload(path, session_id))
+
+    def video_prompt(self, session_id: str, frame_index: int, prompts: Sequence[str | dict[str, Any]], obj_id: int | None = None) -> dict[str, Any]:
+        return self._do(_Calls.video_prompt(session_id, frame_index, prompts, obj_id))
+
+    def video_propagate(self, session_id: str, direction: str = "forward", start_frame_index: int | None = None, max_frames: int | None = None) -> dict[str, Any]:
+        """`results` keyed by frame index; decode masks with `storage.codecs.decode_rle`."""
+        return self._do(_Calls.video_propagate(session_id, direction, start_frame_index, max_frames))
+
+    def video_status(self, session_id: str) -> dict[str, Any]:
+        return self._do(_Calls.video_session("GET", session_id, "/status"))
+
+    def video_reset(self, session_id: str) -> dict[str, Any]:
+        return self._do(_Calls.video_session("POST", session_id, "/reset"))
+
+    def video_remove_object(self, session_id: str, obj_id: int) -> dict[str, Any]:
+        return self._do(_Calls.video_session("DELETE", session_id, f"/object/{obj_id}"))
+
+    def video_close(self, session_id: str) -> dict[str, Any]:
+        return self._do(_Calls.video_session("DELETE", session_id))
+
+    def video_sessions(self) -> dict[str, Any]:
+        return self._do(_Calls.get_json(f"{VIDEO}/sessions"))
+
     def health(self) -> dict[str, Any]:
         return _health_ok(self.http.get("/health")).json()
 
@@ -600,6 +662,37 @@ class AsyncClient:
 
     async def m2f_segment_batch(self, image: ImageInput, classes: Iterable[str] | str | None = None, model: str | None = None) -> dict[str, np.ndarray]:
         return await self._do(_Calls.m2f_segment_batch(image, classes, model))
+
+    # SAM3 video sessions: every call after start goes to the worker holding the session
+    async def video_start(self, video_path: str, session_id: str | None = None) -> dict[str, Any]:
+        """A session on a video already on the server (under ALLOWED_INPUT_ROOTS)."""
+        return await self._do(_Calls.video_start(video_path, session_id))
+
+    async def video_upload(self, path: str | Path, session_id: str | None = None) -> dict[str, Any]:
+        """Upload a video and start a session on it (the upload is deleted when it closes)."""
+        return await self._do(_Calls.video_upload(path, session_id))
+
+    async def video_prompt(self, session_id: str, frame_index: int, prompts: Sequence[str | dict[str, Any]], obj_id: int | None = None) -> dict[str, Any]:
+        return await self._do(_Calls.video_prompt(session_id, frame_index, prompts, obj_id))
+
+    async def video_propagate(self, session_id: str, direction: str = "forward", start_frame_index: int | None = None, max_frames: int | None = None) -> dict[str, Any]:
+        """`results` keyed by frame index; decode masks with `storage.codecs.decode_rle`."""
+        return await self._do(_Calls.video_propagate(session_id, direction, start_frame_index, max_frames))
+
+    async def video_status(self, session_id: str) -> dict[str, Any]:
+        return await self._do(_Calls.video_session("GET", session_id, "/status"))
+
+    async def video_reset(self, session_id: str) -> dict[str, Any]:
+        return await self._do(_Calls.video_session("POST", session_id, "/reset"))
+
+    async def video_remove_object(self, session_id: str, obj_id: int) -> dict[str, Any]:
+        return await self._do(_Calls.video_session("DELETE", session_id, f"/object/{obj_id}"))
+
+    async def video_close(self, session_id: str) -> dict[str, Any]:
+        return await self._do(_Calls.video_session("DELETE", session_id))
+
+    async def video_sessions(self) -> dict[str, Any]:
+        return await self._do(_Calls.get_json(f"{VIDEO}/sessions"))
 
     async def health(self) -> dict[str, Any]:
         return _health_ok(await self.http.get("/health")).json()

@@ -18,7 +18,6 @@ from typing import IO, Protocol
 from urllib.parse import urlparse
 
 
-
 class StorageFailure(Exception):
     """Storage did not answer correctly after retries."""
 

@@ -36,7 +36,7 @@ if _doc and string.find(_doc, 'callback_url', 1, true) then
     redis.call('LPUSH', '%s', string.sub(KEYS[1], %d))
   end
 end
-""" % (keys.WEBHOOK_QUEUE, len(keys.job("")) + 1)
+""".replace("%s", keys.WEBHOOK_QUEUE, 1).replace("%d", str(len(keys.job("")) + 1), 1)
 
 # KEYS[1]=job  ARGV[1]=now ARGV[2]=max_deliveries ARGV[3]=worker id (recorded while it runs)
 # returns {status, attempts}; status "dead" when over max deliveries (job marked failed)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import struct
-import tarfile
-import time
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from storage import codecs
-from tests.conftest import photo, png_bytes, with_text
+from tests.conftest import with_text
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ chunk (VIDEO_CHUNK_CLIPS clips), queues those clips as `trifecta.infer` messages
 queues the next chunk *behind* them — the queue's own order is the backpressure, no task
 ever waits for another (a waiting task would hold a pool thread the batches need). Each
 finished clip is recorded beside the job (`tasks.clips`); whoever records the last one
-writes the timeline JSON to storage, finishes the job and sends its callback.
+writes the timeline JSON to storage and finishes the job (which queues its webhook, if any).
 
 Preprocessing is the checkpoint's own `VJEPA2VideoProcessor` (shortest-edge resize, centre
 crop, rescale, ImageNet normalisation). A video job runs its resize and crop on the decoding
