@@ -12,9 +12,11 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -111,3 +113,22 @@ def png_bytes(im: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
     bio = io.BytesIO()
     im.save(bio, format=fmt, **kw)
     return bio.getvalue()
+
+
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+
+
+def wait_job(url: str, job_id: str, timeout: float = 90, until: tuple[str, ...] = TERMINAL) -> dict:
+    """Poll GET /v1/jobs/{id} until it reaches one of `until` (transient HTTP errors are retried)."""
+    t_end = time.time() + timeout
+    j: dict = {}
+    while time.time() < t_end:
+        try:
+            j = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+            continue
+        if j.get("status") in until:
+            return j
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not finished in {timeout}s: {j}")

@@ -19,25 +19,11 @@ import pytest
 
 from client.benchkit import Stack
 from tasks.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import make_bucket, with_text
+from tests.conftest import make_bucket, wait_job, with_text
 
 pytestmark = pytest.mark.slow
 PNG = {"Content-Type": "image/png"}
 
-
-def wait_job(url: str, jid: str, timeout: float = 60, until: tuple[str, ...] = ("succeeded", "failed", "cancelled", "expired")) -> dict:
-    t_end = time.time() + timeout
-    j: dict = {}
-    while time.time() < t_end:
-        try:
-            j = httpx.get(f"{url}/v1/jobs/{jid}", timeout=5).json()
-        except httpx.HTTPError:
-            time.sleep(0.2)
-            continue
-        if j.get("status") in until:
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {jid} stuck: {j}")
 
 
 def submit(url: str, data: bytes, model: str = "textmask", params: dict | None = None) -> str:

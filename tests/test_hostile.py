@@ -16,7 +16,6 @@ import json
 import random
 import struct
 import tarfile
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from storage import codecs
-from tests.conftest import photo, png_bytes, with_text
+from tests.conftest import photo, png_bytes, wait_job, with_text
 
 LIMIT = 2_000_000  # MAX_BODY_BYTES of this stack: small, so over-limit bodies cost little to send
 MEMBER_LIMIT = 400_000  # MAX_SAMPLE_BYTES
@@ -336,15 +335,6 @@ def test_uri_paths_under_allowed_root(stack, inputs_root: Path) -> None:
     j = wait_job(stack.url, r.json()["job_id"])
     assert j["status"] == "succeeded" and j["result"]["outputs"][0]["shape"] == [48, 64], j
 
-
-def wait_job(url: str, job_id: str, timeout: float = 60) -> dict:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        j = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=5).json()
-        if j["status"] in ("succeeded", "failed", "cancelled", "expired"):
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
 
 
 def test_async_job_with_truncated_image_fails_with_422_code(stack) -> None:

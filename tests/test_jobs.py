@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import base64
-import time
 
 import boto3
 import httpx
 import pytest
 
 from storage import codecs
-from tests.conftest import make_bucket, with_text
-
-
-def _wait(url: str, job_id: str, timeout: float = 60) -> dict:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        j = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=5).json()
-        if j["status"] in ("succeeded", "failed", "cancelled", "expired"):
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
+from tests.conftest import make_bucket, wait_job, with_text
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,7 @@ def test_job_polled_to_succeeded_and_mask_read_back(backend: str, request: pytes
     assert r.status_code == 202, r.text
     acc = r.json()
     assert acc["status"] == "queued" and acc["links"]["self"] == f"/v1/jobs/{acc['job_id']}" and len(acc["job_id"]) == 32
-    j = _wait(stack.url, acc["job_id"])
+    j = wait_job(stack.url, acc["job_id"])
     assert j["status"] == "succeeded", j
     assert j["created_at"] <= j["started_at"] <= j["finished_at"]
     (out,) = j["result"]["outputs"]
@@ -67,7 +56,7 @@ def test_multipart_job_list_cancel_and_404(file_stack) -> None:
     r = httpx.post(file_stack.url + "/v1/jobs", data={"model": "textmask", "params": '{"format": "packbits"}'}, files={"file": ("c.png", data, "image/png")}, timeout=30)
     assert r.status_code == 202, r.text
     jid = r.json()["job_id"]
-    j = _wait(file_stack.url, jid)
+    j = wait_job(file_stack.url, jid)
     m = codecs.decode_packbits(httpx.get(file_stack.url + f"/v1/jobs/{jid}/result").content)
     assert m.shape == (400, 600)
     lst = httpx.get(file_stack.url + "/v1/jobs?limit=50").json()

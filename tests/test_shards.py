@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from storage import codecs
-from tests.conftest import make_bucket, photo, png_bytes, with_text
+from tests.conftest import make_bucket, photo, png_bytes, wait_job, with_text
 
 BIG = 1_500_000  # MAX_SAMPLE_BYTES of the file stack
 
@@ -84,15 +84,6 @@ def read_tar(data: bytes) -> dict[str, bytes]:
         assert len(names) == len(set(names)), "no member twice"
         return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
 
-
-def wait_job(url: str, job_id: str, timeout: float = 90) -> dict:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        st = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
-        if st["status"] in ("succeeded", "failed", "cancelled", "expired"):
-            return st
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not finished in {timeout}s: {st}")
 
 
 def submit(url: str, body: dict, **kw) -> httpx.Response:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, make_bucket
+from tests.conftest import ROOT, make_bucket, wait_job
 
 W, H, FPS, N_FRAMES = 64, 48, 25, 70
 SECRET = "s3cret"
@@ -128,15 +128,6 @@ def write_video(path: Path, n: int = N_FRAMES) -> list[np.ndarray]:
     with av.open(str(path)) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
 
-
-def wait_job(url: str, job_id: str, timeout: float = 90) -> dict:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        j = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=5).json()
-        if j["status"] in ("succeeded", "failed", "cancelled", "expired"):
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
 
 
 def same_predictions(a: list[dict], b: list[dict], tol: float = 2e-4) -> None:
