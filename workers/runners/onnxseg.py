@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tasks.images import decode_rgb
+from tasks.images import decode_rgb, original_size
 from workers.device import onnx_providers
 from workers.runners.base import Item, Produced, Runner
 
@@ -123,19 +124,24 @@ class OnnxSegRunner(Runner):
         self.session.run([self.output_name], {self.input_name: x})
         self.warm = True
 
-    def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    def content_size(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) the image is resized to inside the S x S input: all of it ("stretch") or its letterboxed part."""
+        s = self.input_size
+        if self.cfg.resize == "letterbox":
+            k = s / max(h, w)
+            return max(1, min(s, round(h * k))), max(1, min(s, round(w * k)))
+        return s, s
+
+    def preprocess(self, rgb: np.ndarray, content: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
         """H x W x 3 uint8 → (3 x S x S float32 normalised, (h, w) of the content inside it).
 
         Used by the runner and by `trifecta bench`. Letterboxing pads with the mean colour
         (0 after normalisation) so every input has the same shape and batches stack.
+        `content` is the target size when `rgb` was already shrunk by a scaled decode.
         """
         s = self.input_size
         h, w = rgb.shape[:2]
-        if self.cfg.resize == "letterbox":
-            k = s / max(h, w)
-            ch, cw = max(1, min(s, round(h * k))), max(1, min(s, round(w * k)))
-        else:
-            ch, cw = s, s
+        ch, cw = content or self.content_size(h, w)
         # uint8, H x W x 3; through Pillow only when a resize is needed
         u = rgb if (h, w) == (ch, cw) else np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.BILINEAR))
         out = np.empty((3, s, s), np.float32)
@@ -143,19 +149,30 @@ class OnnxSegRunner(Runner):
             out[:, ch:, :] = 0.0
         if cw < s:
             out[:, :ch, cw:] = 0.0
-        # one fused pass per channel straight into the CHW output: uint8 * scale + offset
-        # (no float HWC intermediate, no separate transpose copy)
         order = (2, 1, 0) if self.cfg.channel_order == "BGR" else (0, 1, 2)
-        for c_out, c_in in enumerate(order):
-            dst = out[c_out, :ch, :cw]
-            np.multiply(u[:, :, c_in], self._scale_c[c_out], out=dst, casting="unsafe")
-            dst += self._offset_c[c_out]
+
+        def rows(a: int, z: int) -> None:
+            # one fused pass per channel straight into the CHW output: uint8 * scale + offset
+            # (no float HWC intermediate, no separate transpose copy)
+            for c_out, c_in in enumerate(order):
+                dst = out[c_out, a:z, :cw]
+                np.multiply(u[a:z, :, c_in], self._scale_c[c_out], out=dst, casting="unsafe")
+                dst += self._offset_c[c_out]
+
+        n = min(self.device.threads, max(1, ch * cw // _ROWS_SPLIT_PIXELS))
+        if n <= 1:
+            rows(0, ch)
+        else:  # numpy releases the GIL in ufuncs: a big image is normalised on the model's cores in parallel
+            cut = [ch * i // n for i in range(n + 1)]
+            list(_pool(n).map(lambda i: rows(cut[i], cut[i + 1]), range(n)))
         return out, (ch, cw)
 
     def prepare(self, item: Item) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-        rgb = decode_rgb(item.data, self.settings.max_image_pixels)
-        x, content = self.preprocess(rgb)
-        return x, content, (rgb.shape[0], rgb.shape[1])
+        h, w = original_size(item.data, self.settings.max_image_pixels)
+        content = self.content_size(h, w)
+        rgb = decode_rgb(item.data, self.settings.max_image_pixels, min_size=content)
+        x, content = self.preprocess(rgb, content)
+        return x, content, (h, w)
 
     def raw_call(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
@@ -176,6 +193,17 @@ class OnnxSegRunner(Runner):
             pred = pred[: max(1, round(ch * sh / self.input_size)), : max(1, round(cw * sw / self.input_size))]
         mask = resize_mask(pred, h, w)
         return Produced(masks={"mask": mask}, meta={"foreground_pixels": int(np.count_nonzero(mask))})
+
+
+_ROWS_SPLIT_PIXELS = 1 << 20  # below ~1 Mpx a thread hand-off costs more than it saves
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    p = _pools.get(n)
+    if p is None:
+        p = _pools.setdefault(n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="normalise"))
+    return p
 
 
 def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -1,0 +1,113 @@
+"""The workers' image decode fast path (simplejpeg) and the ONNX runner's preprocessing,
+checked pixel for pixel against Pillow and the plain numpy formula on real photos."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from tasks.errors import UndecodableImage
+from tasks.images import decode_rgb, original_size
+from tasks.settings import Settings
+from workers.device import Device
+from workers.runners.base import Item
+from workers.runners.onnxseg import OnnxSegRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTO = ROOT / "tests" / "data" / "images" / "chelsea.png"
+
+
+def _jpeg(im: Image.Image, **kw: object) -> bytes:
+    b = io.BytesIO()
+    im.save(b, "JPEG", quality=92, **kw)
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pillow_exactly(orientation: int) -> None:
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    data = _jpeg(Image.open(PHOTO).convert("RGB"), exif=ex.tobytes())
+    ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    got = decode_rgb(data, 1 << 30)
+    assert got.shape == ref.shape and got.dtype == np.uint8 and got.flags.c_contiguous
+    assert np.array_equal(got, ref)  # same libjpeg-turbo, same IDCT: identical pixels
+    assert original_size(data, 1 << 30) == ref.shape[:2]
+
+
+def test_grey_jpeg_comes_out_as_three_equal_channels() -> None:
+    grey = Image.open(PHOTO).convert("L")
+    got = decode_rgb(_jpeg(grey), 1 << 30)
+    ref = np.asarray(Image.open(io.BytesIO(_jpeg(grey))).convert("L"))
+    assert got.shape == (*ref.shape, 3)
+    assert np.array_equal(got[..., 0], ref) and np.array_equal(got[..., 1], ref) and np.array_equal(got[..., 2], ref)
+
+
+def test_cmyk_jpeg_still_decodes_through_pillow() -> None:
+    cmyk = Image.open(PHOTO).convert("CMYK")
+    got = decode_rgb(_jpeg(cmyk), 1 << 30)
+    assert got.shape == (300, 451, 3) and got.dtype == np.uint8
+    assert abs(float(got.mean()) - float(np.asarray(Image.open(PHOTO).convert("RGB")).mean())) < 20
+
+
+def test_scaled_decode_keeps_at_least_the_asked_size() -> None:
+    big = Image.open(PHOTO).convert("RGB").resize((1804, 1200))
+    data = _jpeg(big)
+    for mh, mw in ((1200, 1804), (600, 902), (300, 400), (150, 226), (10, 10)):
+        a = decode_rgb(data, 1 << 30, min_size=(mh, mw))
+        assert a.shape[0] >= mh and a.shape[1] >= mw
+        # the largest libjpeg scale factor (1/2, 1/4, 1/8) that still fits: never more than 2x what was asked
+        assert a.shape[0] < 2 * max(mh, 150) + 2
+    assert decode_rgb(data, 1 << 30, min_size=(10, 10)).shape == (150, 226, 3)  # 1/8 is the smallest scale
+
+
+def test_truncated_jpeg_is_a_clear_422() -> None:
+    data = _jpeg(Image.open(PHOTO).convert("RGB"))
+    with pytest.raises(UndecodableImage) as e:
+        decode_rgb(data[: len(data) // 2], 1 << 30)
+    assert e.value.status == 422 and "truncated or corrupt" in e.value.message
+
+
+@pytest.fixture(scope="module")
+def textmask() -> OnnxSegRunner:
+    model_dir = ROOT / "models"
+    if not (model_dir / "textmask" / "textmask.onnx").is_file():
+        pytest.skip("textmask model not fetched (make install)")
+    r = OnnxSegRunner("textmask", Settings(model_dir=str(model_dir), input_size=640), Device("cpu", 0, None, 2))
+    r.load()
+    return r
+
+
+def _reference(r: OnnxSegRunner, rgb: np.ndarray, content: tuple[int, int]) -> np.ndarray:
+    """The textbook formula: resize, BGR, (x/255 - 0.5)/0.5, CHW, zero padding."""
+    ch, cw = content
+    u = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.BILINEAR)).astype(np.float32) if rgb.shape[:2] != content else rgb.astype(np.float32)
+    out = np.zeros((3, r.input_size, r.input_size), np.float32)
+    out[:, :ch, :cw] = ((u[..., ::-1] / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def test_prepare_letterboxes_a_big_jpeg_from_a_scaled_decode(textmask: OnnxSegRunner) -> None:
+    big = Image.open(PHOTO).convert("RGB").resize((2706, 1800))
+    data = _jpeg(big)
+    x, content, size = textmask.prepare(Item(req=None, data=data))  # type: ignore[arg-type]
+    assert size == (1800, 2706) and content == (426, 640) and x.shape == (3, 640, 640) and x.dtype == np.float32
+    assert np.all(x[:, 426:, :] == 0.0)  # letterbox padding = the mean colour
+    full = decode_rgb(data, 1 << 30)
+    ref = _reference(textmask, full, content)
+    assert float(np.abs(x - ref).mean()) < 0.02  # a DCT-scaled decode then bilinear, against full decode then bilinear
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_threaded_normalisation_equals_the_formula(textmask: OnnxSegRunner) -> None:
+    rgb = np.asarray(Image.open(PHOTO).convert("RGB").resize((640, 640)))
+    big = np.ascontiguousarray(np.tile(rgb, (2, 2, 1)))  # 1280 x 1280: above the split threshold, 2 threads
+    r = OnnxSegRunner("textmask", Settings(model_dir=textmask.settings.model_dir, input_size=1280), Device("cpu", 0, None, 2))
+    r.cfg, r.input_size, r._scale_c, r._offset_c = textmask.cfg, 1280, textmask._scale_c, textmask._offset_c
+    x, content = r.preprocess(big)
+    assert content == (1280, 1280)
+    assert np.allclose(x, _reference(r, big, content), atol=1e-6)
