@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
+from typing import Any
 
 from starlette.requests import Request
 
@@ -54,25 +55,29 @@ def gunzip_capped(data: bytes, limit: int) -> bytes:
 
 # A multipart part that uploads a WebDataset shard: its file name, or a `kind=shard` field before it.
 _SHARD_PART = re.compile(rb'filename="[^"\r\n]*\.(?:tar|tar\.gz|tgz)"|name="kind"\r\n\r\nshard\r\n', re.IGNORECASE)
+# A multipart body that uploads a video job: a `kind=video` field before the file.
+_VIDEO_PART = re.compile(rb'name="kind"\r\n\r\nvideo\r\n', re.IGNORECASE)
 _HEAD = 64 << 10
 
 
-def counted_request(request: Request, limit: int, shard_limit: int) -> Request:
+def counted_request(request: Request, limit: int, shard_limit: int, video_limit: int = 0) -> Request:
     """The same request, its body counted while Starlette streams it (file parts spool to disk).
 
     Past `limit` → 413 as soon as the count passes it; a body whose first 64 KiB show a
     shard upload (a `.tar`/`.tar.gz` file part, or a `kind=shard` field before the file)
-    may reach `shard_limit` instead. Nothing is held in memory beyond Starlette's spool.
+    may reach `shard_limit` instead, and one with a `kind=video` field before the file
+    `video_limit` (when given). Nothing is held in memory beyond Starlette's spool.
     """
+    top = max(limit, shard_limit, video_limit)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > max(limit, shard_limit):
-                raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max(limit, shard_limit)}")
+            if int(declared) > top:
+                raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {top}")
         except ValueError:
             raise BadRequest("Content-Length is not a number") from None
     head = bytearray()
-    state = {"n": 0, "cap": limit}
+    state: dict[str, Any] = {"n": 0, "cap": limit, "which": "MAX_BODY_BYTES"}
 
     async def receive() -> dict:
         msg = await request.receive()
@@ -80,12 +85,14 @@ def counted_request(request: Request, limit: int, shard_limit: int) -> Request:
             body = msg.get("body", b"")
             if len(head) < _HEAD:
                 head.extend(body[: _HEAD - len(head)])
-                if state["cap"] == limit and _SHARD_PART.search(head):
-                    state["cap"] = shard_limit
+                if state["which"] == "MAX_BODY_BYTES":
+                    if _SHARD_PART.search(head):
+                        state["cap"], state["which"] = shard_limit, "MAX_SHARD_UPLOAD_BYTES"
+                    elif video_limit and _VIDEO_PART.search(head):
+                        state["cap"], state["which"] = video_limit, "MAX_VIDEO_BYTES"
             state["n"] += len(body)
             if state["n"] > state["cap"]:
-                which = "MAX_SHARD_UPLOAD_BYTES" if state["cap"] == shard_limit else "MAX_BODY_BYTES"
-                raise PayloadTooLarge(f"the body passed {state['cap']} bytes ({which})")
+                raise PayloadTooLarge(f"the body passed {state['cap']} bytes ({state['which']})")
         return msg
 
     return Request(request.scope, receive)

@@ -9,6 +9,7 @@ so a worker-side 422 reaches the client as a 422.
     │   └── UnreadableVideo (400 unreadable_video)
     ├── Unauthorized (401 unauthorized)
     ├── Forbidden (403 forbidden)
+    │   └── InputForbidden (403 input_forbidden)
     ├── NotFound (404 not_found)
     │   ├── UnknownModel (404 unknown_model)
     │   └── JobNotFound (404 job_not_found)
@@ -22,15 +23,20 @@ so a worker-side 422 reaches the client as a 422.
     │   └── UndecodableImage (422 undecodable_image)
     ├── RateLimited (429 rate_limited)
     ├── ModelError (500 model_error)
+    ├── DeadLettered (500 dead_lettered)
     ├── Overloaded (503 overloaded)
     │   ├── NoWorker (503 no_worker)
     │   └── BrokerUnavailable (503 broker_unavailable)
     ├── StorageError (503 storage_error)
     └── SyncTimeout (504 timeout)
+
+Messages quote user input only through `shown(value)`, which caps the quote at 100
+characters, so a hostile value never comes back (or into a job record) at full size.
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 
@@ -72,6 +78,12 @@ class Forbidden(TrifectaError):
     """A path or URI the caller may not read."""
 
     status, code = 403, "forbidden"
+
+
+class InputForbidden(Forbidden):
+    """An input URI a worker refused to read: outside the tenant's prefix, the allowlist or ALLOWED_INPUT_ROOTS."""
+
+    code = "input_forbidden"
 
 
 class NotFound(TrifectaError):
@@ -152,6 +164,12 @@ class ModelError(TrifectaError):
     status, code = 500, "model_error"
 
 
+class DeadLettered(TrifectaError):
+    """A message delivered MAX_DELIVERIES times without finishing (its worker died each time)."""
+
+    status, code = 500, "dead_lettered"
+
+
 class Overloaded(TrifectaError):
     """The queue is full; retry after the Retry-After header."""
 
@@ -180,6 +198,22 @@ class SyncTimeout(TrifectaError):
     """The bounded wait ran out; the job goes on and can be polled."""
 
     status, code = 504, "timeout"
+
+
+# reprlib shortens long strings and big containers without rendering them whole first
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 4
+_SHOWN.maxlevel = 2
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """`repr(value)` for an error message, at most `limit` characters (a 1 MB prompt stays a short quote)."""
+    try:
+        s = _SHOWN.repr(value)
+    except Exception:  # noqa: BLE001 - an int past Python's digit limit, a broken __repr__
+        s = f"<{type(value).__name__}>"
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 _BY_CODE: dict[str, type[TrifectaError]] = {}

@@ -2,6 +2,11 @@
 
 A user-supplied `file://` path must lie under ALLOWED_INPUT_ROOTS (resolved, so `..`
 and symlinks cannot escape); an `s3://` URI is read with the service's S3 client.
+
+The API checks every URI a tenant submits (`check_input_uri`, 403). The workers check
+again before reading (`check_worker_input`, given the message's tenant): a message that
+reached the queue some other way still cannot read another tenant's objects, and is
+failed with 403 `input_forbidden` before a byte is read.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import IO
 from urllib.parse import unquote, urlparse
 
 from storage.blob import BlobStore, S3Store, open_store
-from tasks.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unprocessable
+from tasks.errors import BadRequest, Forbidden, InputForbidden, NotFound, PayloadTooLarge, Unprocessable, shown
 from tasks.schemas import InferInput
 from tasks.settings import Settings
 
@@ -70,7 +75,28 @@ def check_input_uri(uri: str, tenant: str, settings: Settings) -> None:
     raise Forbidden(f"{uri} is outside your storage prefix and INPUT_URI_ALLOWLIST; other tenants' objects and other buckets are refused")
 
 
-def open_uri(uri: str, store: BlobStore, settings: Settings) -> IO[bytes]:
+def check_worker_input(uri: str, tenant: str, settings: Settings) -> None:
+    """The worker's own check before it reads an input (defence in depth behind the API's).
+
+    A `key:` object of our own store must lie under `<tenant>/` (where the API stages a
+    tenant's uploads); any other URI must pass `check_input_uri` for that tenant. Anything
+    else raises InputForbidden (403 `input_forbidden`).
+    """
+    if uri.startswith(STAGED):
+        parts = uri[len(STAGED) :].replace("\\", "/").split("/")
+        if len(parts) >= 2 and parts[0] == tenant and not any(p in ("", ".", "..") for p in parts):
+            return
+        raise InputForbidden(f"refused to read {shown(uri)}: staged inputs of tenant {shown(tenant)} lie under {shown(tenant + '/')}")
+    try:
+        check_input_uri(uri, tenant, settings)
+    except (Forbidden, BadRequest) as e:
+        raise InputForbidden(f"refused to read {shown(uri)} for tenant {shown(tenant)}: {e.message[:200]}") from None
+
+
+def open_uri(uri: str, store: BlobStore, settings: Settings, tenant: str | None = None) -> IO[bytes]:
+    """The input's bytes as a stream; with `tenant`, checked by `check_worker_input` first."""
+    if tenant is not None:
+        check_worker_input(uri, tenant, settings)
     if uri.startswith(STAGED):
         return store.open(uri[len(STAGED):])
     scheme = urlparse(uri).scheme
@@ -85,13 +111,13 @@ def open_uri(uri: str, store: BlobStore, settings: Settings) -> IO[bytes]:
     raise BadRequest(f"unsupported input URI scheme {scheme!r}: use s3:// or file://")
 
 
-def read_input(inp: InferInput, store: BlobStore, settings: Settings, limit: int | None = None) -> bytes:
+def read_input(inp: InferInput, store: BlobStore, settings: Settings, limit: int | None = None, tenant: str | None = None) -> bytes:
     if inp.b64 is not None:
         return decode_b64(inp.b64)
     if not inp.uri:
         raise BadRequest("the input has neither inline bytes nor a URI")
     limit = limit or settings.max_body_bytes
-    with open_uri(inp.uri, store, settings) as f:
+    with open_uri(inp.uri, store, settings, tenant) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"the input at {inp.uri} is over {limit} bytes")

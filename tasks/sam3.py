@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.errors import Unprocessable
+from tasks.errors import Unprocessable, shown
 
 MODEL = "sam3"
 RESULT_KEY = "instances.json"  # the worker's output holding every query's RLE masks, boxes and scores
@@ -63,8 +63,12 @@ class Sam3Params:
 
 
 def _number(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-        raise Unprocessable(f"{where} must be a finite number, got {v!r}")
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:  # an integer past float's range
+        ok = False
+    if not ok:
+        raise Unprocessable(f"{where} must be a finite number, got {shown(v)}")
     return float(v)
 
 
@@ -79,17 +83,17 @@ def _text(v: Any, where: str) -> str:
 
 def parse_box(raw: Any, label: Any = True, where: str = "box") -> Box:
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
-        raise Unprocessable(f"{where} must be [cx, cy, w, h] (4 numbers normalised to [0, 1]), got {raw!r}")
+        raise Unprocessable(f"{where} must be [cx, cy, w, h] (4 numbers normalised to [0, 1]), got {shown(raw)}")
     cx, cy, w, h = (_number(x, where) for x in raw)
     if not all(0.0 <= x <= 1.0 for x in (cx, cy, w, h)):
-        raise Unprocessable(f"{where} {list(raw)} has a value outside [0, 1]; boxes are [cx, cy, w, h] normalised by the image width and height")
+        raise Unprocessable(f"{where} {shown(list(raw))} has a value outside [0, 1]; boxes are [cx, cy, w, h] normalised by the image width and height")
     if w <= 0 or h <= 0:
-        raise Unprocessable(f"{where} {list(raw)} has a non-positive width or height")
+        raise Unprocessable(f"{where} {shown(list(raw))} has a non-positive width or height")
     t = EDGE_TOLERANCE
     if cx - w / 2 < -t or cy - h / 2 < -t or cx + w / 2 > 1 + t or cy + h / 2 > 1 + t:
-        raise Unprocessable(f"{where} {list(raw)} reaches outside the image ([0, 1]); [cx, cy, w, h] is centre and size")
+        raise Unprocessable(f"{where} {shown(list(raw))} reaches outside the image ([0, 1]); [cx, cy, w, h] is centre and size")
     if not isinstance(label, bool):
-        raise Unprocessable(f"{where.rsplit('.', 1)[0]}.label must be true (positive exemplar) or false (negative), got {label!r}")
+        raise Unprocessable(f"{where.rsplit('.', 1)[0]}.label must be true (positive exemplar) or false (negative), got {shown(label)}")
     return Box(cx, cy, w, h, label)
 
 
@@ -116,7 +120,7 @@ def parse_prompts(raw: Any, *, max_prompts: int, where: str = "prompts") -> tupl
         elif kind == "box":
             boxes.append(parse_box(p.get("box"), p.get("label", True), f"{here}.box"))
         else:
-            raise Unprocessable(f"{here} has unknown type {kind!r}; known prompt types: text, box")
+            raise Unprocessable(f"{here} has unknown type {shown(kind)}; known prompt types: text, box")
     return tuple(texts), tuple(boxes)
 
 

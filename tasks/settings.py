@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")
     inline_input_bytes: int = Field(1 << 20, ge=0, description="Inputs up to this size travel inside the queue message; larger ones are staged in storage.")
     result_ttl_seconds: int = Field(86_400, ge=1, description="Lifetime of job records and stored masks; an expired job answers `expired` for 7 more days, and the API's janitor deletes its stored outputs.")
-    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local directories that `file://` inputs may be read from (comma separated); empty = none.")
+    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local directories that `file://` inputs may be read from (comma separated); empty = none. Checked by the API and again by the workers, so set it on both.")
 
     # --- API limits ---
     output_format: str = Field("packbits", description="Default mask format of the sync endpoints: packbits, png or rle.")
@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     api_keys_file: str | None = Field(None, description="A file of `key:tenant` lines (`#` comments), used with API_KEYS; re-read when it changes.")
     protect_ops_endpoints: bool = Field(False, description="Require a key on /health and /metrics as well.")
     rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per tenant (a token bucket in each API process's memory, bursts up to one minute's worth); over it: 429 with Retry-After. 0 = off.")
-    input_uri_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="s3:// prefixes (comma separated) a job's `input.uri` may read besides the tenant's own `<STORAGE_URL>/<tenant>/`; `{tenant}` stands for the caller's tenant. Others: 403.")
+    input_uri_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="s3:// prefixes (comma separated) a job's `input.uri` may read besides the tenant's own `<STORAGE_URL>/<tenant>/`; `{tenant}` stands for the caller's tenant. Others: 403. Checked by the API and again by the workers, so set it on both.")
     result_url_ttl_s: int = Field(3600, ge=1, le=7 * 86400, description="Lifetime of the presigned S3 URLs handed out for job results (at most RESULT_TTL_SECONDS).")
     max_params_bytes: int = Field(65536, ge=2, description="Largest `params` of a job, as JSON; larger: 413.")
 

@@ -33,7 +33,7 @@ import redis
 from storage import codecs
 from storage.blob import BlobStore, open_store
 from tasks import jobstore, keys, wire
-from tasks.errors import TrifectaError, translate
+from tasks.errors import DeadLettered, TrifectaError, translate
 from tasks.inputs import read_input
 from tasks.models import MODELS
 from tasks.schemas import InferRequest, Output
@@ -125,25 +125,39 @@ class WorkerService:
         states = pipe.execute()
         live: list[InferRequest] = []
         done: list[tuple[InferRequest, str, dict[str, Any]]] = []
+        dropped: list[tuple[InferRequest, dict[str, Any]]] = []  # failed before the runner saw them
         for q, (st, n) in zip(reqs, states, strict=True):
             st = st.decode() if isinstance(st, bytes) else st
             if st == "running":
                 if q.deadline < now:
-                    done.append((q, "failed", {"code": "deadline_exceeded", "message": "the request's deadline passed before a worker reached it; it was dropped unrun"}))
+                    err = {"code": "deadline_exceeded", "message": "the request's deadline passed before a worker reached it; it was dropped unrun"}
+                    done.append((q, "failed", err))
+                    dropped.append((q, err))
                 else:
                     live.append(q)
             elif st == "dead":
                 log.error("job=%s model=%s dead-lettered after %s deliveries", q.id, q.model, int(n) - 1)
                 self.r.lpush(keys.DEADLETTER, orjson.dumps({"id": q.id, "model": q.model, "deliveries": int(n) - 1, "at": now}))
-                self._publish_only(q, "failed", {"error": {"code": "dead_lettered", "message": f"delivered {int(n) - 1} times without finishing; not retried"}})
+                err = _err(DeadLettered(f"delivered {int(n) - 1} times without finishing (the worker died each time); not retried"))
+                self._publish_only(q, "failed", {"error": err})
+                dropped.append((q, err))
             else:  # finished, cancelled, or record gone: a redelivery costs nothing
                 log.info("job=%s skipped (status %s)", q.id, st)
         items: list[Item] = []
         for q in live:
             try:
-                items.append(Item(q, read_input(q.input, self.store, self.settings)))
+                # the tenant's own check again before reading (the API checked it too): a message
+                # put on the queue by anything else still cannot read another tenant's objects
+                items.append(Item(q, read_input(q.input, self.store, self.settings, tenant=q.tenant)))
             except Exception as e:
-                done.append((q, "failed", _err(translate(e))))
+                err = _err(translate(e))
+                done.append((q, "failed", err))
+                dropped.append((q, err))
+        if dropped:  # parts of a bigger job (video clips) are recorded there, or the job would never finish
+            try:
+                self.runner.dropped(dropped)
+            except Exception:  # noqa: BLE001 - the requests' own records still go out below
+                log.exception("recording %d dropped requests with their jobs failed", len(dropped))
         stats = BatchStats()
         results = self.runner.run_batch(items, stats) if items else []
         futures = [(it, self._io.submit(self._publish_outputs, it.req, res)) if isinstance(res, Produced) else (it, res) for it, res in zip(items, results, strict=True)]

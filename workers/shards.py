@@ -385,7 +385,7 @@ class ShardRun:
 
     def process(self) -> dict[str, Any]:
         try:
-            raw = open_uri(self.uri, self.svc.store, self.s)
+            raw = open_uri(self.uri, self.svc.store, self.s, tenant=self.base.tenant)  # checked for the job's tenant first (403)
         except Exception as e:
             raise translate(e) from e
         with raw, tempfile.TemporaryFile(prefix="trifecta-shard-", suffix=".tar") as tmp:

@@ -28,7 +28,7 @@ import numpy as np
 
 from storage.blob import BlobStore, FileStore
 from tasks.errors import PayloadTooLarge, Unprocessable, UnreadableVideo
-from tasks.inputs import STAGED, local_path, open_uri
+from tasks.inputs import STAGED, check_worker_input, local_path, open_uri
 from tasks.settings import Settings
 
 log = logging.getLogger("trifecta.video")
@@ -46,12 +46,15 @@ class VideoInfo:
     codec: str
 
 
-def local_video(uri: str, store: BlobStore, settings: Settings) -> Path:
+def local_video(uri: str, store: BlobStore, settings: Settings, tenant: str | None = None) -> Path:
     """A local, seekable path for a video input (PyAV needs to seek in MP4s).
 
     Our own file store and allowed `file://` paths are read in place; anything in S3 is
     downloaded once per worker into a cache keyed by the URI, at most MAX_VIDEO_BYTES.
+    With `tenant`, the URI is checked for that tenant first (`check_worker_input`, 403).
     """
+    if tenant is not None:
+        check_worker_input(uri, tenant, settings)
     if uri.startswith(STAGED) and isinstance(store, FileStore):
         p = store.root / uri[len(STAGED) :]
         if not p.resolve().is_relative_to(store.root) or not p.is_file():

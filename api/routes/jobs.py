@@ -103,10 +103,11 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, Any]:
             raise Unprocessable(f"invalid job: {e}") from None
     if ctype == "multipart/form-data":
         # Starlette spools file parts to disk with no size limit: count the body while it
-        # streams (413 past MAX_BODY_BYTES, or MAX_SHARD_UPLOAD_BYTES for a shard upload);
-        # a gzip-encoded body is read through the capped gunzip and replayed
+        # streams (413 past MAX_BODY_BYTES, or MAX_SHARD_UPLOAD_BYTES for a shard upload,
+        # MAX_VIDEO_BYTES for a video); a gzip-encoded body is read through the capped gunzip and replayed
         if request.headers.get("content-encoding", "identity").strip().lower() in ("identity", ""):
-            form = await counted_request(request, settings.max_body_bytes, settings.max_shard_upload_bytes).form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
+            counted = counted_request(request, settings.max_body_bytes, settings.max_shard_upload_bytes, settings.max_video_bytes)
+            form = await counted.form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
         else:
             raw = await read_body(request, settings.max_body_bytes)
             form = await _replay(request, raw).form(max_files=1, max_fields=8, max_part_size=settings.max_body_bytes)
@@ -121,6 +122,8 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, Any]:
         if kind == "shard" or (kind == "image" and (up.filename or "").lower().endswith((".tar", ".tar.gz", ".tgz"))):
             # a WebDataset shard: streamed to storage by api/routes/shards.py, never read whole
             return JobIn(model=str(form.get("model") or ""), input={"shards": [], "upload": up.filename or "shard.tar"}, params=params, callback_url=form.get("callback_url") or None), up
+        if kind == "video":  # streamed to storage by api/routes/vjepa2.py from Starlette's spool, never read whole
+            return JobIn(model=str(form.get("model") or ""), input={"video": True, "filename": up.filename}, params=params, callback_url=form.get("callback_url") or None), up
         data = await up.read(settings.max_body_bytes + 1)
         if len(data) > settings.max_body_bytes:
             from tasks.errors import PayloadTooLarge

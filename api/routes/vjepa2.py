@@ -19,6 +19,7 @@ that size. Wrong frame counts, sizes or undecodable frames answer 422 with the r
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -199,8 +200,10 @@ async def _submit_video(*, hub: Hub, settings: Settings, store: BlobStore, tenan
                 raise PayloadTooLarge(f"the video is over {settings.max_video_bytes} bytes (MAX_VIDEO_BYTES)")
             store.put(key, bytes(upload), "application/octet-stream")
             size = len(upload)
-        else:  # a file object: streamed to storage
-            size = store.put_stream(key, getattr(upload, "file", upload), "application/octet-stream")
+        else:  # a multipart file part, counted while it arrived and spooled to disk by Starlette: copied to storage in chunks
+            if (getattr(upload, "size", None) or 0) > settings.max_video_bytes:
+                raise PayloadTooLarge(f"the video is over {settings.max_video_bytes} bytes (MAX_VIDEO_BYTES)")
+            size = await asyncio.to_thread(store.put_stream, key, getattr(upload, "file", upload), "application/octet-stream")
         uri = f"key:{key}"
         summary: dict[str, Any] = {"kind": "video", "bytes": size, "filename": input.get("filename")}
     else:

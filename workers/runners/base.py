@@ -82,6 +82,13 @@ class Runner(ABC):
     @abstractmethod
     def finish(self, item: Item, prepared: Any, pred: Any) -> Produced: ...
 
+    def dropped(self, failed: list[tuple[InferRequest, dict[str, Any]]]) -> None:
+        """Requests of a batch that failed before reaching the runner: dead-lettered, past their
+        deadline, input unreadable or refused; each with its error `{"code", "message", "status"}`.
+        A runner whose requests are parts of a bigger job (V-JEPA 2 clips) records them there,
+        so the job still finishes; by default nothing."""
+        return None
+
     def info(self) -> dict[str, Any]:
         return {
             "family": self.family,

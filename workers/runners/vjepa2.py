@@ -37,7 +37,7 @@ import orjson
 from storage.blob import BlobStore
 from tasks import clips as clipc
 from tasks import jobstore, keys
-from tasks.errors import Conflict, TrifectaError, Unprocessable, UnreadableVideo, translate
+from tasks.errors import Conflict, DeadLettered, TrifectaError, Unprocessable, UnreadableVideo, translate
 from tasks.images import decode_rgb
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
@@ -153,6 +153,8 @@ class VJEPA2Runner(Runner):
         return out, prepared
 
     def prepare(self, item: Item) -> PreparedClip:
+        if _POISON_CLIP is not None and item.req.params.get("parent") and item.req.params.get("index") == _POISON_CLIP:
+            os._exit(17)  # the dead-letter tests' poison clip (TRIFECTA_ALLOW_CRASH=1 only)
         k = item.req.params.get("top_k", self.settings.vjepa2_top_k)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k:
             raise Unprocessable("top_k must be a positive integer")
@@ -190,13 +192,20 @@ class VJEPA2Runner(Runner):
                 live.append(i)
         for i, res in zip(live, super().run_batch([items[i] for i in live], stats) if live else [], strict=True):
             out[i] = res
-        parts = [(items[i], out[i]) for i in live if items[i].req.params.get("parent")]
+        parts = [(items[i].req, out[i]) for i in live if items[i].req.params.get("parent")]
         if parts:
             try:
                 self.jobs.record(parts)  # type: ignore[arg-type]
             except Exception:  # noqa: BLE001 - the clips' own results still go out
                 log.exception("recording %d clip results failed", len(parts))
         return out  # type: ignore[return-value]
+
+    def dropped(self, failed: list[tuple[InferRequest, dict[str, Any]]]) -> None:
+        """A clip that never reached the model (dead-lettered, expired, input unreadable) is
+        recorded with its job like a clip that failed in it, so the job still finishes."""
+        parts = [(q, err) for q, err in failed if q.params.get("parent")]
+        if parts and self.jobs is not None:
+            self.jobs.record(parts)
 
     # -- video jobs ----------------------------------------------------------
     def register_tasks(self, app: Any, svc: Any) -> list[str]:
@@ -208,6 +217,21 @@ class VJEPA2Runner(Runner):
             jobs.run_chunk(job_id, chunk, first_clip, start_frame, start_pts)
 
         return [clipc.TASK_VIDEO]
+
+
+def _poison_clip() -> int | None:
+    """The dead-letter tests' poison: with TRIFECTA_ALLOW_CRASH=1 on the worker, the clip of a
+    multi-clip job whose index is TRIFECTA_CRASH_CLIP kills its worker every time (as echo's
+    `params.crash` does for a single request)."""
+    if os.environ.get("TRIFECTA_ALLOW_CRASH") != "1":
+        return None
+    try:
+        return int(os.environ["TRIFECTA_CRASH_CLIP"])
+    except (KeyError, ValueError):
+        return None
+
+
+_POISON_CLIP = _poison_clip()
 
 
 def _is_hex(job_id: str) -> bool:
@@ -227,12 +251,6 @@ def encode_frames(frames: np.ndarray) -> list[bytes]:
 
 
 # ---------------------------------------------------------------- multi-clip jobs (video, frames)
-class DeadLettered(TrifectaError):
-    """A decode chunk delivered MAX_DELIVERIES times without finishing."""
-
-    status, code = 500, "dead_lettered"
-
-
 class ClipJobs:
     """Decode chunks of video jobs, record finished clips, assemble and finish parent jobs."""
 
@@ -262,16 +280,20 @@ class ClipJobs:
         return out
 
     # -- recording finished clips (called after each batch) -------------------
-    def record(self, parts: list[tuple[Item, Produced | TrifectaError]]) -> None:
+    def record(self, parts: list[tuple[InferRequest, Produced | TrifectaError | dict[str, Any]]]) -> None:
+        """Record finished clips with their parent jobs: predictions, or the error (a clip that
+        failed, even one dead-lettered before the model saw it); the last one assembles the job."""
         now = jobstore.now()
         ttl = self.settings.result_ttl_seconds
         pipe = self.r.pipeline(transaction=False)
         parents = []
-        for it, res in parts:
-            p = it.req.params
+        for req, res in parts:
+            p = req.params
             entry: dict[str, Any] = {"index": int(p["index"]), "start_frame": p.get("f0"), "end_frame": p.get("f1"), "start": p.get("t0"), "end": p.get("t1")}
             if isinstance(res, Produced):
                 entry["predictions"] = res.meta["predictions"]
+            elif isinstance(res, dict):
+                entry["error"] = {"code": res.get("code", "internal"), "message": res.get("message", "")}
             else:
                 err = translate(res)
                 entry["error"] = {"code": err.code, "message": err.message}
@@ -410,7 +432,7 @@ class ClipJobs:
         n_chunk = s.video_chunk_clips
         last_clip = first_clip + n_chunk - 1
         needed_end = last_clip * stride + span - 1
-        path = local_video(str(state["uri"]), self.store, s)
+        path = local_video(str(state["uri"]), self.store, s, tenant=str(state.get("tenant", "default")))
         frames: dict[int, np.ndarray] = {}
         times: dict[int, float] = {}
         pts_of: dict[int, int | None] = {}
