@@ -78,13 +78,17 @@ class WorkerService:
                 reqs.append(InferRequest.model_validate(kw["req"]))
             except Exception as e:  # a message we cannot even read: drop it, loudly
                 log.error("dropping malformed message: %s", e)
-        tags = self._top_up(reqs)
         if not reqs:
             return True
+        tags: list[str] = []
+        n0 = len(reqs)
         with self._lock:
-            self.in_flight += len(reqs)
+            self.in_flight += n0
         try:
-            return self._handle(reqs, t_start, tags)
+            tags, states = self._top_up_and_start(reqs)
+            with self._lock:
+                self.in_flight += len(reqs) - n0
+            return self._handle(reqs, t_start, tags, states)
         except redis.RedisError as e:
             log.warning("batch of %d not started: Redis unreachable (%s); requeued", len(reqs), e)
             return False
@@ -95,34 +99,54 @@ class WorkerService:
                 self.drained_tags.difference_update(tags)
             self._check_memory()
 
-    def _top_up(self, reqs: list[InferRequest]) -> list[str]:
-        """Fill the batch from the shared queue in one round trip (BULK_DRAIN): kombu would
-        otherwise fetch, record and ack each message with a round trip of its own."""
+    def _top_up_and_start(self, reqs: list[InferRequest]) -> tuple[list[str], list[Any]]:
+        """Fill the batch from the shared queue (BULK_DRAIN: kombu would otherwise fetch, record
+        and ack each message with a round trip of its own) and mark the delivered requests
+        `running`, in ONE round trip; a second one only for requests the drain brought in.
+        Appends the drained requests to `reqs`; returns their delivery tags and every START state."""
+        now = jobstore.now()
         room = self.settings.max_batch_size - len(reqs)
-        if not self.settings.bulk_drain or room <= 0 or not reqs:
-            return []
-        try:
-            raws = self._drain(keys=[keys.shared_queue(self.model), "unacked", "unacked_index"], args=[room, time.time(), keys.TASK_INFER])
-        except redis.RedisError:
-            return []
+        drain = self.settings.bulk_drain and room > 0
+        pipe = self.r.pipeline(transaction=False)
+        if drain:
+            self._drain(keys=[keys.shared_queue(self.model), "unacked", "unacked_index"], args=[room, time.time(), keys.TASK_INFER], client=pipe)
+        for q in reqs:
+            self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries, self.worker_id], client=pipe)
+        res = pipe.execute(raise_on_error=False)
+        raws = res.pop(0) if drain else []
+        for r in res:
+            if isinstance(r, Exception):
+                raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
+        states = list(res)
+        if isinstance(raws, Exception):  # the drain failed alone: run the batch as it is
+            log.warning("bulk drain failed (%s)", raws)
+            raws = []
         tags = []
+        added: list[InferRequest] = []
         for m in raws:
             try:
                 _, kw = wire.decode_message(m)
-                reqs.append(InferRequest.model_validate(kw["req"]))
+                added.append(InferRequest.model_validate(kw["req"]))
             except Exception as e:  # noqa: BLE001 - unreadable: acked below and dropped, loudly
                 log.error("dropping malformed message: %s", e)
             tags.append(wire.delivery_tag(m))
         with self._lock:
             self.drained_tags.update(tags)
-        return tags
+        if added:
+            pipe = self.r.pipeline(transaction=False)
+            for q in added:
+                self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries, self.worker_id], client=pipe)
+            try:
+                states += pipe.execute()
+            except redis.RedisError:
+                with self._lock:  # not ours to hold any more: kombu's visibility timeout restores them
+                    self.drained_tags.difference_update(tags)
+                raise
+            reqs += added
+        return tags, states
 
-    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str] | None = None) -> bool:
+    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any]) -> bool:
         now = jobstore.now()
-        pipe = self.r.pipeline(transaction=False)
-        for q in reqs:
-            self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries, self.worker_id], client=pipe)
-        states = pipe.execute()
         live: list[InferRequest] = []
         done: list[tuple[InferRequest, str, dict[str, Any]]] = []
         dropped: list[tuple[InferRequest, dict[str, Any]]] = []  # failed before the runner saw them
