@@ -1,20 +1,95 @@
-"""Overload answered before routing: a full queue costs a sync request almost nothing.
+"""Overload answered before routing: a 503 costs almost nothing, on every endpoint that enqueues work.
 
-A pure ASGI middleware in front of the routes: for `POST /run_<model>` it asks the Hub's
-in-memory state (queue depth, live workers, Redis reachable — refreshed by its poller)
-and answers 503 with `Retry-After` itself, without FastAPI's routing, dependency
-resolution or body reading. Requests it lets through are admitted again (with a
-reservation) by the route. `/run_facemask` with no worker is left to the route (204).
+A pure ASGI middleware in front of the routes. For a request that would enqueue work it asks
+the Hub's in-memory state (queue depths, live workers, Redis reachable — refreshed by its
+poller every POLL_S) and answers 503 with `Retry-After` itself: no routing, no dependency
+resolution, no body read, no Redis round trip. What the gate cannot know before the body is
+read, the route decides later, from the same memory (`Hub.admit`) and before it writes anything:
+
+| endpoint | model | the gate checks | the route adds |
+| --- | --- | --- | --- |
+| `POST /run_<model>` | the path | Redis, a live worker, room | its reservation; `/run_facemask` with no worker → 204 |
+| `POST /api/v1/infer` | vjepa2 | Redis, a live worker, room | its reservation |
+| `POST /segment`, `/segment-batch` | `X-Model` / `?model=` | Redis, a live worker, room | its reservation |
+| `POST /api/v1/image/segment`, `/cached-features` | sam3 | Redis, room | its input's 4xx, then a live worker and room in the private queue of the worker owning the image |
+| `POST /v1/jobs` | in the body | Redis | a live worker and room once the body names the model (shard jobs: a live worker; their queue is their own) |
+| `/api/v1/video/*` | the session's | Redis | a worker with a free session slot; room in the session worker's private queue |
+
+Requests the gate lets through are admitted again (with a reservation) by the route.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tasks.errors import NoWorker, Overloaded
+from api.routes.mask2former import model_named
+from api.routes.sync import SYNC_MODELS
+from tasks.errors import NoWorker, TrifectaError
+from tasks.sam3 import MODEL as SAM3
 
-GATED = {"/run_segmentation": "segmentation", "/run_textmask": "textmask", "/run_facemask": "facemask", "/run_echo": "echo"}
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _query(scope: Scope, name: str) -> str | None:
+    qs: bytes = scope.get("query_string", b"")
+    if name.encode() not in qs:  # the common case costs no parsing
+        return None
+    return (parse_qs(qs.decode("latin-1")).get(name) or [None])[0]
+
+
+def _seg_model(scope: Scope) -> str | None:
+    """As `api.routes.mask2former.pick_model`; an unknown name is left to the route (its 4xx)."""
+    return model_named(_header(scope, b"x-model") or _query(scope, "model"))
+
+
+def _model(name: str) -> Callable[[Scope], str | None]:
+    return lambda _scope: name
+
+
+# POST path → the model it enqueues for (None: the route answers, e.g. an unknown X-Model)
+GATED: dict[str, Callable[[Scope], str | None]] = {
+    **{f"/run_{m}": _model(m) for m in SYNC_MODELS},
+    "/api/v1/infer": _model("vjepa2"),
+    "/segment": _seg_model,
+    "/segment-batch": _seg_model,
+    "/api/v1/image/segment": _model(SAM3),
+    "/api/v1/image/cached-features": _model(SAM3),
+}
+# "no live worker" is a standing state, not a burst: where the route has something better to say
+# first, it answers it (from memory as well): /run_facemask's 204 (the source contract), and the
+# SAM3 image endpoints' 4xx for a bad image or prompt, refused whether or not a sam3 worker runs
+NO_WORKER_TO_ROUTE = frozenset({"/run_facemask", "/api/v1/image/segment", "/api/v1/image/cached-features"})
+BROKER_ONLY = ("/api/v1/video/",)  # every call of a session goes through Redis; its worker is known only there
+
+
+def decide(scope: Scope) -> TrifectaError | None:
+    """The gate's 503 for this request, or None to let it through. Memory only."""
+    hub = getattr(scope["app"].state, "hub", None)
+    if hub is None:
+        return None
+    path, method = scope["path"], scope["method"]
+    try:
+        resolve = GATED.get(path) if method == "POST" else None
+        if resolve is not None:
+            model = resolve(scope)
+            if model is not None:
+                hub.check(model)
+        elif (path == "/v1/jobs" and method == "POST") or path.startswith(BROKER_ONLY):
+            hub.check_broker()
+    except NoWorker as err:
+        return None if path in NO_WORKER_TO_ROUTE else err
+    except TrifectaError as err:
+        return err
+    return None
 
 
 class AdmissionGate:
@@ -22,16 +97,9 @@ class AdmissionGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            model = GATED.get(scope["path"])
-            if model is not None:
-                hub = getattr(scope["app"].state, "hub", None)
-                if hub is not None:
-                    try:
-                        hub.check(model)
-                    except NoWorker:
-                        pass  # the route decides (facemask answers 204)
-                    except Overloaded as err:
-                        await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
-                        return
+        if scope["type"] == "http":
+            err = decide(scope)
+            if err is not None:
+                await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+                return
         await self.app(scope, receive, send)

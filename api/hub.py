@@ -5,8 +5,9 @@
 - Waiting holds no thread: one shared pub/sub subscription per API process feeds a dict
   of futures keyed by job id. If the subscription drops (Redis restart), waiters are
   re-checked against their job records when it comes back, so none hangs past its deadline.
-- Admission (503) is decided from memory: a poller refreshes queue depths and live workers
-  every POLL_S; between polls every local enqueue counts at once.
+- Admission (503) is decided from memory: a poller refreshes queue depths (a model's shared
+  queue plus its live workers' private queues, each private queue also on its own) and live
+  workers every POLL_S; between polls every local enqueue counts at once.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Hub:
         pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
         self.redis = aioredis.Redis(connection_pool=pool)
         self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.depth: dict[str, int] = {m: 0 for m in MODEL_NAMES}
+        self.depth: dict[str, int] = {m: 0 for m in MODEL_NAMES}  # shared queue + live workers' private queues
+        self.private_depth: dict[str, int] = {}  # a live worker's private queue -> its length
         self.workers: dict[str, list[WorkerInfo]] = {m: [] for m in MODEL_NAMES}
         self.redis_ok = False
         self.subscribed = asyncio.Event()
@@ -134,12 +136,24 @@ class Hub:
             await asyncio.sleep(POLL_S)
 
     async def refresh(self) -> None:
+        """Queue depths and live workers in two round trips, whatever the number of workers.
+
+        A model's depth is its shared queue plus the private queues of its live workers (SAM3
+        image affinity, video sessions), read in the first pipeline with the shared ones; each
+        private queue's length is kept too (`private_depth`). A private queue's name comes with
+        its worker's registration, so the poll that first sees a worker reads its queue in one
+        more small pipeline (once per worker, not per poll).
+        """
+        known = sorted(self.private_depth)
         pipe = self.redis.pipeline(transaction=False)
         for m in MODEL_NAMES:
             pipe.llen(keys.shared_queue(m))
+        for q in known:
+            pipe.llen(q)
         pipe.smembers(keys.WORKERS)
         res = await pipe.execute()
-        depths, ids = res[:-1], sorted(x.decode() for x in res[-1])
+        depths, ids = res[: len(MODEL_NAMES)], sorted(x.decode() for x in res[-1])
+        lengths = dict(zip(known, (int(x) for x in res[len(MODEL_NAMES) : -1]), strict=True))
         pipe = self.redis.pipeline(transaction=False)
         for wid in ids:
             pipe.hgetall(keys.worker(wid))
@@ -158,9 +172,20 @@ class Hub:
                 gpu_memory_mb=float(d.get("gpu_memory_mb", 0)), raw=d,
             )
             workers.setdefault(w.model, []).append(w)
+        private = {w.queues[1]: w.model for ws in workers.values() for w in ws if len(w.queues) > 1 and w.queues[1]}
+        new = [q for q in private if q not in lengths]
+        if new:
+            pipe = self.redis.pipeline(transaction=False)
+            for q in new:
+                pipe.llen(q)
+            lengths.update(zip(new, (int(x) for x in await pipe.execute()), strict=True))
         if gone:
             await self.redis.srem(keys.WORKERS, *gone)
-        self.depth = dict(zip(MODEL_NAMES, (int(x) for x in depths), strict=True))
+        depth = dict(zip(MODEL_NAMES, (int(x) for x in depths), strict=True))
+        for q, m in private.items():  # a dead worker's private queue is nobody's backlog: not counted
+            depth[m] = depth.get(m, 0) + lengths[q]
+        self.depth = depth
+        self.private_depth = {q: lengths[q] for q in private}
         self.workers = workers
         self.redis_ok = True
 
@@ -168,22 +193,50 @@ class Hub:
     def live(self, model: str) -> list[WorkerInfo]:
         return self.workers.get(model, [])
 
-    def admit(self, model: str, n: int = 1) -> None:
-        """Raise 503 now, or reserve n places in the model's queue."""
-        self.check(model, n)
+    def admit(self, model: str, n: int = 1, queue: str | None = None) -> None:
+        """Raise 503 now, or reserve n places in the model's queue (and in `queue`, a worker's private one)."""
+        self.check(model, n, queue)
         # reserve the places now, before any await, so a burst cannot all pass at once;
         # the poller replaces the estimate with the real queue length every POLL_S
         self.depth[model] = self.depth.get(model, 0) + n
+        if queue is not None and queue in self.private_depth:
+            self.private_depth[queue] += n
 
-    def check(self, model: str, n: int = 1) -> None:
-        """The 503 decision alone, from memory: Redis reachable, a live worker, room in the queue."""
+    def check_broker(self) -> None:
+        """503 while the poller cannot reach Redis."""
         if not self.redis_ok:
             raise BrokerUnavailable("the queue (Redis) is unreachable; retry shortly", headers={"Retry-After": "2"})
-        if not self.workers.get(model):
+
+    def check(self, model: str, n: int = 1, queue: str | None = None) -> None:
+        """The 503 decision alone, from memory: Redis reachable, a live worker, room in the queue.
+
+        Room: the model's depth (shared queue + its live workers' private queues) plus `n` stays
+        within MAX_QUEUE_DEPTH; a call to one worker's private `queue` must also fit that queue's
+        share, ceil(MAX_QUEUE_DEPTH / live workers): one worker drains it alone, so a backlog of
+        that share waits about as long as a full shared queue drained by all. One hot worker
+        gets 503 while the others still take work. `n=0` asks only for Redis and a live worker
+        (shard jobs, which have a queue of their own; a tar before its samples are counted).
+        """
+        self.check_broker()
+        workers = self.workers.get(model)
+        if not workers:
             raise NoWorker(f"no live worker serves {model!r}; start one with `trifecta worker --model {model}`", headers={"Retry-After": "5"})
-        if self.depth.get(model, 0) + n > self.settings.max_queue_depth:
+        if n <= 0:
+            return
+        limit = self.settings.max_queue_depth
+        waiting = self.depth.get(model, 0)
+        if waiting + n > limit:
             self.counters["rejected_503"] += 1
-            raise Overloaded(f"the {model!r} queue is full ({self.depth.get(model, 0)} waiting, MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry after a moment", headers={"Retry-After": "1"})
+            raise Overloaded(f"the {model!r} queue is full ({waiting} waiting, MAX_QUEUE_DEPTH={limit}); retry after a moment", headers={"Retry-After": "1"})
+        if queue is not None and queue in self.private_depth:
+            share = -(-limit // len(workers))
+            mine = self.private_depth[queue]
+            if mine + n > share:
+                self.counters["rejected_503"] += 1
+                raise Overloaded(
+                    f"worker queue {queue!r} is full ({mine} waiting; its share of MAX_QUEUE_DEPTH={limit} over {len(workers)} workers is {share}); retry after a moment",
+                    headers={"Retry-After": "1"},
+                )
 
     # -- submit and wait -------------------------------------------------------
     def new_request(self, model: str, *, tenant: str, kind: str, params: dict[str, Any], fmt: str, timeout_s: float, inp: dict[str, Any], job_id: str | None = None, write_result_json: bool = False, reply: bool = False) -> InferRequest:

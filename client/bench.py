@@ -9,7 +9,7 @@ Sections (run all, or pick with --only):
   batching   pipeline gain of MAX_BATCH_SIZE=8 over 1 vs the raw model's batch-8/batch-1 gain
   memory     API RSS and heavy imports, 1,000 waiting requests, worker RSS over 10,000 requests
   codecs     packbits encode+decode + image decode/resize at 2048 px vs one textmask call at 2048
-  shards, sam3, models   sections added by the model issues (client/bench_*.py)
+  shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
 
 The load generator runs in this process on the same machine (its CPU counts against the
 service); it is a lean asyncio HTTP/1.1 loop (client/loadgen.py).
@@ -326,7 +326,7 @@ def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
 
 
 SECTIONS = {"textmask": sec_textmask, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
-EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "models": "client.bench_models"}
+EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
 
 
 def plot(out: dict[str, Any], path: str) -> None:

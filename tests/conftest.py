@@ -12,13 +12,17 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import signal
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image, ImageDraw, ImageFont
 
 from client.benchkit import Proc, Stack  # noqa: F401 - re-exported for tests
@@ -132,3 +136,86 @@ def wait_job(url: str, job_id: str, timeout: float = 90, until: tuple[str, ...] 
             return j
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} not finished in {timeout}s: {j}")
+
+
+# ---------------------------------------------------------------- a full queue, for the 503 tests
+@contextmanager
+def stopped(stack: Stack, worker: Proc, model: str, fresh: bool = True) -> Iterator[None]:
+    """SIGSTOP a worker process for the block, then SIGCONT: its queues fill as they do behind a
+    worker that cannot keep up. Its heartbeat stops too, so the block must stay well under the
+    registration's life (3 × WORKER_HEARTBEAT_S + 1) and, for affinity routing, under
+    2 × WORKER_HEARTBEAT_S + 1; with `fresh` it starts right after a heartbeat to have all of
+    it. On exit, waits until the API lists the worker again."""
+    assert worker.p is not None
+    key = f"tf:worker:{worker.name}"
+    last = stack.redis.hget(key, "heartbeat")
+    t_end = time.time() + 15
+    while fresh and stack.redis.hget(key, "heartbeat") == last:
+        assert time.time() < t_end, f"{worker.name} does not beat"
+        time.sleep(0.02)
+    os.killpg(worker.p.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(worker.p.pid, signal.SIGCONT)
+    t_end = time.time() + 15
+    while worker.name not in httpx.get(f"{stack.url}/health", timeout=5).json()["queues"].get(model, {}).get("workers", []):
+        assert time.time() < t_end, f"the API does not list {worker.name} again"
+        time.sleep(0.1)
+
+
+def fill_queue(r: redis.Redis, queue: str, model: str, n: int) -> None:
+    """Bring `queue` to exactly n waiting messages: `trifecta.infer` messages built as the API
+    builds them but with no job record, so a worker that reaches them skips them unrun. Topped
+    up once settled: a stopped worker's BRPOP already sent to Redis still takes one of them."""
+    from tasks import keys
+    from tasks.schemas import InferRequest
+    from tasks.wire import build_message
+
+    def push(k: int) -> None:
+        now = time.time()
+        msgs = []
+        for _ in range(k):
+            jid = uuid.uuid4().hex
+            q = InferRequest.model_validate({"id": jid, "model": model, "input": {"b64": "", "size": 0}, "deadline": now + 60, "kind": "sync", "out_prefix": f"default/jobs/{jid}", "created": now})
+            msgs.append(build_message(keys.TASK_INFER, jid, {"req": q.model_dump(exclude_none=True)}, queue))
+        r.lpush(queue, *msgs)
+
+    for _ in range(5):
+        if (missing := n - r.llen(queue)) > 0:
+            push(missing)
+        time.sleep(0.3)
+        if r.llen(queue) == n:
+            return
+    raise AssertionError(f"{queue} holds {r.llen(queue)} messages, not {n}")
+
+
+def wait_depth(url: str, model: str, at_least: int, timeout: float = 10) -> int:
+    """Wait until the API's own view (`/health`, what its 503 decision reads) has `model` at least this deep."""
+    t_end = time.time() + timeout
+    d = -1
+    while time.time() < t_end:
+        d = httpx.get(f"{url}/health", timeout=5).json()["queues"].get(model, {}).get("depth", 0)
+        if d >= at_least:
+            return d
+        time.sleep(0.05)
+    raise AssertionError(f"the API saw {model} at depth {d}, not {at_least}")
+
+
+def wait_drained(r: redis.Redis, queue: str, timeout: float = 30) -> None:
+    t_end = time.time() + timeout
+    while r.llen(queue):
+        assert time.time() < t_end, f"{queue} still holds {r.llen(queue)} messages"
+        time.sleep(0.1)
+
+
+@contextmanager
+def redis_paused(r: redis.Redis, seconds: float) -> Iterator[float]:
+    """CLIENT PAUSE ... ALL: the server answers no client for `seconds`. Yields the monotonic
+    time it answers again: a response received before then was decided without Redis."""
+    r.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
+    until = time.monotonic() + seconds
+    try:
+        yield until
+    finally:
+        time.sleep(max(0.0, until - time.monotonic()) + 0.05)

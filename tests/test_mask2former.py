@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from storage import codecs
-from tests.conftest import ROOT, photo, png_bytes
+from tests.conftest import ROOT, fill_queue, photo, png_bytes, redis_paused, stopped, wait_depth, wait_drained
 
 MAX_PIXELS = 200_000  # M2F_MAX_PIXELS of this stack: chelsea (451x300) fits, 600x400 does not
 
@@ -129,6 +129,43 @@ def test_exif_orientation_heic_and_size_limits(stack) -> None:
     r = seg_batch(stack, b"not an image")
     assert r.status_code == 415
     assert seg_batch(stack, png_bytes(im)).status_code == 200
+
+
+def test_full_queue_answers_503_before_the_body_and_without_redis(stack) -> None:
+    """The mask2former queue at MAX_QUEUE_DEPTH: /segment and /segment-batch answer 503 from the
+    admission gate, before routing (a body that is not an image, or a Content-Type the route
+    would refuse, gets it too: neither is looked at), a job from its route, all while Redis
+    answers nobody; nothing is enqueued. An unknown X-Model is still the route's 404."""
+    from tasks.settings import Settings
+
+    depth = Settings.model_fields["max_queue_depth"].default  # this stack's MAX_QUEUE_DEPTH
+    data = png_bytes(photo("chelsea.png"))
+    png = {"Content-Type": "image/png"}
+    job = {"model": "mask2former", "input": {"image": base64.b64encode(data).decode()}, "params": {"format": "png"}}
+    with stopped(stack, stack.workers[0], "mask2former"):
+        fill_queue(stack.redis, "mask2former", "mask2former", depth)
+        wait_depth(stack.url, "mask2former", depth)
+        jobs_before = len(stack.redis.keys("tf:job:*"))
+        with redis_paused(stack.redis, 2.0) as until:
+            rs = [
+                httpx.post(stack.url + "/segment", content=data, headers={**png, "X-Mask": "wall"}, timeout=10),
+                httpx.post(stack.url + "/segment?model=mask2former_ade20k", content=b"not an image", headers=png, timeout=10),
+                # decided before the route looks at anything: the route itself would answer 415
+                httpx.post(stack.url + "/segment", content=b"plain text", headers={"Content-Type": "text/plain"}, timeout=10),
+                seg_batch(stack, data, headers={"X-Model": "mask2former_ade20k"}),
+                httpx.post(stack.url + "/v1/jobs", json=job, timeout=10),
+            ]
+            unknown = seg_batch(stack, data, headers={"X-Model": "sam9"})
+            assert time.monotonic() < until, "answered only after Redis did"
+        for r in rs:
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+            assert f"the 'mask2former' queue is full ({depth} waiting, MAX_QUEUE_DEPTH={depth})" in r.json()["error"]["message"]
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
+        assert stack.redis.llen("mask2former") == depth and len(stack.redis.keys("tf:job:*")) == jobs_before
+    wait_drained(stack.redis, "mask2former")
+    r = httpx.post(stack.url + "/segment", content=data, headers={**png, "X-Mask": "wall"}, timeout=30)
+    assert r.status_code == 200 and codecs.decode_png(r.content).shape == (300, 451), r.text
 
 
 def test_job_with_all_classes_writes_masks_and_a_label_map(stack) -> None:

@@ -26,7 +26,7 @@ from storage import codecs
 from tasks.errors import Unprocessable
 from tasks.routing import HashRing, image_key, pick_queue
 from tasks.sam3 import parse_params
-from tests.conftest import ROOT, photo, png_bytes
+from tests.conftest import ROOT, fill_queue, photo, png_bytes, stopped, wait_depth, wait_drained
 from workers.featcache import FeatureCache
 
 MODEL_QUERIES = 16  # num_queries of the tiny checkpoint: every query passes confidence_threshold 0
@@ -266,6 +266,52 @@ def test_cache_hits_across_two_workers(stack) -> None:
         assert first.headers["x-cache-hit"] == "false" and second.headers["x-cache-hit"] == "true"
     info = httpx.get(stack.url + "/models/info", timeout=5).json()["models"]["sam3"]
     assert info["live_workers"] == 2
+
+
+def test_full_private_queue_answers_503_for_its_images_only(stack) -> None:
+    """One worker's private queue at its share of MAX_QUEUE_DEPTH (64 over 2 workers: 32): images it
+    owns get 503 with Retry-After and nothing is enqueued; images of the other worker are served.
+    Both private queues full: the model is full (64) though its shared queue is empty."""
+    names = sorted(w.name for w in stack.workers if w.name.startswith("sam3"))
+    ring = HashRing([f"sam3.{n}" for n in names])
+    owned: dict[str, bytes] = {}
+    for seed in range(200, 260):
+        d = _variant(seed)
+        owned.setdefault(ring.node_for(image_key(d)) or "", d)
+        if len(owned) == 2:
+            break
+    hot_q, cold_q = f"sam3.{names[0]}", f"sam3.{names[1]}"
+    hot, cold = (next(w for w in stack.workers if w.name == n) for n in names)
+    share = 64 // 2
+    with stopped(stack, hot, "sam3"):
+        fill_queue(stack.redis, hot_q, "sam3", share)
+        wait_depth(stack.url, "sam3", share)  # the API's depth of sam3 counts the private queue
+        jobs_before = len(stack.redis.keys("tf:job:*"))
+        for path, body in (("/segment", {"prompts": ["astronaut"]}), ("/cached-features", {"text_prompts": ["astronaut"]})):
+            r = httpx.post(stack.url + "/api/v1/image" + path, json={"image": _b64(owned[hot_q]), **body}, timeout=B)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+            assert f"worker queue '{hot_q}' is full ({share} waiting" in r.json()["error"]["message"]
+        assert stack.redis.llen(hot_q) == share and len(stack.redis.keys("tf:job:*")) == jobs_before  # nothing enqueued
+        # the other worker's images, and the model as a whole (32 + 1 <= 64), still take work
+        r = _segment(stack, owned[cold_q], ["astronaut"])
+        assert r.status_code == 200, r.text
+        assert r.headers["x-queue"] == cold_q and r.headers["x-worker"] == names[1]
+        assert len(r.json()["masks"]) == MODEL_QUERIES
+        with stopped(stack, cold, "sam3", fresh=False):  # briefly: no need to wait for its beat
+            fill_queue(stack.redis, cold_q, "sam3", share)
+            wait_depth(stack.url, "sam3", 2 * share)
+            jobs_before = len(stack.redis.keys("tf:job:*"))
+            job = httpx.post(stack.url + "/v1/jobs", json={"model": "sam3", "input": {"image": _b64(owned[cold_q])}, "params": {"prompts": ["astronaut"]}}, timeout=B)
+            gate = httpx.post(stack.url + "/api/v1/image/segment", content=b"{never read", headers={"Content-Type": "application/json"}, timeout=B)
+            for r in (job, gate):
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                assert f"the 'sam3' queue is full ({2 * share} waiting, MAX_QUEUE_DEPTH=64)" in r.json()["error"]["message"]
+            assert stack.redis.llen("sam3") == 0 and len(stack.redis.keys("tf:job:*")) == jobs_before
+    wait_drained(stack.redis, hot_q)  # the resumed workers skip the placeholders (no job record)
+    wait_drained(stack.redis, cold_q)
+    r = _segment(stack, owned[hot_q], ["astronaut"])
+    assert r.status_code == 200 and r.headers["x-worker"] == names[0], r.text
 
 
 def test_job_writes_instances_and_union_mask(stack) -> None:

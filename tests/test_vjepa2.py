@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, make_bucket, wait_job
+from tests.conftest import ROOT, fill_queue, make_bucket, redis_paused, stopped, wait_depth, wait_drained, wait_job
 
 W, H, FPS, N_FRAMES = 64, 48, 25, 70
 SECRET = "s3cret"
@@ -186,6 +186,39 @@ def test_infer_rejects_bad_clips_with_422_and_keeps_answering(stack) -> None:
     r = infer(stack, {**ok, "frames": [b64(cut), *ok["frames"][1:]]})
     assert r.status_code == 422 and "frame 0 could not be decoded" in r.json()["error"]["message"], r.text
     assert infer(stack, ok).status_code == 200
+
+
+def test_full_queue_answers_503_before_the_body_and_without_redis(stack) -> None:
+    """The vjepa2 queue at MAX_QUEUE_DEPTH: /api/v1/infer answers 503 from the admission gate,
+    before routing (a body that is not JSON, or a Content-Type the route would refuse, gets it
+    too: neither is looked at), and a frames job from its route, all while Redis answers
+    nobody; nothing is enqueued."""
+    from tasks.settings import Settings
+
+    depth = Settings.model_fields["max_queue_depth"].default  # this stack's MAX_QUEUE_DEPTH
+    ok = {"frames": [b64(f.tobytes()) for f in frames_rgb(5)], "width": W, "height": H, "format": "RGB"}
+    job = {"model": "vjepa2", "input": ok}
+    with stopped(stack, stack.workers[0], "vjepa2"):
+        fill_queue(stack.redis, "vjepa2", "vjepa2", depth)
+        wait_depth(stack.url, "vjepa2", depth)
+        jobs_before = len(stack.redis.keys("tf:job:*"))
+        with redis_paused(stack.redis, 2.0) as until:
+            rs = [
+                infer(stack, ok),
+                httpx.post(stack.url + "/api/v1/infer", content=b"not json at all", headers={"Content-Type": "application/json"}, timeout=10),
+                # decided before the route looks at anything: the route itself would answer 415
+                httpx.post(stack.url + "/api/v1/infer", content=b"plain text", headers={"Content-Type": "text/plain"}, timeout=10),
+                httpx.post(stack.url + "/v1/jobs", json=job, timeout=10),
+            ]
+            assert time.monotonic() < until, "answered only after Redis did"
+        for r in rs:
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+            assert f"the 'vjepa2' queue is full ({depth} waiting, MAX_QUEUE_DEPTH={depth})" in r.json()["error"]["message"]
+        assert stack.redis.llen("vjepa2") == depth and len(stack.redis.keys("tf:job:*")) == jobs_before
+    wait_drained(stack.redis, "vjepa2")
+    r = infer(stack, ok)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 5, r.text
 
 
 def test_root_lists_endpoints_as_json_and_gives_browsers_html(stack) -> None:

@@ -3,6 +3,10 @@
 A job's input is one of several kinds, chosen by the key present in `input`:
 `image` (base64) and `uri` here; later modules register more kinds (`shards`,
 `video`, `frames`) with `register_input_kind`, so every job keeps the same shape.
+
+Admission: the gate (`api/admission.py`) answers 503 while Redis is away; the model is in
+the body, so each kind's submitter asks `hub.admit` (no live worker, queue full: 503 from
+memory) once its input is validated and before it writes anything.
 """
 
 from __future__ import annotations
@@ -73,14 +77,16 @@ async def _submit_image(*, hub: Hub, settings: Settings, store: BlobStore, tenan
             raise Unprocessable("input.image is not valid base64") from None
     else:
         data = None
+    if data is None:
+        uri = str(input["uri"])
+        check_input_uri(uri, tenant, settings)  # 403: another tenant's prefix, another bucket, a path outside ALLOWED_INPUT_ROOTS
+    elif model != "echo":
+        probe(data, settings.max_image_pixels)
+    hub.admit(model)  # 503 from memory (no live worker, queue full) before anything is written
     if data is not None:
-        if model != "echo":
-            probe(data, settings.max_image_pixels)
         inp, _ = inline_or_staged(data, settings, store, tenant, job_id)
         summary = {"kind": "image", "bytes": len(data)}
     else:
-        uri = str(input["uri"])
-        check_input_uri(uri, tenant, settings)  # 403: another tenant's prefix, another bucket, a path outside ALLOWED_INPUT_ROOTS
         inp = {"uri": uri}
         summary = {"kind": "uri", "uri": uri}
     q = hub.new_request(model, tenant=tenant, kind="job", params={k: v for k, v in params.items() if k != "format"}, fmt=fmt, timeout_s=settings.result_ttl_seconds, inp=inp, job_id=job_id, write_result_json=True)

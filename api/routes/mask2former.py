@@ -42,17 +42,23 @@ def seg_models() -> list[str]:
     return [m for m, spec in MODELS.items() if spec.family == FAMILY]
 
 
+def model_named(asked: str | None) -> str | None:
+    """The segmentation model an `X-Model` value names (the first one when empty), or None."""
+    models = seg_models()
+    if not asked:
+        return models[0] if models else None
+    n = asked.strip().lower()
+    n = seglabels.MODEL_ALIASES.get(n, n)
+    return n if n in models else None
+
+
 def pick_model(request: Request) -> str:
     """The model named by `X-Model` (or `?model=`): a configured segmentation model or an alias of one."""
     asked = request.headers.get("x-model") or request.query_params.get("model")
-    models = seg_models()
-    if not asked:
-        return models[0]
-    n = asked.strip().lower()
-    n = seglabels.MODEL_ALIASES.get(n, n)
-    if n in models:
-        return n
-    raise UnknownModel(f"X-Model {asked!r} is not a segmentation model here; use one of {', '.join(models + sorted(seglabels.MODEL_ALIASES))}")
+    model = model_named(asked)
+    if model is None:
+        raise UnknownModel(f"X-Model {asked!r} is not a segmentation model here; use one of {', '.join(seg_models() + sorted(seglabels.MODEL_ALIASES))}")
+    return model
 
 
 def model_labels(hub: Hub, model: str) -> list[str] | None:

@@ -11,6 +11,10 @@ every later request for the same image (`tasks.routing`); to the shared queue wh
 worker's heartbeat has stopped. The worker writes the RLE masks, boxes and scores as one
 JSON object (`instances.json`); the answer is built from it here. Mask bytes never travel
 through Redis.
+
+503: the admission gate (`api/admission.py`) answers for a full sam3 backlog before the body
+is read; once the image is known, a full private queue of its worker answers 503 too
+(`Hub.admit(..., queue=)`), while images owned by the other workers still pass.
 """
 
 from __future__ import annotations
@@ -146,9 +150,9 @@ async def run_sam3(request: Request, data: bytes, params: Sam3Params, settings: 
     """Enqueue one sam3 request on the worker owning the image and wait: (instances doc, meta, headers)."""
     probe(data, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
     timeout = sync_timeout(request, settings)
-    hub.admit(MODEL)
     key = image_key(data)
     queue = pick_queue(hub.live(MODEL), key, model=MODEL, stale_after_s=2 * settings.worker_heartbeat_s + 1)
+    hub.admit(MODEL, queue=queue)  # 503 from memory when that worker's own queue is full, while the others take work
     from api.hub import new_job_id
 
     job_id = new_job_id()

@@ -2,9 +2,9 @@
 
     POST   /api/v1/video/session/start            {"video_path"|"resource_path", "session_id"?}
     POST   /api/v1/video/session/upload           multipart `file` (mp4/avi/mov/mkv/webm/flv), `session_id`?
-    POST   /api/v1/video/session/{id}/prompt      {"frame_index", "prompts": [{"type": "text", "text"}], "obj_id"?}
+    POST   /api/v1/video/session/{id}/prompt      {"frame_index", "prompts": [text | box | point, ...], "obj_id"?}
     POST   /api/v1/video/prompt/add               {"session_id", "frame_index", "text"}
-    POST   /api/v1/video/session/{id}/propagate   {"direction", "start_frame_index", "max_frames", "stream": false}
+    POST   /api/v1/video/session/{id}/propagate   {"direction", "start_frame_index", "max_frames", "stream": false, "async"?: true}
     POST   /api/v1/video/propagate                {"session_id", ...}
     GET    /api/v1/video/session/{id}/status
     DELETE /api/v1/video/session/{id}/object/{obj_id}
@@ -17,6 +17,11 @@ fewest sessions (its registration hash's `sessions`); `tf:session:<id>` records 
 worker's private queue (TTL SESSION_TTL_SECONDS, renewed by every call) and every later
 call is a `trifecta.video` task on that queue, answered on this API's reply channel.
 A session whose worker is gone answers 410.
+
+`"async": true` on a propagate makes it a job: 202 with a job id at once, the job record
+written here (kind `video-propagate`, in the tenant's `/v1/jobs` list) and the call sent to
+the session's worker without waiting; `GET /v1/jobs/{id}` shows `progress` (frames done of
+total) and, once it has succeeded, one output per frame (its objects as JSON in storage).
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ from fastapi.responses import JSONResponse
 
 from api.body import counted_request, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
-from api.hub import Hub
+from api.hub import Hub, new_job_id
+from api.routes.jobs import links
 from storage.blob import BlobStore, open_store
-from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, SyncTimeout, TrifectaError, Unprocessable, UnsupportedMediaType, from_code, translate
+from tasks import jobstore, keys
+from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, SyncTimeout, TrifectaError, Unprocessable, UnsupportedMediaType, from_code, shown, translate
 from tasks.inputs import STAGED, local_path
-from tasks.sam3_video import DIRECTIONS, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, session_key
+from tasks.sam3_video import DIRECTIONS, JOB_KIND, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, parse_prompts, session_key
 from tasks.settings import Settings
+from tasks.webhooks import check_callback_url
 from tasks.wire import build_message
 
 router = APIRouter(prefix="/api/v1/video", tags=["sam3 video"])
@@ -78,6 +86,8 @@ def _pick_worker(hub: Hub, settings: Settings) -> Any:
 
 async def _call(hub: Hub, queue: str, op: str, sid: str, tenant: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One `trifecta.video` task on `queue`; its reply (on hub.channel) or the error it carried."""
+    if op != "close":  # 503 from memory while the session's worker has a full queue (a close frees a slot: never refused)
+        hub.admit(hub.settings.video_session_model, queue=queue)
     cid = uuid.uuid4().hex
     fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     hub.waiters[cid] = fut
@@ -109,18 +119,27 @@ async def _record(hub: Hub, sid: str, tenant: str) -> dict[str, str]:
 
 async def _forget(hub: Hub, store: BlobStore, sid: str, rec: dict[str, str]) -> None:
     await hub.redis.delete(session_key(sid))
+    if rec.get("job"):  # a propagate job of this session that never finished (its worker died): fail it, don't leave it running
+        err = orjson.dumps({"code": "gone", "message": f"session {sid} was closed or its worker {rec.get('worker')} is gone before this propagate job finished"})
+        await hub.redis.eval(jobstore.FINISH_LUA, 1, keys.job(rec["job"]), "failed", jobstore.now(), "error", err, "", "")
     if rec.get("upload"):
         await asyncio.to_thread(store.delete_prefix, rec["upload"])
 
 
-async def _session_call(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
-    """A call on an open session, on its own worker; 410 when that worker is gone."""
+async def _live_record(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str) -> dict[str, str]:
+    """The session's record, its worker alive; 404 for no such session, 410 when its worker is gone."""
     rec = await _record(hub, sid, tenant)
     alive = {w.id: w for w in hub.live(settings.video_session_model)}
     w = alive.get(rec["worker"])
     if w is None or time.time() - w.heartbeat > _stale_after(settings):
         await _forget(hub, store, sid, rec)
         raise Gone(f"session {sid} lived on worker {rec['worker']}, which is gone; its frames and tracking state are lost — start a new session")
+    return rec
+
+
+async def _session_call(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A call on an open session, on its own worker; 410 when that worker is gone."""
+    rec = await _live_record(hub, settings, store, tenant, sid)
     await hub.redis.expire(session_key(sid), int(settings.session_ttl_seconds) + 5)
     try:
         return await _call(hub, rec["queue"], op, sid, tenant, args, settings.session_call_timeout_s)
@@ -183,7 +202,8 @@ async def upload_session(request: Request, settings: SettingsDep, hub: HubDep, s
         raise Unprocessable("the form needs a `file` part with the video")
     ext = PurePosixPath(up.filename or "").suffix.lower()
     if ext not in VIDEO_EXTENSIONS:
-        raise BadRequest(f"unsupported video format {ext or '(no extension)'!r}; upload one of {', '.join(e[1:] for e in VIDEO_EXTENSIONS)}")
+        shown_ext = shown(ext) if ext else "'(no extension)'"
+        raise BadRequest(f"unsupported video format {shown_ext}; upload one of {', '.join(e[1:] for e in VIDEO_EXTENSIONS)}")
     raw_sid = form.get("session_id")
     sid = _new_sid({"session_id": raw_sid if isinstance(raw_sid, str) else None})
     prefix = f"{tenant}/videos/{sid}/"
@@ -244,32 +264,21 @@ async def list_sessions(settings: SettingsDep, hub: HubDep, tenant: TenantDep) -
 
 
 # ---------------------------------------------------------------- prompts and propagation
-def _prompt_args(body: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+def _prompt_args(body: dict[str, Any], raw: Any, settings: Settings) -> dict[str, Any]:
     fi = int_field(body, "frame_index", 0)
     obj_id = int_field(body, "obj_id", None)
-    return {"frame_index": fi, "texts": texts, "obj_id": obj_id}
-
-
-def _texts(raw: Any) -> list[str]:
-    if not isinstance(raw, list) or not raw:
-        raise Unprocessable('prompts must be a non-empty list like [{"type": "text", "text": "person"}]')
-    out = []
-    for i, p in enumerate(raw):
-        t = p if isinstance(p, str) else p.get("text") if isinstance(p, dict) and p.get("type", "text") == "text" else None
-        if not isinstance(t, str) or not t.strip():
-            raise Unprocessable(f"prompts[{i}] must be a text prompt {{\"type\": \"text\", \"text\": \"...\"}} (video sessions take text prompts)")
-        out.append(" ".join(t.split())[:200])
-    return out
+    prompt = parse_prompts(raw, max_prompts=settings.max_prompts)  # 422 here, before the queue
+    return {"frame_index": fi, "prompts": prompt.wire(), "obj_id": obj_id}
 
 
 def _prompt_answer(res: dict[str, Any]) -> dict[str, Any]:
     return {k: res[k] for k in ("frame_index", "obj_id", "masks", "boxes", "scores", "obj_ids", "worker") if k in res}
 
 
-@router.post("/session/{session_id}/prompt", summary="Text prompt(s) on one frame: the objects found there")
+@router.post("/session/{session_id}/prompt", summary="Text prompts (every matching object), or a box and/or points (one object), on one frame")
 async def add_prompt(session_id: str, request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
     body = await _json(request, settings)
-    res = await _session_call(hub, settings, store, tenant, session_id, "prompt", _prompt_args(body, _texts(body.get("prompts"))))
+    res = await _session_call(hub, settings, store, tenant, session_id, "prompt", _prompt_args(body, body.get("prompts"), settings))
     return JSONResponse(_prompt_answer(res))
 
 
@@ -277,7 +286,8 @@ async def add_prompt(session_id: str, request: Request, settings: SettingsDep, h
 async def add_prompt_flat(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
     body = await _json(request, settings)
     sid = check_session_id(body.get("session_id"))
-    res = await _session_call(hub, settings, store, tenant, sid, "prompt", _prompt_args(body, _texts([body.get("text")])))
+    raw = body["prompts"] if "prompts" in body else [{"type": "text", "text": body.get("text")}]
+    res = await _session_call(hub, settings, store, tenant, sid, "prompt", _prompt_args(body, raw, settings))
     return JSONResponse({"session_id": sid, **_prompt_answer(res)})
 
 
@@ -286,23 +296,65 @@ def _propagate_args(body: dict[str, Any]) -> dict[str, Any]:
     if direction not in DIRECTIONS:
         raise Unprocessable(f"direction must be one of {', '.join(DIRECTIONS)}")
     if body.get("stream"):
-        raise Unprocessable("stream: true is served by the WebSocket WS /api/v1/video/ws/propagate/{session_id}; this endpoint answers every frame at once")
+        raise Unprocessable("stream: true is served by the WebSocket WS /api/v1/video/ws/propagate/{session_id}; this endpoint answers every frame at once (or, with \"async\": true, as a job)")
     return {"direction": direction, "start_frame_index": int_field(body, "start_frame_index", 0), "max_frames": int_field(body, "max_frames", None, minimum=1)}
 
 
-@router.post("/session/{session_id}/propagate", summary="Track the prompted objects through the video")
-async def propagate(session_id: str, request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
-    body = await _json(request, settings)
-    res = await _session_call(hub, settings, store, tenant, session_id, "propagate", _propagate_args(body))
+def _is_async(body: dict[str, Any]) -> bool:
+    v = body.get("async", False)
+    if not isinstance(v, bool):
+        raise Unprocessable(f"async must be true or false, got {type(v).__name__}")
+    return v
+
+
+async def _propagate(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, body: dict[str, Any]) -> JSONResponse:
+    args = _propagate_args(body)
+    if _is_async(body):
+        return await _propagate_job(hub, settings, store, tenant, sid, args, body.get("callback_url"))
+    res = await _session_call(hub, settings, store, tenant, sid, "propagate", args)
     return JSONResponse({k: res[k] for k in ("session_id", "results", "total_frames", "processing_time_ms", "worker")})
+
+
+async def _propagate_job(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, args: dict[str, Any], callback_url: Any) -> JSONResponse:
+    """Write the job record, enqueue the call on the session's worker, answer 202 at once (one pipeline)."""
+    if callback_url is not None:
+        if not isinstance(callback_url, str):
+            raise Unprocessable("callback_url must be a string")
+        check_callback_url(callback_url, settings)
+    rec = await _live_record(hub, settings, store, tenant, sid)
+    hub.admit(settings.video_session_model, queue=rec["queue"])  # 503 from memory while its worker's queue is full
+    job_id = new_job_id()
+    now = time.time()
+    doc = {
+        "id": job_id, "model": settings.video_session_model, "kind": JOB_KIND, "tenant": tenant, "created_at": now,
+        "params": args, "input": {"kind": "video-session", "session_id": sid}, "callback_url": callback_url,
+        "progress": {"done": 0, "total": None},
+    }
+    call = {"id": job_id, "op": "propagate", "session_id": sid, "tenant": tenant, "args": {**args, "job": job_id}, "reply": ""}
+    ttl = settings.result_ttl_seconds
+    k = keys.job(job_id)
+    pipe = hub.redis.pipeline(transaction=True)
+    pipe.hset(k, mapping=jobstore.new_record(doc))
+    pipe.expire(k, ttl)
+    pipe.set(keys.tomb(job_id), tenant, ex=ttl + keys.TOMBSTONE_S)
+    pipe.zadd(keys.jobs_index(tenant), {job_id: now})
+    pipe.hset(session_key(sid), "job", job_id)
+    pipe.expire(session_key(sid), int(settings.session_ttl_seconds) + 5)
+    pipe.lpush(rec["queue"], build_message(TASK_VIDEO, job_id, {"call": call}, rec["queue"]))
+    await pipe.execute()
+    body = {"job_id": job_id, "status": "queued", "kind": JOB_KIND, "session_id": sid, "worker": rec["worker"], "links": links(job_id)}
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.post("/session/{session_id}/propagate", summary="Track the prompted objects through the video (`async: true`: as a job)")
+async def propagate(session_id: str, request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
+    return await _propagate(hub, settings, store, tenant, session_id, await _json(request, settings))
 
 
 @router.post("/propagate", summary="Track through the video (session id in the body)")
 async def propagate_flat(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> JSONResponse:
     body = await _json(request, settings)
-    sid = check_session_id(body.get("session_id"))
-    res = await _session_call(hub, settings, store, tenant, sid, "propagate", _propagate_args(body))
-    return JSONResponse({k: res[k] for k in ("session_id", "results", "total_frames", "processing_time_ms", "worker")})
+    return await _propagate(hub, settings, store, tenant, check_session_id(body.get("session_id")), body)
 
 
 @router.websocket("/ws/propagate/{session_id}")

@@ -9,7 +9,7 @@ the tenant's own S3 prefix or INPUT_URI_ALLOWLIST; `file://` only under
 ALLOWED_INPUT_ROOTS), then the job record and one `trifecta.shard` message per shard go
 out in one pipeline onto `<model>:shards`, a queue every worker of the model consumes
 besides its sync queue, so a bulk job never delays sync requests nor fills their 503
-budget. The workers do the rest (workers/shards.py); the job's `progress` carries
+budget (a shard job gets 503 only with Redis away or no live worker of its model). The workers do the rest (workers/shards.py); the job's `progress` carries
 shards and samples total/done/failed, throughput and an ETA.
 """
 
@@ -91,6 +91,7 @@ async def submit_shards(
     if fmt not in codecs.FORMATS:
         raise Unprocessable(f"params.format {fmt!r} is not one of {', '.join(codecs.FORMATS)}")
     if upload is not None:  # one shard as a multipart `file`: Starlette spooled it to disk; copy it to storage in chunks
+        hub.check(model, 0)  # 503 (Redis away, no live worker) before the copy
         key = stage_key(tenant, job_id, "shard.tar")
         size = await asyncio.to_thread(store.put_stream, key, upload.file, "application/x-tar")
         uris = [f"{STAGED}{key}"]
@@ -101,6 +102,7 @@ async def submit_shards(
             if u.startswith(STAGED):
                 raise BadRequest("shard URIs are s3://bucket/key or file:///path")
             check_input_uri(u, tenant, settings)  # 400 / 403 before anything is queued
+        hub.check(model, 0)  # 503 (Redis away, no live worker); no depth: the shard queue is not the sync budget
         summary = {"kind": "shards", "shards": len(uris), "first": uris[0], "last": uris[-1]}
     now = time.time()
     worker_params = {k: v for k, v in params.items() if k != "format"}

@@ -194,6 +194,7 @@ async def _submit_video(*, hub: Hub, settings: Settings, store: BlobStore, tenan
     step = _int_param(params, "frame_step", 1, 1000)
     top_k = _top_k(params, settings)
     if upload is not None:
+        hub.admit(MODEL)  # 503 from memory before the upload is copied to storage
         key = stage_key(tenant, job_id, "video")
         if isinstance(upload, (bytes, bytearray)):
             if len(upload) > settings.max_video_bytes:
@@ -211,6 +212,7 @@ async def _submit_video(*, hub: Hub, settings: Settings, store: BlobStore, tenan
         if not isinstance(uri, str) or not uri:
             raise Unprocessable("input.video must be an s3:// or file:// URI (or upload the file as multipart with kind=video)")
         check_input_uri(uri, tenant, settings)
+        hub.admit(MODEL)  # the decode task is one message on the shared queue
         summary = {"kind": "video", "uri": uri}
     now = time.time()
     doc = {"id": job_id, "model": model, "kind": "job", "tenant": tenant, "created_at": now, "params": params, "input": summary, "callback_url": callback_url}
@@ -233,6 +235,10 @@ async def _submit_frames(*, hub: Hub, settings: Settings, store: BlobStore, tena
     if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps <= 1000):
         raise Unprocessable("input.fps must be a number of frames per second (0 < fps <= 1000)")
     n_clips = len(frames) // per
+    # room for one clip, from memory; the whole job is counted at once (before any await), so the
+    # next requests see it, but a job is never refused only for having more clips than MAX_QUEUE_DEPTH
+    hub.check(MODEL)
+    hub.depth[MODEL] = hub.depth.get(MODEL, 0) + n_clips
     children = []
     for i in range(n_clips):
         data = clipc.pack_clip(frames[i * per : (i + 1) * per], w, h, fmt)
@@ -246,7 +252,6 @@ async def _submit_frames(*, hub: Hub, settings: Settings, store: BlobStore, tena
     doc = {"id": job_id, "model": model, "kind": "job", "tenant": tenant, "created_at": now, "params": params, "input": summary, "callback_url": callback_url, "progress": {"done": 0, "total": n_clips}}
     state = {"kind": "frames", "tenant": tenant, "top_k": top_k, "per_clip": per, "fps": fps or "", "width": w, "height": h, "total": n_clips, "emitted": n_clips, "frames": len(frames)}
     await _enqueue(hub, settings, doc, state, children, first_chunk=False)
-    hub.depth[MODEL] = hub.depth.get(MODEL, 0) + n_clips
     return doc
 
 

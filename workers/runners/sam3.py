@@ -279,6 +279,7 @@ def _cxcywh(b: np.ndarray) -> list[float]:
 
 # ---------------------------------------------------------------- tiny checkpoint and offline fallback
 TINY_RESOLUTION = 112  # 8 x 8 patches of 14 px
+TRACKER_MEMORY_DIM = 64  # fixed by transformers' tracker (memory attention's kv_in_dim=64); see tiny_config
 
 
 def tiny_tokenizer() -> Any:
@@ -295,17 +296,38 @@ def tiny_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
-def tiny_config(vocab_size: int, res: int = TINY_RESOLUTION, hidden: int = 32) -> Any:
-    """A `Sam3VideoConfig` (detector + tracker, as facebook/sam3 ships) with every part tiny."""
+def tiny_config(vocab_size: int, res: int = TINY_RESOLUTION, hidden: int = 2 * TRACKER_MEMORY_DIM, vit: int = 32, max_objects: int = 2) -> Any:
+    """A `Sam3VideoConfig` (detector + tracker, as facebook/sam3 ships) with every part tiny,
+    able to detect and track objects through a video with random weights.
+
+    Shapes: `hidden` (the FPN width, which the detector heads and the tracker share) is at
+    least twice the tracker's memory width, which is fixed at 64 — transformers' memory
+    attention reads memories through key/value projections of 64 inputs (`kv_in_dim=64` in
+    Sam3TrackerVideoMemoryAttentionLayer), so `memory_encoder_output_channels` must be 64, and
+    the FPN-wide object pointers join the memories split into 64-wide tokens (at a width of
+    exactly 64 transformers' unsplit branch concatenates a 4-d tensor with 3-d memories and
+    fails). The ViT, the largest part, stays `vit` wide.
+
+    Video heuristics: random-init detection scores are about 0.25, under the trained 0.5,
+    so detections pass at 0.1 here; at a text prompt (no object tracked yet) the first
+    `max_objects` of them become the tracked objects (the tracker runs once per object per
+    frame); later frames add none (`new_det_thresh` 1.0). Random masks match nothing, so
+    association is switched off both ways: a track always counts as matched (never dropped as
+    unmatched) and a detection never joins a track (never flagged as a duplicate); no hot
+    start (`hotstart_delay` 0: frames come out as they are computed). So an object keeps its
+    id through the video, however often it is propagated and from wherever.
+    """
     from transformers import Sam3VideoConfig
 
+    if hidden % TRACKER_MEMORY_DIM or hidden < 2 * TRACKER_MEMORY_DIM:
+        raise ValueError(f"hidden must be a multiple of {TRACKER_MEMORY_DIM} (the tracker's memory width), at least {2 * TRACKER_MEMORY_DIM}")
     h2 = 2 * hidden
     g = res // 14
     vision = {
         "backbone_config": {
             "model_type": "sam3_vit_model",
-            "hidden_size": hidden,
-            "intermediate_size": h2,
+            "hidden_size": vit,
+            "intermediate_size": 2 * vit,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "image_size": res,
@@ -349,13 +371,44 @@ def tiny_config(vocab_size: int, res: int = TINY_RESOLUTION, hidden: int = 32) -
         "memory_attention_num_attention_heads": 1,
         "memory_attention_feed_forward_hidden_size": h2,
         "memory_encoder_hidden_size": hidden,
-        "memory_encoder_output_channels": 16,
+        "memory_encoder_output_channels": TRACKER_MEMORY_DIM,
         "mask_downsampler_embed_dim": hidden,
         "memory_fuser_embed_dim": hidden,
         "memory_fuser_intermediate_dim": h2,
         "image_size": res,
     }
-    return Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * g)
+    video = {
+        "score_threshold_detection": 0.1,
+        "new_det_thresh": 1.0,
+        "max_num_objects": max_objects,
+        "trk_assoc_iou_thresh": 0.0,
+        "assoc_iou_thresh": 1.01,
+        "hotstart_delay": 0,
+        "hotstart_unmatch_thresh": 0,
+        "hotstart_dup_thresh": 0,
+    }
+    return Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * g, **video)
+
+
+def wake_random_heads(model: Any) -> None:
+    """Two heads of a random-init `Sam3VideoModel` set so the video pipeline has something to carry.
+
+    - The detector's mask logits are about ±0.03 at random init, and the video model turns a
+      detection into a tracked object through `logits >= 0.5`: every new object would start
+      from an empty mask. Its pixel projection is scaled up (x100, signs unchanged, so image
+      masks thresholded at 0 keep their pixels) to give logits of a few units.
+    - The tracker's object-presence head decides per frame whether the object is there at all
+      (below 0 its mask is blanked): it is set to always answer "present".
+    A trained checkpoint learns both; these only make random weights exercise every path."""
+    import torch
+
+    with torch.no_grad():
+        proj = model.detector_model.mask_decoder.instance_projection
+        proj.weight.mul_(100.0)
+        proj.bias.mul_(100.0)
+        head = model.tracker_model.mask_decoder.pred_obj_score_head.proj_out
+        head.weight.zero_()
+        head.bias.fill_(10.0)
 
 
 def write_processors(out: str | Path, tokenizer: Any, res: int) -> None:
@@ -380,7 +433,9 @@ def write_tiny(out: str) -> str:
     tok = tiny_tokenizer()
     cfg = tiny_config(len(tok))
     torch.manual_seed(0)
-    Sam3VideoModel(cfg).save_pretrained(str(path))
+    model = Sam3VideoModel(cfg)
+    wake_random_heads(model)
+    model.save_pretrained(str(path))
     write_processors(path, tok, TINY_RESOLUTION)
     (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (tiny)", "revision": None}))
     return str(path)
