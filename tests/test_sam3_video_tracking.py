@@ -332,3 +332,25 @@ def test_propagate_job_fails_for_a_bad_frame_and_stops_when_cancelled(sam3_stack
     stopped = [line for line in log.splitlines() if "session s-cancel: propagation stopped" in line and "stream closed" in line]
     assert len(stopped) == 1 and int(stopped[0].split("after ")[1].split()[0]) < 40, stopped
     assert httpx.delete(_api(sam3_stack) + "/session/s-cancel", timeout=B).status_code == 200
+
+
+def test_propagate_job_of_a_dead_worker_fails_with_gone(make_stack, videos: Path, tiny: Path) -> None:
+    """The job runs on the one worker holding the session: when that worker dies mid-propagation,
+    the next poll fails the job with 410's code instead of showing `running` until the TTL."""
+    env = {"SAM3_CHECKPOINT": str(tiny), "ALLOWED_INPUT_ROOTS": str(videos), "MAX_BATCH_SIZE": "1", "INTRA_OP_THREADS": "1", "WORKER_HEARTBEAT_S": "1"}
+    st = make_stack(models=["sam3"], env=env)
+    _start(st, videos, "s-orphan", "long.mp4")
+    assert _prompt(st, "s-orphan", {"frame_index": 0, "prompts": ["square"]}).status_code == 200
+    r = httpx.post(_api(st) + "/session/s-orphan/propagate", json={"async": True, "direction": "forward"}, timeout=B)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    j = wait_job(st.url, job_id, timeout=B, until=("running", "succeeded"))
+    if j["status"] == "succeeded":
+        pytest.skip("the 40-frame propagation finished before the kill; nothing to orphan")
+    st.workers[0].kill()
+    j = wait_job(st.url, job_id, timeout=60)  # the worker's registration expires within a few heartbeats
+    assert j["status"] == "failed" and j["error"]["code"] == "gone", j
+    assert j["worker"] == r.json()["worker"] and j["progress"]["done"] < 40
+    assert "start a new session" in j["error"]["message"]
+    again = httpx.get(f"{st.url}/v1/jobs/{job_id}", timeout=B).json()
+    assert again["status"] == "failed" and again["finished_at"] == j["finished_at"]  # failed once, stays failed

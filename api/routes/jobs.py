@@ -27,11 +27,12 @@ from api.hub import Hub, new_job_id
 from api.routes.sync import inline_or_staged
 from storage import codecs
 from storage.blob import BlobStore, iter_chunks
-from tasks import keys
-from tasks.errors import BadRequest, Conflict, JobNotFound, NotFound, PayloadTooLarge, UnknownModel, Unprocessable, UnsupportedMediaType
+from tasks import jobstore, keys
+from tasks.errors import BadRequest, Conflict, Gone, JobNotFound, NotFound, PayloadTooLarge, UnknownModel, Unprocessable, UnsupportedMediaType
 from tasks.images import probe
 from tasks.inputs import check_input_uri
 from tasks.models import MODELS
+from tasks.sam3_video import JOB_KIND as VIDEO_JOB_KIND
 from tasks.settings import Settings
 from tasks.webhooks import check_callback_url
 
@@ -222,9 +223,22 @@ def render(rec: dict[str, Any], store: BlobStore, settings: Settings) -> dict[st
     return out
 
 
+async def fail_orphaned(hub: Hub, settings: Settings, rec: dict[str, Any]) -> dict[str, Any]:
+    """A video-propagate job runs on the one worker holding its session and cannot move: once
+    that worker is gone (its registration expired) the job is failed with 410's code, rather
+    than showing `running` until its record expires."""
+    if rec.get("kind") != VIDEO_JOB_KIND or rec["status"] not in ("queued", "running") or not rec.get("worker") or not hub.redis_ok:
+        return rec
+    if any(w.id == rec["worker"] for w in hub.live(settings.video_session_model)):
+        return rec
+    err = {"code": Gone.code, "message": f"the worker {rec['worker']} holding this job's video session is gone (it died or was stopped); start a new session and propagate again"}
+    await hub.redis.eval(jobstore.FINISH_LUA, 1, keys.job(rec["job_id"]), "failed", jobstore.now(), "error", orjson.dumps(err), "", "")
+    return await hub.get_job(rec["job_id"]) or rec
+
+
 @router.get("/{job_id}", summary="Job status, progress and outputs")
 async def get_job(job_id: str, hub: HubDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
-    return render(await load_job(hub, job_id, tenant), store, settings)
+    return render(await fail_orphaned(hub, settings, await load_job(hub, job_id, tenant)), store, settings)
 
 
 @router.get("/{job_id}/result", summary="Stream a job's output (`?key=` picks one)")

@@ -334,7 +334,7 @@ async def _propagate_job(hub: Hub, settings: Settings, store: BlobStore, tenant:
     ttl = settings.result_ttl_seconds
     k = keys.job(job_id)
     pipe = hub.redis.pipeline(transaction=True)
-    pipe.hset(k, mapping=jobstore.new_record(doc))
+    pipe.hset(k, mapping={**jobstore.new_record(doc), "worker": rec["worker"]})  # the session's worker: a poll finds the job orphaned if it dies
     pipe.expire(k, ttl)
     pipe.set(keys.tomb(job_id), tenant, ex=ttl + keys.TOMBSTONE_S)
     pipe.zadd(keys.jobs_index(tenant), {job_id: now})
