@@ -130,3 +130,12 @@ def test_batch_collector_takes_until_size_or_deadline() -> None:
     assert take_batch([10.0, 10.0], now=10.0, max_size=4, timeout_s=1, free_slots=1, force=True) == 2
     assert take_batch([10.0], now=10.0, max_size=1, timeout_s=1, free_slots=2) == 1
     assert take_batch([], now=10.0, max_size=4, timeout_s=0, free_slots=1) == 0
+
+
+def test_keep_big_buffers_sets_glibc_thresholds() -> None:
+    import platform
+
+    from workers.device import keep_big_buffers
+
+    ok = keep_big_buffers()
+    assert ok is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -364,11 +364,12 @@ def gpu_memory_mb(device: Device) -> float:
 
 
 def run_worker(model: str, device: str, name: str | None, settings: Settings, loglevel: str = "INFO") -> None:
-    from workers.device import pin
+    from workers.device import keep_big_buffers, pin
 
     if model not in MODELS:
         raise SystemExit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
+    keep_big_buffers()
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from celery import signals
 
