@@ -109,9 +109,9 @@ class WorkerService:
         drain = self.settings.bulk_drain and room > 0
         pipe = self.r.pipeline(transaction=False)
         if drain:
-            self._drain(keys=[keys.shared_queue(self.model), "unacked", "unacked_index"], args=[room, time.time(), keys.TASK_INFER], client=pipe)
+            _queue_script(pipe, self._drain, [keys.shared_queue(self.model), "unacked", "unacked_index"], [room, time.time(), keys.TASK_INFER])
         for q in reqs:
-            self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries, self.worker_id], client=pipe)
+            _queue_script(pipe, self._start, [keys.job(q.id)], [now, self.settings.max_deliveries, self.worker_id])
         res = pipe.execute(raise_on_error=False)
         raws = res.pop(0) if drain else []
         for r in res:
@@ -135,7 +135,7 @@ class WorkerService:
         if added:
             pipe = self.r.pipeline(transaction=False)
             for q in added:
-                self._start(keys=[keys.job(q.id)], args=[now, self.settings.max_deliveries, self.worker_id], client=pipe)
+                _queue_script(pipe, self._start, [keys.job(q.id)], [now, self.settings.max_deliveries, self.worker_id])
             try:
                 states += pipe.execute()
             except redis.RedisError:
@@ -240,7 +240,7 @@ class WorkerService:
             field = "result" if status == "succeeded" else "error"
             payload = orjson.dumps(body)
             reply = jobstore.reply_payload(q.id, status, {field: body}) if q.reply else b""
-            self._finish(keys=[keys.job(q.id)], args=[status, now, field, payload, q.reply or "", reply], client=pipe)
+            _queue_script(pipe, self._finish, [keys.job(q.id)], [status, now, field, payload, q.reply or "", reply])
         # the work is done: keep trying to record it through a Redis restart (outputs are already in storage)
         for delay in (0, 0.25, 0.5, 1, 2, 2, 4, 4, 8):
             time.sleep(delay)
@@ -361,6 +361,14 @@ def gpu_memory_mb(device: Device) -> float:
         return round(torch.cuda.memory_allocated(0) / 1e6, 1)
     except Exception:  # noqa: BLE001
         return 0.0
+
+
+def _queue_script(pipe: Any, script: Any, keys_: list[str], args: list[Any]) -> None:
+    """A Lua script in a pipeline as EVAL: redis-py sends SCRIPT EXISTS before every pipeline
+    holding EVALSHA scripts, one more round trip per batch on the hot path (twice per batch:
+    start and finish); EVAL needs none and survives a Redis restart that emptied the script
+    cache. Redis hashes the ~1 KB body and reuses its compiled script."""
+    pipe.eval(script.script, len(keys_), *keys_, *args)
 
 
 def run_worker(model: str, device: str, name: str | None, settings: Settings, loglevel: str = "INFO") -> None:
