@@ -43,6 +43,7 @@ from workers.metrics import WorkerMetrics
 from workers.runners.base import BatchStats, Item, Produced, Runner
 
 log = logging.getLogger("trifecta.worker")
+FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; older, the batch re-reads the status
 
 
 class WorkerService:
@@ -67,6 +68,33 @@ class WorkerService:
         self.stopping = False
         self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
         self.reg_fields: dict[str, Any] = {}  # extra registration fields from runners' tasks: name -> () -> str (e.g. video `sessions`)
+        # started at receive (workers.broker: START in kombu's unacked-record round trip):
+        # job id -> (START state, shared queue length then, monotonic time, kombu delivery tag)
+        self.received: dict[str, tuple[Any, int, float, str]] = {}
+        self.acked: dict[str, float] = {}  # kombu tag -> when: its unacked records went with the FINISH pipeline
+
+    # -- hooks into kombu's round trips (workers.broker) ------------------------
+    def on_receive(self, pipe: Any, message: Any, delivery_tag: str) -> Any:
+        headers = message.headers or {}
+        jid = headers.get("id")
+        if headers.get("task") != keys.TASK_INFER or not isinstance(jid, str):
+            return None
+        _queue_script(pipe, self._start, [keys.job(jid)], [jobstore.now(), self.settings.max_deliveries, self.worker_id])
+        pipe.llen(keys.shared_queue(self.model))
+
+        def take(res: list[Any]) -> None:
+            st, llen = res
+            if isinstance(st, Exception):  # the batch starts this job itself
+                log.warning("job=%s: start at receive failed (%s)", jid, st)
+                return
+            with self._lock:
+                self.received[jid] = (st, llen if isinstance(llen, int) else 1, time.monotonic(), delivery_tag)
+
+        return take
+
+    def acked_already(self, delivery_tag: str) -> bool:
+        with self._lock:
+            return self.acked.pop(delivery_tag, None) is not None
 
     # -- the batch ----------------------------------------------------------
     def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> bool:
@@ -85,10 +113,10 @@ class WorkerService:
         with self._lock:
             self.in_flight += n0
         try:
-            tags, states = self._top_up_and_start(reqs)
+            tags, states, kombu_tags = self._top_up_and_start(reqs)
             with self._lock:
                 self.in_flight += len(reqs) - n0
-            return self._handle(reqs, t_start, tags, states)
+            return self._handle(reqs, t_start, tags, states, kombu_tags)
         except redis.RedisError as e:
             log.warning("batch of %d not started: Redis unreachable (%s); requeued", len(reqs), e)
             return False
@@ -99,25 +127,59 @@ class WorkerService:
                 self.drained_tags.difference_update(tags)
             self._check_memory()
 
-    def _top_up_and_start(self, reqs: list[InferRequest]) -> tuple[list[str], list[Any]]:
+    def _top_up_and_start(self, reqs: list[InferRequest]) -> tuple[list[str], list[Any], list[str]]:
         """Fill the batch from the shared queue (BULK_DRAIN: kombu would otherwise fetch, record
-        and ack each message with a round trip of its own) and mark the delivered requests
-        `running`, in ONE round trip; a second one only for requests the drain brought in.
-        Appends the drained requests to `reqs`; returns their delivery tags and every START state."""
+        and ack each message with a round trip of its own) and make sure every request is
+        started. A request kombu delivered was started at receive (workers.broker); its state
+        stands if it is fresh (FRESH_S), else its status is re-read (a cancel meanwhile). The
+        drain is skipped when the queue was empty at the latest receive, so a lone request
+        costs no round trip here; otherwise ONE round trip, and a second one only for
+        requests the drain brought in. Appends the drained requests to `reqs`; returns the
+        drained delivery tags, every START state, and the kombu tags to ack with FINISH."""
         now = jobstore.now()
+        mono = time.monotonic()
         room = self.settings.max_batch_size - len(reqs)
-        drain = self.settings.bulk_drain and room > 0
-        pipe = self.r.pipeline(transaction=False)
-        if drain:
-            _queue_script(pipe, self._drain, [keys.shared_queue(self.model), "unacked", "unacked_index"], [room, time.time(), keys.TASK_INFER])
-        for q in reqs:
-            _queue_script(pipe, self._start, [keys.job(q.id)], [now, self.settings.max_deliveries, self.worker_id])
-        res = pipe.execute(raise_on_error=False)
-        raws = res.pop(0) if drain else []
-        for r in res:
-            if isinstance(r, Exception):
-                raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
-        states = list(res)
+        states: list[Any] = [None] * len(reqs)
+        start_here: list[int] = []
+        recheck: list[int] = []
+        kombu_tags: list[str] = []
+        latest: tuple[float, int] | None = None
+        with self._lock:
+            for i, q in enumerate(reqs):
+                got = self.received.pop(q.id, None)
+                if got is None:
+                    start_here.append(i)
+                    continue
+                st, llen, t, tag = got
+                states[i] = st
+                kombu_tags.append(tag)
+                if mono - t > FRESH_S:
+                    recheck.append(i)
+                if latest is None or t > latest[0]:
+                    latest = (t, llen)
+        quiet = not start_here and latest is not None and latest[1] == 0 and mono - latest[0] <= FRESH_S
+        drain = self.settings.bulk_drain and room > 0 and not quiet
+        raws: Any = []
+        if drain or start_here or recheck:
+            pipe = self.r.pipeline(transaction=False)
+            if drain:
+                _queue_script(pipe, self._drain, [keys.shared_queue(self.model), "unacked", "unacked_index"], [room, time.time(), keys.TASK_INFER])
+            for i in start_here:
+                _queue_script(pipe, self._start, [keys.job(reqs[i].id)], [now, self.settings.max_deliveries, self.worker_id])
+            for i in recheck:
+                pipe.hget(keys.job(reqs[i].id), "status")
+            res = pipe.execute(raise_on_error=False)
+            raws = res.pop(0) if drain else []
+            for r in res:
+                if isinstance(r, Exception):
+                    raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
+            for i in start_here:
+                states[i] = res.pop(0)
+            for i in recheck:
+                raw_status = res.pop(0)
+                status = orjson.loads(raw_status) if raw_status else "missing"
+                if status in ("succeeded", "failed", "cancelled", "expired", "missing"):
+                    states[i] = [status, states[i][1]]
         if isinstance(raws, Exception):  # the drain failed alone: run the batch as it is
             log.warning("bulk drain failed (%s)", raws)
             raws = []
@@ -143,9 +205,9 @@ class WorkerService:
                     self.drained_tags.difference_update(tags)
                 raise
             reqs += added
-        return tags, states
+        return tags, states, kombu_tags
 
-    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any]) -> bool:
+    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any], kombu_tags: list[str]) -> bool:
         now = jobstore.now()
         live: list[InferRequest] = []
         done: list[tuple[InferRequest, str, dict[str, Any]]] = []
@@ -206,7 +268,7 @@ class WorkerService:
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
-        self._finish_all(done, tags or [])
+        self._finish_all(done, tags or [], kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
         for q, status, _body in done:
             log.info(
@@ -228,14 +290,16 @@ class WorkerService:
             outs.append(Output(key=key, format=fmt, path=path, bytes=len(data), content_type=ctype))
         return outs, res.meta
 
-    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str]) -> None:
-        if not done and not tags:
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str] | None = None) -> None:
+        kombu_tags = kombu_tags or []
+        acks = [*tags, *kombu_tags]
+        if not done and not acks:
             return
         now = jobstore.now()
         pipe = self.r.pipeline(transaction=False)
-        if tags:  # ack the messages this batch drained itself, as kombu's QoS.ack would
-            pipe.zrem("unacked_index", *tags)
-            pipe.hdel("unacked", *tags)
+        if acks:  # ack the batch's messages here, as kombu's QoS.ack would (kombu's own ack then skips Redis)
+            pipe.zrem("unacked_index", *acks)
+            pipe.hdel("unacked", *acks)
         for q, status, body in done:
             field = "result" if status == "succeeded" else "error"
             payload = orjson.dumps(body)
@@ -252,6 +316,7 @@ class WorkerService:
         else:
             raise redis.ConnectionError("could not record results after retries")
         with self._lock:
+            self.acked.update(dict.fromkeys(kombu_tags, time.monotonic()))
             for _, status, _ in done:
                 if status == "succeeded":
                     self.processed += 1
@@ -309,7 +374,17 @@ class WorkerService:
         except (AttributeError, RuntimeError):
             return []
 
+    def _prune(self, age_s: float = 600.0) -> None:
+        """Bookkeeping of messages that never reached a batch or an ack (requeued, shutdown)."""
+        old = time.monotonic() - age_s
+        with self._lock:
+            for jid in [j for j, v in self.received.items() if v[2] < old]:
+                del self.received[jid]
+            for tag in [t for t, at in self.acked.items() if at < old]:
+                del self.acked[tag]
+
     def beat(self) -> None:
+        self._prune()
         hb = self.settings.worker_heartbeat_s
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
@@ -395,6 +470,10 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         svc.metrics.gpu_memory.set_function(lambda: gpu_memory_mb(dev) * 1e6)
         svc.metrics.serve(settings.worker_metrics_port)
     app = make_app(settings)
+    from workers import broker
+
+    app.conf.broker_transport = broker.TRANSPORT  # kombu's Redis transport carrying START and acks (workers/broker.py)
+    broker.install(svc)
 
     from workers.batching import AdaptiveBatches
 

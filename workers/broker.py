@@ -1,0 +1,81 @@
+"""kombu's Redis transport, with the worker's own bookkeeping riding in kombu's round trips.
+
+Why a subclass and not a fork: kombu's consumer (BRPOP, unacked records, restore after
+the visibility timeout) stays exactly as it is; two of its Redis round trips simply carry
+more commands, so the hot path of a request costs the same number of round trips as a
+bare Celery task:
+
+- `QoS.append` (kombu records a popped message as unacked: ZADD + HSET) also runs the
+  worker's START script for an inference message (count the delivery, mark the job
+  running, refuse finished or cancelled jobs, dead-letter past MAX_DELIVERIES) and reads
+  the shared queue's length (a batch that finds it empty skips the BULK_DRAIN round trip);
+- `QoS.ack` skips its ZREM + HDEL for a message whose ack already rode in the batch's
+  FINISH pipeline (the one that records the results and publishes them).
+
+The worker installs its hook with `install(...)`; without one, this is kombu's transport.
+Selected by `broker_transport` in the worker's Celery app (tasks.celery_app.make_app), so
+the broker URL stays a plain redis:// URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import time
+from typing import Any, Protocol
+
+from kombu.transport import redis as kredis
+from kombu.transport.virtual import base as vbase
+from kombu.utils.json import dumps
+
+TRANSPORT = "workers.broker:Transport"
+
+
+class Hook(Protocol):
+    def on_receive(self, pipe: Any, message: Any, delivery_tag: str) -> Callable[[list[Any]], None] | None:
+        """Queue commands on kombu's append pipeline; return what takes their results (or None)."""
+
+    def acked_already(self, delivery_tag: str) -> bool:
+        """True when the batch's FINISH pipeline already removed this message's unacked records."""
+
+
+_hook: Hook | None = None
+
+
+def install(hook: Hook | None) -> None:
+    global _hook
+    _hook = hook
+
+
+class QoS(kredis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        hook = _hook
+        if hook is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            # kombu's own two commands, unchanged (MULTI/EXEC as kombu sends them)
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
+            take = hook.on_receive(pipe, message, delivery_tag)
+            res = pipe.execute(raise_on_error=False)
+        for r in res[:2]:
+            if isinstance(r, Exception):  # kombu's record itself failed: as kombu would, raise
+                raise r
+        if take is not None:
+            take(res[2:])  # the hook copes with its own errors (the batch then starts the job itself)
+        vbase.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        hook = _hook
+        if hook is not None and hook.acked_already(delivery_tag):
+            vbase.QoS.ack(self, delivery_tag)  # local bookkeeping only: Redis already has it
+            return
+        super().ack(delivery_tag)
+
+
+class Channel(kredis.Channel):
+    QoS = QoS
+
+
+class Transport(kredis.Transport):
+    Channel = Channel
