@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -246,7 +246,9 @@ class WorkerService:
                 log.exception("recording %d dropped requests with their jobs failed", len(dropped))
         stats = BatchStats()
         results = self.runner.run_batch(items, stats) if items else []
-        futures = [(it, self._io.submit(self._publish_outputs, it.req, res)) if isinstance(res, Produced) else (it, res) for it, res in zip(items, results, strict=True)]
+        # several samples' outputs are encoded and written in parallel; one sample's (or none) needs no thread hop
+        parallel = sum(isinstance(res, Produced) and bool(res.masks or res.blobs) for res in results) > 1
+        futures = [(it, (self._io.submit if parallel else _now)(self._publish_outputs, it.req, res)) if isinstance(res, Produced) else (it, res) for it, res in zip(items, results, strict=True)]
         model_ms = stats.model_ms + stats.prepare_ms
         for it, fut in futures:
             q = it.req
@@ -307,7 +309,8 @@ class WorkerService:
             _queue_script(pipe, self._finish, [keys.job(q.id)], [status, now, field, payload, q.reply or "", reply])
         # the work is done: keep trying to record it through a Redis restart (outputs are already in storage)
         for delay in (0, 0.25, 0.5, 1, 2, 2, 4, 4, 8):
-            time.sleep(delay)
+            if delay:
+                time.sleep(delay)
             try:
                 pipe.execute()
                 break
@@ -411,6 +414,16 @@ class WorkerService:
             self.r.srem(keys.WORKERS, self.worker_id)
         except redis.RedisError:
             pass
+
+
+def _now(fn: Any, *args: Any) -> Future[Any]:
+    """`fn(*args)` run here, as a finished future (same shape as the storage pool's)."""
+    f: Future[Any] = Future()
+    try:
+        f.set_result(fn(*args))
+    except Exception as e:  # noqa: BLE001 - delivered through the future, as the pool would
+        f.set_exception(e)
+    return f
 
 
 def _err(e: TrifectaError) -> dict[str, Any]:
