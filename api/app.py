@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.admission import AdmissionGate
+from api.fastpath import SyncFastPath
 from api.hub import Hub
 from api.janitor import Janitor
 from api.metrics import MetricsMiddleware
@@ -57,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(AdmissionGate)  # innermost: 503 for a full queue before routing (api/admission.py)
+    app.add_middleware(SyncFastPath)  # innermost: POST /run_{model} without the router's overhead (api/fastpath.py)
+    app.add_middleware(AdmissionGate)  # 503 for a full queue before routing (api/admission.py)
     # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
     app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
     app.add_middleware(MetricsMiddleware)  # outermost: counts 401/429 answers too (api/metrics.py)

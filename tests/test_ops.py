@@ -140,6 +140,24 @@ def test_metrics_count_requests_rejections_timeouts_and_worker_figures(stack) ->
     assert not [k for k in m if k[0] == "trifecta_worker_gpu_memory_bytes"]
 
 
+def test_sync_fast_path_answers_as_the_routes_do(stack) -> None:
+    """POST /run_{model} is served ahead of FastAPI's router (api/fastpath.py): same answers,
+    same errors, same metrics labels; other methods and the OpenAPI schema still come from FastAPI."""
+    r = httpx.post(stack.url + "/run_echo", content=b"abc", headers={"Content-Type": "image/png", "Accept": "application/json"}, timeout=10)
+    assert r.status_code == 200 and r.json()["bytes"] == 3 and r.headers["x-worker"] == "echo-ops"
+    bad = httpx.post(stack.url + "/run_echo", content=b"abc", headers={"Content-Type": "text/plain"}, timeout=10)
+    assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
+    fmt = httpx.post(stack.url + "/run_textmask?format=bmp", content=b"abc", headers={"Content-Type": "image/png"}, timeout=10)
+    assert fmt.status_code == 400 and "bmp" in fmt.json()["error"]["message"]
+    g = httpx.get(stack.url + "/run_echo", timeout=10)
+    assert g.status_code == 405 and g.json()["error"]["code"] == "method_not_allowed"
+    paths = httpx.get(stack.url + "/openapi.json", timeout=10).json()["paths"]
+    assert {"/run_segmentation", "/run_textmask", "/run_facemask", "/run_echo"} <= set(paths) and "post" in paths["/run_echo"]
+    m = scrape(stack.url)
+    assert value(m, "trifecta_http_requests_total", route="/run_echo", method="POST", status="415") >= 1
+    assert value(m, "trifecta_http_requests_total", route="/run_textmask", method="POST", status="400") >= 1
+
+
 def test_metrics_add_up_across_api_processes(stack, tmp_path: Path) -> None:
     port = free_port()
     mp = tmp_path / "prom"

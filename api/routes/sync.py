@@ -200,12 +200,17 @@ def _job_id() -> str:
     return new_job_id()
 
 
+async def run_sync_endpoint(model: str, request: Request, settings: Settings, hub: Any, store: BlobStore, tenant: str) -> Response:
+    """One sync call, as its route and api.fastpath both serve it; errors come out as TrifectaError."""
+    try:
+        return await _run(model, request, settings, hub, store, tenant)
+    except Exception as e:
+        raise translate(e) from e
+
+
 def _make(model: str):  # noqa: ANN202 - FastAPI endpoint factory
     async def endpoint(request: Request, settings: SettingsDep, hub: HubDep, store: StoreDep, tenant: TenantDep) -> Response:
-        try:
-            return await _run(model, request, settings, hub, store, tenant)
-        except Exception as e:
-            raise translate(e) from e
+        return await run_sync_endpoint(model, request, settings, hub, store, tenant)
 
     endpoint.__name__ = f"run_{model}"
     endpoint.__doc__ = f"Segment one image (or a small WebDataset tar) with `{model}`; waits at most SYNC_TIMEOUT_S."
