@@ -190,16 +190,18 @@ def fill_queue(r: redis.Redis, queue: str, model: str, n: int) -> None:
     raise AssertionError(f"{queue} holds {r.llen(queue)} messages, not {n}")
 
 
-def wait_depth(url: str, model: str, at_least: int, timeout: float = 10) -> int:
-    """Wait until the API's own view (`/health`, what its 503 decision reads) has `model` at least this deep."""
+def wait_depth(url: str, model: str, at_least: int = 0, timeout: float = 10, at_most: int | None = None) -> int:
+    """Wait until the API's own view (`/health`, what its 503 decision reads) has `model` at least
+    `at_least` deep (or, with `at_most`, down to at most that)."""
     t_end = time.time() + timeout
     d = -1
     while time.time() < t_end:
         d = httpx.get(f"{url}/health", timeout=5).json()["queues"].get(model, {}).get("depth", 0)
-        if d >= at_least:
+        if (d <= at_most) if at_most is not None else (d >= at_least):
             return d
         time.sleep(0.05)
-    raise AssertionError(f"the API saw {model} at depth {d}, not {at_least}")
+    want = f"at most {at_most}" if at_most is not None else f"at least {at_least}"
+    raise AssertionError(f"the API saw {model} at depth {d}, not {want}")
 
 
 def wait_drained(r: redis.Redis, queue: str, timeout: float = 30) -> None:

@@ -82,6 +82,7 @@ def test_full_private_queue_refuses_its_sessions_calls_only(stack, videos: Path)
         r = httpx.post(stack.url + "/run_echo", content=b"12345", timeout=B)
         assert r.status_code == 200 and r.json()["bytes"] == 5 and r.json()["job_id"]
     wait_drained(stack.redis, hot_q)
+    wait_depth(stack.url, "echo", at_most=0)  # the API's own view, which its next poll brings down (POLL_S)
     r = _status(stack, a["session_id"])
     assert r.status_code == 200 and r.json()["worker"] == a["worker"], r.text
     for s in (a, b):  # a close is never refused for a full queue; here it simply closes
