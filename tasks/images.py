@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -116,14 +117,28 @@ def decode_rgb(data: bytes, max_pixels: int, min_size: tuple[int, int] | None = 
     JPEG may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg-turbo's scaled
     decode) as long as the result stays at least that large. Without it the full size.
     """
+    return decode_fitted(data, max_pixels, (lambda h, w: min_size) if min_size else None)[0]
+
+
+def decode_fitted(data: bytes, max_pixels: int, fit: Callable[[int, int], tuple[int, int]] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(RGB as `decode_rgb` gives it, (h, w) of the whole image after EXIF orientation) from ONE
+    header read. `fit(h, w)` names the size the caller shrinks the image to, so a JPEG may be
+    decoded smaller in the DCT domain. (Reading the size first with `original_size` costs a
+    second open, and for a PNG its EXIF lookup decodes the whole image: measured 3.5 ms of a
+    9 ms prepare for a 451x300 PNG.) EXIF is read before decoding only for a JPEG, whose EXIF
+    is in its header; any other format is oriented after its decode."""
     im = _open(data, max_pixels)
     try:
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            return _decode_jpeg(im, data, min_size)
+            w, h = im.size
+            if _orientation(im) in (5, 6, 7, 8):
+                h, w = w, h
+            return _decode_jpeg(im, data, fit(h, w) if fit else None), (h, w)
         im.seek(0)
         im.load()
         im = ImageOps.exif_transpose(im) or im
-        return to_rgb(im)
+        rgb = to_rgb(im)
+        return rgb, (rgb.shape[0], rgb.shape[1])
     except (ImageTooLarge, UnsupportedMediaType):
         raise
     except Exception as e:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from tasks.errors import UndecodableImage
-from tasks.images import decode_rgb, original_size
+from tasks.images import decode_fitted, decode_rgb, original_size
 from tasks.settings import Settings
 from workers.device import Device
 from workers.runners.base import Item
@@ -37,6 +37,22 @@ def test_exif_orientation_matches_pillow_exactly(orientation: int) -> None:
     assert got.shape == ref.shape and got.dtype == np.uint8 and got.flags.c_contiguous
     assert np.array_equal(got, ref)  # same libjpeg-turbo, same IDCT: identical pixels
     assert original_size(data, 1 << 30) == ref.shape[:2]
+    # one header read for both: the oriented full size, and a DCT-scaled decode fitted to what the caller asks
+    seen = []
+    small, size = decode_fitted(data, 1 << 30, lambda h, w: seen.append((h, w)) or (h // 4, w // 4))
+    assert size == ref.shape[:2] and seen == [ref.shape[:2]]
+    assert small.shape[0] >= ref.shape[0] // 4 and small.shape[1] >= ref.shape[1] // 4 and small.shape[0] < ref.shape[0]
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_png_size_comes_from_its_decode_with_its_exif_orientation(orientation: int) -> None:
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    bio = io.BytesIO()
+    Image.open(PHOTO).convert("RGB").save(bio, format="PNG", exif=ex.tobytes())
+    ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(bio.getvalue()))).convert("RGB"))
+    got, size = decode_fitted(bio.getvalue(), 1 << 30, lambda h, w: (1, 1))
+    assert size == ref.shape[:2] == got.shape[:2] and np.array_equal(got, ref)
 
 
 def test_grey_jpeg_comes_out_as_three_equal_channels() -> None:

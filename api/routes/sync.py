@@ -14,6 +14,8 @@ import asyncio
 import base64
 import io
 import json
+import logging
+import os
 from typing import Any
 from urllib.parse import quote
 
@@ -31,6 +33,7 @@ from tasks.inputs import stage_key
 from tasks.settings import Settings
 from tasks.tars import read_small_tar
 
+log = logging.getLogger("trifecta.api")
 router = APIRouter(tags=["sync masks"])
 SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo")
 TAR_TYPES = {"application/x-tar", "application/x-tar+gzip", "application/tar", "application/x-gtar"}
@@ -71,6 +74,37 @@ def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: 
     return {"uri": f"key:{key}", "size": len(data)}, True
 
 
+async def stage(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str) -> tuple[dict[str, Any], bool]:
+    """`inline_or_staged` without blocking the event loop on a remote store."""
+    if isinstance(store, FileStore) or len(data) <= settings.inline_input_bytes:
+        return inline_or_staged(data, settings, store, tenant, job_id)
+    return await asyncio.to_thread(inline_or_staged, data, settings, store, tenant, job_id)
+
+
+async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None:
+    """A sync call's staged inputs once its replies are in (the job is finished: a redelivery
+    skips it unread). Remote stores delete in the background; the janitor catches the rest."""
+    prefixes = [os.path.dirname(stage_key(tenant, j)) for j in job_ids]
+    if isinstance(store, FileStore):
+        for p in prefixes:
+            store.delete_prefix(p)
+        return
+
+    def _delete() -> None:
+        for p in prefixes:
+            try:
+                store.delete_prefix(p)
+            except Exception:  # noqa: BLE001 - the janitor removes it with the job's prefix
+                log.warning("could not delete staged input %s", p)
+
+    task = asyncio.get_running_loop().run_in_executor(None, _delete)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[Any] = set()
+
+
 def raise_failed(reply: dict[str, Any]) -> None:
     err = reply.get("error") or {}
     raise from_code(err.get("code", "internal"), err.get("message", "the request failed"))
@@ -94,10 +128,12 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if model != "echo":  # echo never decodes: it measures the pipeline alone
         probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
     job_id = _job_id()
-    inp, _ = inline_or_staged(body, settings, store, tenant, job_id)
+    inp, staged = await stage(body, settings, store, tenant, job_id)
     params = {"sleep_ms": _number(request.query_params["sleep_ms"], "sleep_ms")} if model == "echo" and "sleep_ms" in request.query_params else {}
     q = hub.new_request(model, tenant=tenant, kind="sync", params=params, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
     (reply,) = await hub.run_sync([q], timeout)
+    if staged:
+        await drop_staged(store, tenant, [job_id])
     if reply["status"] != "succeeded":
         raise_failed(reply)
     result = reply["result"]
@@ -119,6 +155,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
         raise TooManySamples(f"the tar holds {len(samples)} samples; the sync endpoint takes at most {settings.max_sync_batch} (MAX_SYNC_BATCH). Submit it as a shard job: POST /v1/jobs with input.shards or a multipart file")
     hub.admit(model, len(samples))
     reqs, errors, order = [], {}, []
+    staged: list[str] = []
     for i, s in enumerate(samples):
         img = s.image()
         order.append(s.key)
@@ -132,9 +169,13 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
             errors[i] = {"index": i, "key": s.key, "code": te.code, "message": te.message}
             continue
         job_id = _job_id()
-        inp, _ = inline_or_staged(img[1], settings, store, tenant, job_id)
+        inp, was_staged = await stage(img[1], settings, store, tenant, job_id)
+        if was_staged:
+            staged.append(job_id)
         reqs.append((i, hub.new_request(model, tenant=tenant, kind="sync", params={}, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)))
     replies = await hub.run_sync([q for _, q in reqs], timeout) if reqs else []
+    if staged:
+        await drop_staged(store, tenant, staged)
     masks: list[bytes | None] = [None] * len(samples)
     rles: list[Any] = [None] * len(samples)
     metas: list[Any] = [None] * len(samples)

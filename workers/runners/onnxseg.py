@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tasks.images import decode_rgb, original_size
+from tasks.images import decode_fitted
 from workers.device import onnx_providers
 from workers.runners.base import Item, Produced, Runner
 
@@ -168,10 +168,8 @@ class OnnxSegRunner(Runner):
         return out, (ch, cw)
 
     def prepare(self, item: Item) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-        h, w = original_size(item.data, self.settings.max_image_pixels)
-        content = self.content_size(h, w)
-        rgb = decode_rgb(item.data, self.settings.max_image_pixels, min_size=content)
-        x, content = self.preprocess(rgb, content)
+        rgb, (h, w) = decode_fitted(item.data, self.settings.max_image_pixels, self.content_size)
+        x, content = self.preprocess(rgb, self.content_size(h, w))
         return x, content, (h, w)
 
     def raw_call(self, x: np.ndarray) -> np.ndarray:
