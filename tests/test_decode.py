@@ -127,3 +127,16 @@ def test_threaded_normalisation_equals_the_formula(textmask: OnnxSegRunner) -> N
     x, content = r.preprocess(big)
     assert content == (1280, 1280)
     assert np.allclose(x, _reference(r, big, content), atol=1e-6)
+
+
+def test_enlarging_through_opencv_stays_within_a_grey_level_of_pillow() -> None:
+    from workers.runners.onnxseg import resize_rgb
+
+    rgb = np.asarray(Image.open(PHOTO).convert("RGB"))
+    got = resize_rgb(rgb, 640, 640)
+    ref = np.asarray(Image.fromarray(rgb).resize((640, 640), Image.BILINEAR))
+    assert got.shape == ref.shape == (640, 640, 3) and got.dtype == np.uint8
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.5
+    small = resize_rgb(rgb, 150, 200)  # shrinking: Pillow's antialiased bilinear, exactly
+    assert np.array_equal(small, np.asarray(Image.fromarray(rgb).resize((200, 150), Image.BILINEAR)))
