@@ -86,8 +86,13 @@ async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None
     skips it unread). Remote stores delete in the background; the janitor catches the rest."""
     prefixes = [os.path.dirname(stage_key(tenant, j)) for j in job_ids]
     if isinstance(store, FileStore):
-        for p in prefixes:
-            store.delete_prefix(p)
+        for j in job_ids:  # one file and its directory (delete_prefix's rmtree walks and stats)
+            f = store.root / stage_key(tenant, j)
+            for undo in (f.unlink, f.parent.rmdir):
+                try:
+                    undo()
+                except OSError:
+                    break
         return
 
     def _delete() -> None:
@@ -138,8 +143,8 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
         raise_failed(reply)
     result = reply["result"]
     headers = _timing_headers(q.id, result, 1, fmt)
-    if model == "echo":
-        return JSONResponse({"job_id": q.id, **result["meta"], "timing": result["timing"]}, headers=headers)
+    if model == "echo":  # orjson: Starlette's JSONResponse runs the stdlib encoder
+        return Response(orjson.dumps({"job_id": q.id, **result["meta"], "timing": result["timing"]}), media_type="application/json", headers=headers)
     out = result["outputs"][0]
     data = await fetch_output(store, out["path"])
     return Response(data, media_type=codecs.CONTENT_TYPES[fmt], headers=headers)
