@@ -384,17 +384,19 @@ def plot(out: dict[str, Any], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"matplotlib is not installed (pip install -e '.[dev]'): no plot at {path}", file=sys.stderr)
         return
     tm = out.get("textmask")
     if not tm:
         return
-    cs = sorted(int(c) for c in tm["curves"])
+    curves = {int(c): v for c, v in tm["curves"].items()}  # int keys in a run, str keys read back from bench.json
+    cs = sorted(curves)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(cs, [tm["curves"][c]["rps"] for c in cs], "o-", label="end-to-end")
+    ax[0].plot(cs, [curves[c]["rps"] for c in cs], "o-", label="end-to-end")
     ax[0].axhline(tm["raw_images_per_s"], color="grey", ls="--", label="raw model")
     ax[0].set(xlabel="concurrency", ylabel="images/s", title="textmask throughput")
     ax[0].legend()
-    ax[1].bar([f"c={c} p50" for c in cs] + [f"c={c} p99" for c in cs], [tm["curves"][c]["p50_ms"] for c in cs] + [tm["curves"][c]["p99_ms"] for c in cs])
+    ax[1].bar([f"c={c} p50" for c in cs] + [f"c={c} p99" for c in cs], [curves[c]["p50_ms"] for c in cs] + [curves[c]["p99_ms"] for c in cs])
     ax[1].axhline(tm["raw_call_ms"], color="grey", ls="--")
     ax[1].set(ylabel="ms", title="latency (raw call dashed)")
     ax[1].tick_params(axis="x", rotation=45)
