@@ -90,7 +90,14 @@ def test_large_input_is_staged_in_storage_not_inline(make_stack) -> None:
     r = httpx.post(st.url + "/run_textmask?format=png", content=data, headers={"Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 200
     jid = r.headers["x-job-id"]
-    staged = list((st.tmp / "data" / "default" / "jobs" / jid / "_in").iterdir())
-    assert [p.name for p in staged] == ["input"] and staged[0].read_bytes() == data
     m = codecs.decode_png(r.content)
     assert m.shape == (512, 512) and m[gt].sum() / max(1, m.sum()) > 0.9
+    # a sync call's staged copy is deleted once its answer is in; the job's mask stays
+    job_dir = st.tmp / "data" / "default" / "jobs" / jid
+    assert not (job_dir / "_in").exists() and (job_dir / "mask.png").read_bytes() == r.content
+    # a submitted job keeps its staged input (until the janitor sweeps the job)
+    j = httpx.post(st.url + "/v1/jobs", files={"file": ("a.png", data, "image/png")}, data={"model": "textmask"}, timeout=60)
+    assert j.status_code == 202, j.text
+    assert wait_job(st.url, j.json()["job_id"], 60)["status"] == "succeeded"
+    staged = list((st.tmp / "data" / "default" / "jobs" / j.json()["job_id"] / "_in").iterdir())
+    assert [p.name for p in staged] == ["input"] and staged[0].read_bytes() == data
