@@ -164,6 +164,7 @@ def test_full_queue_answers_503_before_the_body_and_without_redis(stack) -> None
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
         assert stack.redis.llen("mask2former") == depth and len(stack.redis.keys("tf:job:*")) == jobs_before
     wait_drained(stack.redis, "mask2former")
+    wait_depth(stack.url, "mask2former", at_most=0)  # the API's own view, which its next poll brings down
     r = httpx.post(stack.url + "/segment", content=data, headers={**png, "X-Mask": "wall"}, timeout=30)
     assert r.status_code == 200 and codecs.decode_png(r.content).shape == (300, 451), r.text
 

@@ -310,6 +310,7 @@ def test_full_private_queue_answers_503_for_its_images_only(stack) -> None:
             assert stack.redis.llen("sam3") == 0 and len(stack.redis.keys("tf:job:*")) == jobs_before
     wait_drained(stack.redis, hot_q)  # the resumed workers skip the placeholders (no job record)
     wait_drained(stack.redis, cold_q)
+    wait_depth(stack.url, "sam3", at_most=0)  # the API's own view, which its next poll brings down
     r = _segment(stack, owned[hot_q], ["astronaut"])
     assert r.status_code == 200 and r.headers["x-worker"] == names[0], r.text
 
