@@ -125,10 +125,7 @@ def raw_rate(runner: Any, image: bytes, batch: int, seconds: float) -> tuple[flo
     return n * batch / dt, dt / n
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+_median = statistics.median
 
 
 def sec_textmask(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
@@ -218,8 +215,7 @@ def sec_dispatch(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, A
         st.stop()
 
     def pct(xs: list[float], p: float) -> float:
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
+        return loadgen.Result(latencies=xs).pct(p) * 1000
 
     bare = {"p50_ms": pct(bare_lat, 50), "p99_ms": pct(bare_lat, 99), "tasks_per_s": _median(bare_rate), "rounds_tasks_per_s": bare_rate}
     ours = {"p50_ms": pct(ours_lat, 50), "p99_ms": pct(ours_lat, 99), "rps_c64": _median(ours_rate), "rounds_rps_c64": ours_rate, "statuses_c64": statuses}

@@ -62,12 +62,16 @@ class Sam3Params:
         return [Query(VISUAL_PROMPT, self.boxes, False)]
 
 
-def _number(v: Any, where: str) -> float:
+def is_finite_number(v: Any) -> bool:
+    """A JSON number (not a bool) that is a finite float: what every prompt coordinate must be."""
     try:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
     except OverflowError:  # an integer past float's range
-        ok = False
-    if not ok:
+        return False
+
+
+def _number(v: Any, where: str) -> float:
+    if not is_finite_number(v):
         raise Unprocessable(f"{where} must be a finite number, got {shown(v)}")
     return float(v)
 

@@ -27,14 +27,13 @@ current, stops at a cancel, and finishes the job with one output per frame.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.errors import Unprocessable, shown
 from tasks.keys import PREFIX
-from tasks.sam3 import MAX_TEXT_CHARS, parse_box
+from tasks.sam3 import MAX_TEXT_CHARS, is_finite_number, parse_box
 
 TASK_VIDEO = "trifecta.video"
 OPS = ("start", "prompt", "propagate", "status", "remove_object", "reset", "close")
@@ -101,11 +100,7 @@ def _point(raw: Any, where: str) -> tuple[float, float]:
         raise Unprocessable(f"{where} must be [x, y] (2 numbers normalised to [0, 1] by the frame's width and height), got {shown(raw)}")
     xy = []
     for v in raw:
-        try:
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
-        except OverflowError:  # an integer past float's range
-            ok = False
-        if not ok:
+        if not is_finite_number(v):
             raise Unprocessable(f"{where} must be [x, y] of finite numbers, got {shown(raw)}")
         xy.append(float(v))
     if not all(0.0 <= v <= 1.0 for v in xy):
