@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.admission import AdmissionGate
-from api.fastpath import SyncFastPath
+from api.fastpath import SyncFastPath, error_response
 from api.hub import Hub
 from api.janitor import Janitor
 from api.metrics import MetricsMiddleware
@@ -27,7 +27,7 @@ from api.routes import shards as _shards  # noqa: F401 - registers the `shards` 
 from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
 from api.webhooks import WebhookSender
-from tasks.errors import TrifectaError, translate
+from tasks.errors import TrifectaError
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger("trifecta.api")
@@ -80,10 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> JSONResponse:
-        err = translate(exc)
-        if err.status >= 500 and err.code == "internal":
-            log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return error_response(exc)
 
     app.include_router(sync.router)
     app.include_router(jobs.router)

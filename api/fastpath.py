@@ -38,15 +38,19 @@ class SyncFastPath:
             await self.app(scope, receive, send)
             return
         state = scope["app"].state  # the FastAPI app's (Starlette puts itself in the scope)
-        # the route the router would have matched, for what reads it afterwards (metrics' route label)
         scope["route"] = ROUTES[model]
         settings = state.settings
         request = Request(scope, receive)
         try:
             response = await run_sync_endpoint(model, request, settings, state.hub, open_store(settings.storage_url, settings.s3_endpoint_url), getattr(request.state, "tenant", "default"))
-        except Exception as e:  # as the app's exception handlers answer (api/app.py)
-            err = translate(e)
-            if err.status >= 500 and err.code == "internal":
-                log.exception("unhandled error", exc_info=e)
-            response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        except Exception as e:
+            response = error_response(e)
         await response(scope, receive, send)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """Any exception as the client sees it (the app's catch-all handler and this fast path)."""
+    err = translate(exc)
+    if err.status >= 500 and err.code == "internal":
+        log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)

@@ -178,7 +178,7 @@ class WorkerService:
             for i in recheck:
                 raw_status = res.pop(0)
                 status = orjson.loads(raw_status) if raw_status else "missing"
-                if status in ("succeeded", "failed", "cancelled", "expired", "missing"):
+                if status in keys.TERMINAL or status == "missing":
                     states[i] = [status, states[i][1]]
         if isinstance(raws, Exception):  # the drain failed alone: run the batch as it is
             log.warning("bulk drain failed (%s)", raws)
@@ -270,7 +270,7 @@ class WorkerService:
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
-        self._finish_all(done, tags or [], kombu_tags)
+        self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
         for q, status, _body in done:
             log.info(
@@ -292,8 +292,7 @@ class WorkerService:
             outs.append(Output(key=key, format=fmt, path=path, bytes=len(data), content_type=ctype))
         return outs, res.meta
 
-    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str] | None = None) -> None:
-        kombu_tags = kombu_tags or []
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str]) -> None:
         acks = [*tags, *kombu_tags]
         if not done and not acks:
             return

@@ -84,7 +84,6 @@ async def stage(data: bytes, settings: Settings, store: BlobStore, tenant: str, 
 async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None:
     """A sync call's staged inputs once its replies are in (the job is finished: a redelivery
     skips it unread). Remote stores delete in the background; the janitor catches the rest."""
-    prefixes = [os.path.dirname(stage_key(tenant, j)) for j in job_ids]
     if isinstance(store, FileStore):
         for j in job_ids:  # one file and its directory (delete_prefix's rmtree walks and stats)
             f = store.root / stage_key(tenant, j)
@@ -96,7 +95,7 @@ async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None
         return
 
     def _delete() -> None:
-        for p in prefixes:
+        for p in (os.path.dirname(stage_key(tenant, j)) for j in job_ids):
             try:
                 store.delete_prefix(p)
             except Exception:  # noqa: BLE001 - the janitor removes it with the job's prefix
