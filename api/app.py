@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.admission import AdmissionGate
+from api.body import BodyBudget
 from api.fastpath import SyncFastPath, error_response
 from api.hub import Hub
 from api.janitor import Janitor
@@ -35,6 +36,7 @@ log = logging.getLogger("trifecta.api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    settings.require_deployable("api")  # outside ENV=local: no API without keys
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(SyncFastPath)  # innermost: POST /run_{model} without the router's overhead (api/fastpath.py)
     app.add_middleware(AdmissionGate)  # 503 for a full queue before routing (api/admission.py)
+    app.add_middleware(BodyBudget, settings=settings)  # 503 past MAX_INFLIGHT_BODY_BYTES held at once, after the key check (api/body.py)
     # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
     app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
     app.add_middleware(MetricsMiddleware)  # outermost: counts 401/429 answers too (api/metrics.py)

@@ -26,7 +26,7 @@ def cmd_api(a: argparse.Namespace) -> int:
     import uvicorn
 
     s = _settings()
-    common: dict[str, Any] = dict(host=a.host, port=a.port or s.api_port, loop="uvloop", http="httptools", log_level=a.log_level.lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
+    common: dict[str, Any] = dict(host=a.host, port=a.port or s.api_port, loop="uvloop", http="api.server:GuardedHttpToolsProtocol", log_level=a.log_level.lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
     if a.workers > 1:
         # several processes: prometheus-client keeps their counters in files under
         # PROMETHEUS_MULTIPROC_DIR and any process's /metrics adds them all up; the
@@ -49,6 +49,7 @@ def cmd_api(a: argparse.Namespace) -> int:
 def cmd_flower(a: argparse.Namespace) -> int:
     """Flower on the same broker; FLOWER_BASIC_AUTH travels in the environment (never on the command line)."""
     s = _settings()
+    s.require_deployable("flower")  # outside ENV=local: no Flower without FLOWER_BASIC_AUTH
     env = dict(os.environ, CELERY_BROKER_URL=s.redis_url)
     if s.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth

@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from tasks.models import DEFAULT_MODELS, MODEL_NAMES
 
 
+# passwords that ship in examples and compose defaults: refused outside ENV=local
+DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "changethis", "change_me", "admin", "password", "secret", "minioadmin", "trifecta-secret", "testing"})
+
+
 def _split(v: object) -> object:
     if isinstance(v, str):
         return [p.strip() for p in v.split(",") if p.strip()]
@@ -27,6 +31,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
     # --- broker, API, client ---
+    env: str = Field("local", description="`local` allows the default and empty secrets a trial needs; any other value (compose sets `production`) refuses to start with a default password in FLOWER_BASIC_AUTH, AWS_SECRET_ACCESS_KEY or WEBHOOK_SECRET, and `trifecta api` / `trifecta flower` refuse to start without API keys / FLOWER_BASIC_AUTH.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result store for every process (Redis protocol).")
     api_port: int = Field(8080, description="Port of `trifecta api` / `trifecta up`.")
     trifecta_url: str = Field("http://127.0.0.1:8080", description="Where the client CLI and SDK find the server.")
@@ -86,6 +91,7 @@ class Settings(BaseSettings):
 
     # --- SAM3 video sessions (/api/v1/video/session/*) ---
     max_sessions_per_worker: int = Field(4, ge=1, le=1024, description="SAM3 video: most open sessions (decoded frames + tracking state) one worker holds; every worker full → 503 with Retry-After.")
+    max_sessions_per_tenant: int = Field(4, ge=1, le=100_000, description="SAM3 video: most open sessions one tenant holds over every worker; one more → 429 `quota_exceeded`. Keep it under workers x MAX_SESSIONS_PER_WORKER so one tenant cannot take every slot. Session ids are per tenant: two tenants may use the same id.")
     session_ttl_seconds: float = Field(1800.0, gt=0, description="SAM3 video: a session unused this long is closed by its worker (and its record in Redis expires).")
     session_call_timeout_s: float = Field(600.0, gt=0, le=7200, description="SAM3 video: longest wait of one session call (start, prompt, propagate) before 504.")
     video_session_model: str = Field("sam3", description="Model whose workers hold video sessions (sam3; `echo` holds decode-only sessions without a model, for tests).")
@@ -104,7 +110,11 @@ class Settings(BaseSettings):
     sync_grace_s: float = Field(60.0, ge=0, description="After a 504 the work stays valid this long for polling; later it is dropped unrun.")
     max_queue_depth: int = Field(64, ge=1, description="Requests waiting per model (its shared queue plus its live workers' private queues) at or above which new work gets 503; one worker's private queue alone is held to its share, MAX_QUEUE_DEPTH / live workers.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest image (width x height) accepted; larger → 413, decided from the header.")
+    max_jpeg_scan_pixels: int = Field(1_000_000_000, ge=1, description="Most work one JPEG decode may cost, as width x height x scans (a baseline JPEG has 1 scan, a progressive one ~10; every scan walks every pixel): bounds one decode's CPU time on a worker (~2 s per 1e9 on one core). Larger → 413, decided from the headers before decoding, by the API and again by the worker.")
     max_body_bytes: int = Field(100 << 20, ge=1, description="Largest request body, counted while streaming and after gzip decompression.")
+    max_inflight_body_bytes: int = Field(512 << 20, ge=1, description="Most request-body bytes one API process holds at once, over all requests (each counts what it has sent, at most MAX_BODY_BYTES: larger uploads stream to disk); past it → 503 with Retry-After, decided from Content-Length before reading when it is declared. A request is always admitted when no other body is held.")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="Longest time a client may take to send a request's headers (from connecting, or from the first byte of the next request on a kept-alive connection); then 408 and the connection is closed.")
+    max_connections_per_client: int = Field(1024, ge=0, description="Most connections one client address may hold open to one API process; more → 503 and closed at once. 0 = no cap (behind a reverse proxy every client shares the proxy's address: cap there).")
     max_sync_batch: int = Field(64, ge=1, description="Most samples in a sync WebDataset tar; more → 413 pointing to the job API.")
     max_sample_bytes: int = Field(64 << 20, ge=1, description="Largest tar member accepted.")
     max_samples_per_shard: int = Field(100_000, ge=1, description="Most members read from one tar.")
@@ -173,6 +183,38 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"MODELS has unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
         return self
+
+    @property
+    def local(self) -> bool:
+        return self.env.strip().lower() == "local"
+
+    @model_validator(mode="after")
+    def _no_default_secrets(self) -> Settings:
+        """Outside ENV=local, a secret left at a well-known default stops every process at start
+        (full-stack-fastapi-template's `_check_default_secret`)."""
+        if self.local:
+            return self
+        found = []
+        for entry in (self.flower_basic_auth or "").split(","):
+            if entry.strip() and entry.partition(":")[2].strip().lower() in DEFAULT_SECRETS:
+                found.append("FLOWER_BASIC_AUTH")
+        aws = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if aws is not None and aws.strip().lower() in DEFAULT_SECRETS:
+            found.append("AWS_SECRET_ACCESS_KEY")
+        if self.webhook_secret is not None and (self.webhook_secret.strip().lower() in DEFAULT_SECRETS or len(self.webhook_secret) < 16):
+            found.append("WEBHOOK_SECRET (at least 16 characters)")
+        if found:
+            raise ValueError(f"ENV={self.env} refuses default or weak secrets: {', '.join(dict.fromkeys(found))}. Set real ones (or ENV=local for a trial on a trusted machine)")
+        return self
+
+    def require_deployable(self, role: str) -> None:
+        """Outside ENV=local: the API needs keys and Flower its basic auth (other processes need neither)."""
+        if self.local:
+            return
+        if role == "api" and not ((self.api_keys or "").strip() or self.api_keys_file):
+            raise ValueError(f"ENV={self.env}: the API would be open to anyone; set API_KEYS or API_KEYS_FILE (or ENV=local on a trusted machine)")
+        if role == "flower" and not (self.flower_basic_auth or "").strip():
+            raise ValueError(f"ENV={self.env}: Flower would be open to anyone; set FLOWER_BASIC_AUTH=user:password (or ENV=local on a trusted machine)")
 
 
 @lru_cache(maxsize=1)

@@ -154,7 +154,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
         body = await asyncio.to_thread(gunzip_capped, body, settings.max_body_bytes)  # off the event loop
     if fmt == "png":
         raise BadRequest("png answers a single image; ask a tar batch for packbits or rle")
-    samples = read_small_tar(io.BytesIO(body), max_member=settings.max_sample_bytes, max_members=settings.max_sync_batch * 8 + 8)
+    samples = read_small_tar(io.BytesIO(body), max_member=settings.max_sample_bytes, max_members=settings.max_sync_batch * 8 + 8, max_total=settings.max_body_bytes)
     if len(samples) > settings.max_sync_batch:
         raise TooManySamples(f"the tar holds {len(samples)} samples; the sync endpoint takes at most {settings.max_sync_batch} (MAX_SYNC_BATCH). Submit it as a shard job: POST /v1/jobs with input.shards or a multipart file")
     hub.admit(model, len(samples))

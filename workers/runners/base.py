@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import ModelError, TrifectaError, translate
+from tasks.errors import ModelError, TrifectaError, internal, translate
 from tasks.schemas import InferRequest
 from tasks.settings import Settings
 from workers.device import Device
@@ -149,7 +149,7 @@ class Runner(ABC):
 def _model_error(e: Exception) -> TrifectaError:
     if isinstance(e, TrifectaError):
         return e
-    return ModelError(f"the model failed on this input: {type(e).__name__}: {e}")
+    return internal(e, "the model failed on this input: an error", ModelError)
 
 
 _FAMILIES: dict[str, str] = {
