@@ -22,6 +22,7 @@ so a worker-side 422 reaches the client as a 422.
     ├── Unprocessable (422 unprocessable)
     │   └── UndecodableImage (422 undecodable_image)
     ├── RateLimited (429 rate_limited)
+    │   └── QuotaExceeded (429 quota_exceeded)
     ├── ModelError (500 model_error)
     ├── DeadLettered (500 dead_lettered)
     ├── Overloaded (503 overloaded)
@@ -164,6 +165,12 @@ class RateLimited(TrifectaError):
     """A tenant over its request rate."""
 
     status, code = 429, "rate_limited"
+
+
+class QuotaExceeded(RateLimited):
+    """A tenant holding all it may at once (MAX_SESSIONS_PER_TENANT video sessions)."""
+
+    code = "quota_exceeded"
 
 
 class ModelError(TrifectaError):

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from tasks.models import DEFAULT_MODELS, MODEL_NAMES
 
 # passwords that ship in examples and compose defaults: refused outside ENV=local
-DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "changethis", "change_me", "admin", "password", "secret", "minioadmin", "trifecta-secret", "testing"})
+DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "changethis", "change_me", "admin", "password", "secret", "minioadmin", "trifecta-secret"})
 
 
 def _split(v: object) -> object:

@@ -244,7 +244,7 @@ def test_box_and_point_prompts_track_through_the_video(sam3_stack, videos: Path)
 )
 def test_bad_prompts_are_422(sam3_stack, videos: Path, prompts, message: str) -> None:
     sid = "s-bad"
-    if not sam3_stack.redis.exists(session_key(sid)):
+    if not sam3_stack.redis.exists(session_key("default", sid)):
         _start(sam3_stack, videos, sid)
     r = _prompt(sam3_stack, sid, {"frame_index": 1, "prompts": prompts})
     assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
