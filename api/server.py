@@ -17,7 +17,8 @@ event loop: no thread, no task per connection.
 
 Used as `uvicorn.run(..., http="api.server:GuardedHttpToolsProtocol")`; checked against
 uvicorn 0.55's `HttpToolsProtocol` (its `connection_made`, `connection_lost`,
-`on_message_begin`, `on_headers_complete` and `data_received`).
+`on_message_begin`, `on_headers_complete`, `data_received` and `handle_websocket_upgrade`;
+a WebSocket leaves the count when it upgrades).
 """
 
 from __future__ import annotations
@@ -65,13 +66,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._release()  # the WebSocket protocol takes the transport over: this one never sees its end
+        super().handle_websocket_upgrade()
+
+    def _release(self) -> None:
         self._disarm()
         if self._counted is not None:
             self.per_client[self._counted] -= 1
             if self.per_client[self._counted] <= 0:
                 del self.per_client[self._counted]
             self._counted = None
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

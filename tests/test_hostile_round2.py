@@ -34,7 +34,7 @@ from storage import codecs
 from tasks.errors import translate
 from tasks.images import check_jpeg_scans
 from tasks.settings import Settings
-from tests.conftest import ROOT, photo, png_bytes, wait_job
+from tests.conftest import ROOT, photo, png_bytes
 from tests.test_hostile_uploads import many_scans, peak_rss_mb, post_until_answered
 from tests.test_sam3_video import write_video
 
@@ -495,7 +495,8 @@ def test_video_session_ids_are_per_tenant_with_a_quota(stack, roots: Path) -> No
 @pytest.mark.parametrize("params", ['{"format": "png", "t": NaN}', '{"x": [1, {"y": 1e309}]}', '{"z": -Infinity}'], ids=["nan", "1e309", "-inf"])
 def test_non_finite_params_are_422(stack, params: str) -> None:
     before = job_ids(stack, A)
-    raw = '{"model": "echo", "input": {"image": "%s"}, "params": %s}' % (base64.b64encode(small_png()).decode(), params)
+    image = base64.b64encode(small_png()).decode()
+    raw = f'{{"model": "echo", "input": {{"image": "{image}"}}, "params": {params}}}'  # by hand: json.dumps writes no NaN
     r = httpx.post(stack.url + "/v1/jobs", content=raw, headers={"Content-Type": "application/json", **A}, timeout=30)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "unprocessable" and "not a finite number" in r.json()["error"]["message"]

@@ -45,7 +45,23 @@ from api.hub import Hub, new_job_id
 from api.routes.jobs import links
 from storage.blob import BlobStore, open_store
 from tasks import jobstore, keys
-from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, QuotaExceeded, SyncTimeout, TrifectaError, Unprocessable, UnsupportedMediaType, from_code, shown, translate
+from tasks.errors import (
+    BadRequest,
+    Conflict,
+    Gone,
+    NotFound,
+    NoWorker,
+    Overloaded,
+    PayloadTooLarge,
+    QuotaExceeded,
+    SyncTimeout,
+    TrifectaError,
+    Unprocessable,
+    UnsupportedMediaType,
+    from_code,
+    shown,
+    translate,
+)
 from tasks.inputs import STAGED, local_path
 from tasks.sam3_video import CLAIM_LUA, DIRECTIONS, JOB_KIND, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, parse_prompts, session_key, tenant_sessions_key
 from tasks.settings import Settings
