@@ -496,7 +496,7 @@ def test_video_session_ids_are_per_tenant_with_a_quota(stack, roots: Path) -> No
 def test_non_finite_params_are_422(stack, params: str) -> None:
     before = job_ids(stack, A)
     image = base64.b64encode(small_png()).decode()
-    raw = f'{{"model": "echo", "input": {{"image": "{image}"}}, "params": {params}}}'  # by hand: json.dumps writes no NaN
+    raw = f'{{"model": "echo", "input": {{"image": "{image}"}}, "params": {params}}}'  # raw JSON text, as a client other than Python would send it
     r = httpx.post(stack.url + "/v1/jobs", content=raw, headers={"Content-Type": "application/json", **A}, timeout=30)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "unprocessable" and "not a finite number" in r.json()["error"]["message"]
