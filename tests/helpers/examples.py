@@ -31,7 +31,10 @@ EXEMPT: dict[str, str] = {
     ".venv/bin/trifecta up": "starts the stack this test starts itself",
     "trifecta bench": "minutes of measurement; it prints its own pass/fail",
     ".venv/bin/trifecta bench": "minutes of measurement; it prints its own pass/fail",
+    "trifecta flower": "a second Flower; the stack under test already runs one",
+    "trifecta worker": "a worker by hand (on a GPU); the stack under test runs one per model",
     "docker": "no Docker engine on the test machine",
+    "aws": "needs an AWS account",
     "kubectl": "needs a Kubernetes cluster",
     ".venv/bin/python -m pytest": "the suite itself",
 }
@@ -96,7 +99,7 @@ def commands(code: str) -> list[str]:
 
 
 def exempt_reason(cmd: str) -> str | None:
-    bare = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)+", "", cmd)  # VAR=value prefixes
+    bare = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=(?:\$\([^)]*\)|\"[^\"]*\"|'[^']*'|\S+)\s+)+", "", cmd)  # VAR=value prefixes
     for head, why in EXEMPT.items():
         if bare == head or bare.startswith(head + " "):
             return why
