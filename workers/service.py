@@ -273,9 +273,11 @@ class WorkerService:
         self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
         for q, status, _body in done:
+            queue_ms = (t_start - q.created) * 1000
             log.info(
                 "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
-                q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),
+                q.id, q.model, self.device, status, queue_ms, model_ms, len(items),
+                extra={"job_id": q.id, "tenant": q.tenant, "kind": q.kind, "status": status, "queue_ms": round(queue_ms, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
             )
         return True
 
@@ -465,13 +467,16 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         raise SystemExit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
     keep_big_buffers()
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from tasks import logs
+
+    logs.setup(loglevel)
     from celery import signals
 
     from tasks.celery_app import make_app
     from workers.runners.base import runner_class
 
     worker_id = name or f"{socket.gethostname()}-{os.getpid()}"
+    logs.bind_process(worker=worker_id, model=model, device=str(dev))  # on every line of this process
     runner = runner_class(MODELS[model].family)(model, settings, dev)
     t0 = time.time()
     runner.load()
@@ -520,12 +525,27 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     ]
     if settings.task_events:
         argv.append("-E")
+    if logs.is_json():
+        _quiet_celery_stdout(argv)
     log.info("worker %s consuming %s (batch %d, timeout %.1f ms, %d in flight, extra tasks: %s)", worker_id, queues, settings.max_batch_size, settings.batch_timeout_ms, conc, extra)
     try:
         app.worker_main(argv)
     finally:
         stop.set()
         svc.deregister()
+
+
+def _quiet_celery_stdout(argv: list[str]) -> None:
+    """With LOG_FORMAT=json every line must be JSON: no start-up banner (`--quiet`), and the
+    notices Celery's signal handlers write straight to the terminal ("worker: Warm shutdown",
+    "Hitting Ctrl+C again ...", through `celery.apps.worker.safe_say`, celery 5.5/5.6) become
+    log records; the handlers themselves stay Celery's own."""
+    import celery.apps.worker as cw
+
+    argv.insert(0, "--quiet")  # an option of the `celery` command, before `worker`
+    if callable(getattr(cw, "safe_say", None)):
+        say = logging.getLogger("celery.apps.worker")
+        cw.safe_say = lambda msg, f=None: say.info(str(msg).strip())
 
 
 def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
