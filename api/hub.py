@@ -219,7 +219,7 @@ class Hub:
         """
         self.check_broker()
         workers = self.workers.get(model)
-        if not workers:
+        if not workers and not self.settings.queue_without_workers:
             raise NoWorker(f"no live worker serves {model!r}; start one with `trifecta worker --model {model}`", headers={"Retry-After": "5"})
         if n <= 0:
             return
@@ -228,7 +228,7 @@ class Hub:
         if waiting + n > limit:
             self.counters["rejected_503"] += 1
             raise Overloaded(f"the {model!r} queue is full ({waiting} waiting, MAX_QUEUE_DEPTH={limit}); retry after a moment", headers={"Retry-After": "1"})
-        if queue is not None and queue in self.private_depth:
+        if queue is not None and queue in self.private_depth and workers:
             share = -(-limit // len(workers))
             mine = self.private_depth[queue]
             if mine + n > share:

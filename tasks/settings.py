@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait of a sync request before 504 (a request may lower it with `?timeout=`).")
     sync_grace_s: float = Field(60.0, ge=0, description="After a 504 the work stays valid this long for polling; later it is dropped unrun.")
     max_queue_depth: int = Field(64, ge=1, description="Requests waiting per model (its shared queue plus its live workers' private queues) at or above which new work gets 503; one worker's private queue alone is held to its share, MAX_QUEUE_DEPTH / live workers.")
+    queue_without_workers: bool = Field(False, description="Take work for a model with no live worker (it waits in the model's queue until a worker starts), for autoscalers that scale workers from zero (KEDA, docs/deploy.md); off: 503 no_worker.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest image (width x height) accepted; larger → 413, decided from the header.")
     max_body_bytes: int = Field(100 << 20, ge=1, description="Largest request body, counted while streaming and after gzip decompression.")
     max_sync_batch: int = Field(64, ge=1, description="Most samples in a sync WebDataset tar; more → 413 pointing to the job API.")
