@@ -67,6 +67,7 @@ class WorkerService:
         self.nodename = ""
         self.stopping = False
         self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
+        self.memory_limit = memory_limit_bytes(settings.worker_max_memory_mb)  # for the near-the-limit alert (deploy/prometheus)
         self.reg_fields: dict[str, Any] = {}  # extra registration fields from runners' tasks: name -> () -> str (e.g. video `sessions`)
         # started at receive (workers.broker: START in kombu's unacked-record round trip):
         # job id -> (START state, shared queue length then, monotonic time, kombu delivery tag)
@@ -365,6 +366,7 @@ class WorkerService:
             "failed": str(self.failed),
             "batches": str(self.batches),
             "rss_mb": f"{rss_mb():.1f}",
+            "memory_limit_mb": f"{self.memory_limit / 1e6:.1f}",
             "gpu_memory_mb": str(gpu_memory_mb(self.device)),
             "metrics": self.metrics.registration_field(),
             **{k: f() for k, f in self.reg_fields.items()},
@@ -441,6 +443,21 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_limit_bytes(max_memory_mb: int) -> float:
+    """The memory this worker may use: the smaller of WORKER_MAX_MEMORY_MB (where it exits to be
+    restarted) and its cgroup's limit (a container's, where the kernel kills it); 0 = none."""
+    limits = [max_memory_mb * 1e6] if max_memory_mb else []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            v = open(path).read().strip()
+        except OSError:
+            continue
+        if v.isdigit() and int(v) < 1 << 60:  # "max" (v2) or a huge number (v1): no limit
+            limits.append(float(v))
+        break
+    return min(limits, default=0.0)
+
+
 def gpu_memory_mb(device: Device) -> float:
     if device.kind != "cuda" or "torch" not in sys.modules:
         return 0.0
@@ -485,6 +502,8 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     svc = WorkerService(settings, model, dev, worker_id, runner)
     if settings.worker_metrics_port:
         svc.metrics.gpu_memory.set_function(lambda: gpu_memory_mb(dev) * 1e6)
+        svc.metrics.rss.set_function(lambda: rss_mb() * 1e6)
+        svc.metrics.memory_limit.set(svc.memory_limit)
         svc.metrics.serve(settings.worker_metrics_port)
     app = make_app(settings)
     from workers import broker
