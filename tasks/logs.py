@@ -17,6 +17,7 @@ lifted from there when a line did not pass it, so every line about a job carries
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -102,12 +103,11 @@ def setup(level: str | int = "INFO", fmt: str | None = None, force: bool = False
     if _format and not force:
         return
     if fmt is None:
-        from tasks.settings import get_settings
-
-        try:
-            fmt = get_settings().log_format
-        except ValueError:  # bad settings are reported by the command that needs them, in text
-            fmt = "text"
+        # LOG_FORMAT (tasks.settings documents and validates it) read straight from the
+        # environment: every CLI command sets up logging first, and the client commands
+        # (submit, status, cancel) would otherwise pay for loading the settings class
+        fmt = next((v for k, v in os.environ.items() if k.upper() == "LOG_FORMAT"), "text").strip().lower()
+        fmt = fmt if fmt in ("text", "json") else "text"
     if fmt != "json" and root.handlers and not _installed:  # as logging.basicConfig: keep a handler set up before
         root.setLevel(level.upper() if isinstance(level, str) else level)
         _format[:] = [fmt]
