@@ -155,8 +155,8 @@ def test_every_variable_set_for_our_services_is_a_real_setting(compose: dict) ->
 
 
 def test_readme_and_makefile_cover_the_operator_path() -> None:
-    doc = (ROOT / "docs" / "readme" / "operations.md").read_text()
-    for heading in ("## Flower", "## Metrics", "## Health", "## Webhooks", "## Result lifetime", "## Python SDK", "## CLI", "## Results page", "## Docker Compose"):
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for heading in ("## Flower", "## Metrics", "## Health", "## Webhooks", "## Result lifetime", "## Python SDK", "## CLI", "## Results page", "## Docker Compose"):  # docs/operations.md
         assert heading in doc, heading
     mk = (ROOT / "Makefile").read_text()
     assert re.search(r"^install: .*browser", mk, re.M) and "apt-get install -y -qq chromium chromium-driver" in mk
