@@ -212,11 +212,13 @@ def test_models_info_lists_source_revision_devices_size_batching_warm(stack) -> 
     assert tm["family"] == "onnxseg" and tm["max_batch_size"] == 4 and tm["batch_timeout_ms"] == 4
     assert isinstance(tm["source"], str) and tm["source"] and isinstance(tm["input_size"], int) and tm["input_size"] > 0
     assert "revision" in tm and tm["queue_depth"] == 0
+    assert tm["trained"] is True and tm["workers"][0]["trained"] is True  # the PP-OCRv4 det: its SOURCE.json says pretrained
     assert tm["workers"][0]["device"] == "cpu" and tm["workers"][0]["processed"] >= 0
     echo = info["echo"]
     assert echo["live_workers"] == 1 and echo["warm"] is True and echo["source"] == "builtin" and echo["max_batch_size"] == 1
+    assert echo["trained"] is None  # not a model
     seg = info["segmentation"]
-    assert seg["live_workers"] == 0 and seg["devices"] == [] and seg["warm"] is False and seg["source"] is None
+    assert seg["live_workers"] == 0 and seg["devices"] == [] and seg["warm"] is False and seg["source"] is None and seg["trained"] is None
 
 
 # ---------------------------------------------------------------- result lifetime

@@ -266,6 +266,7 @@ class WorkerService:
                 "timing": {"queue_ms": round((t_start - q.created) * 1000, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
                 "worker": self.worker_id,
                 "device": str(self.device),
+                "trained": self.runner.trained,  # false: a random-init model answered (X-Model-Untrained on sync answers)
             }
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
