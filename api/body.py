@@ -17,7 +17,6 @@ from starlette.requests import Request
 
 from tasks.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-
 # `curl --data-binary @photo.jpg URL` without `-H 'Content-Type: …'` labels the body as a form;
 # no form is ever meant on a raw-body endpoint, so that label counts as no label at all
 UNLABELLED = {"", "application/x-www-form-urlencoded"}

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.benchkit import ROOT, Proc
+from storage import codecs
 from tasks.embedded_redis import free_port
 from tests.conftest import with_text
 
@@ -147,6 +148,23 @@ def test_sync_fast_path_answers_as_the_routes_do(stack) -> None:
     assert r.status_code == 200 and r.json()["bytes"] == 3 and r.headers["x-worker"] == "echo-ops"
     bad = httpx.post(stack.url + "/run_echo", content=b"abc", headers={"Content-Type": "text/plain"}, timeout=10)
     assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
+    # a raw body with no Content-Type, an empty one, or curl's default for --data-binary is application/octet-stream
+    for headers in ({}, {"Content-Type": ""}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        r = httpx.post(stack.url + "/run_echo", content=b"abcd", headers=headers, timeout=10)
+        assert r.status_code == 200 and r.json()["bytes"] == 4, (headers, r.text)
+        assert r.request.headers.get("content-type") == headers.get("Content-Type")
+    photo_png, _ = with_text("chelsea.png")
+    labelled = httpx.post(stack.url + "/run_textmask", content=photo_png, headers={"Content-Type": "image/png"}, timeout=60)
+    bare = httpx.post(stack.url + "/run_textmask", content=photo_png, timeout=60)
+    assert bare.status_code == labelled.status_code == 200 and bare.content == labelled.content and codecs.decode_packbits(bare.content).sum() > 500
+    assert "x-model-untrained" not in bare.headers  # the pretrained PP-OCRv4 det
+    # /run_<a name we do not serve>: the documented 404 unknown_model, whatever the method; the service answers afterwards
+    for method in ("POST", "GET"):
+        r = httpx.request(method, stack.url + "/run_unicorn", content=b"abc", timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model" and "'unicorn'" in r.json()["error"]["message"], r.text
+    r = httpx.post(stack.url + "/run_sam3", content=b"abc", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model" and "/run_textmask" in r.json()["error"]["message"]
+    assert httpx.post(stack.url + "/run_echo", content=b"abc", timeout=10).json()["bytes"] == 3
     fmt = httpx.post(stack.url + "/run_textmask?format=bmp", content=b"abc", headers={"Content-Type": "image/png"}, timeout=10)
     assert fmt.status_code == 400 and "bmp" in fmt.json()["error"]["message"]
     g = httpx.get(stack.url + "/run_echo", timeout=10)

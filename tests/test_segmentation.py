@@ -8,9 +8,9 @@ import base64
 import io
 import json
 import shutil
-import tarfile
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import httpx
