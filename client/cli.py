@@ -68,8 +68,9 @@ def cmd_flower(a: argparse.Namespace) -> int:
     if s.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth
     # Flower turns on per-task events in every worker unless told not to: follow TASK_EVENTS
-    # (workers, queues and heartbeats show either way; the task list needs TASK_EVENTS=true)
-    argv = [sys.executable, "-m", "celery", "flower", f"--port={a.port or s.flower_port}", f"--address={a.host}", f"--enable_events={s.task_events}"]
+    # (workers, queues and heartbeats show either way; the task counts and list need TASK_EVENTS=true).
+    # Our app (tasks/flower_app.py) declares every model's queue, so the Broker page lists them.
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.flower_app", "flower", f"--port={a.port or s.flower_port}", f"--address={a.host}", f"--enable_events={s.task_events}"]
     os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover - execve does not return
 

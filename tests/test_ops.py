@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.benchkit import ROOT, Proc
 from storage import codecs
 from tasks.embedded_redis import free_port
-from tests.conftest import with_text
+from tests.conftest import fill_queue, stopped, wait_drained, with_text
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
@@ -78,6 +78,70 @@ def test_flower_shows_the_live_workers_and_their_queues(stack, tmp_path: Path) -
         assert httpx.get(base + "/api/workers", timeout=5).status_code == 401
         assert httpx.get(base + "/", timeout=5).status_code == 401
         assert httpx.get(base + "/api/workers", auth=("ops", "wrong"), timeout=5).status_code == 401
+
+        # task events are on by default: the workers page's Processed / Succeeded / Failed count each request
+        echo_name = next(k for k in workers if k.startswith("echo.echo-ops@"))
+
+        def counts() -> dict:
+            rows = httpx.get(base + "/workers", params={"json": "1"}, auth=("ops", "s3cret"), timeout=10).json()["data"]
+            return next((w for w in rows if w["hostname"] == echo_name), {})
+
+        before = counts()
+        n = 6
+        job_ids = []
+        for i in range(n):
+            r = httpx.post(stack.url + "/run_echo", content=b"flower %d" % i, timeout=10)
+            assert r.status_code == 200
+            job_ids.append(r.headers["x-job-id"])
+        bad = httpx.post(stack.url + "/run_echo?sleep_ms=-5", content=b"x", timeout=10)  # the worker refuses it: 422, a failed task
+        assert bad.status_code == 422
+        want = {"task-received": n + 1, "task-succeeded": n, "task-failed": 1}
+        t_end = time.time() + 20
+        while (got := {k: counts().get(k, 0) - before.get(k, 0) for k in want}) != want and time.time() < t_end:
+            time.sleep(0.3)
+        assert got == want
+        tasks = httpx.get(base + "/api/tasks", params={"workername": echo_name}, auth=("ops", "s3cret"), timeout=10).json()
+        for jid in job_ids:
+            assert tasks[jid]["name"] == "trifecta.infer" and tasks[jid]["state"] == "SUCCESS" and tasks[jid]["worker"] == echo_name
+        assert "model': 'echo'" in tasks[job_ids[0]]["kwargs"]
+
+        # a queue's depth as Flower reads it, while its worker cannot take anything
+        with stopped(stack, stack.workers[-1], "echo"):
+            fill_queue(stack.redis, "echo", "echo", 3)  # no job records: the worker skips them once it runs again
+            ql = httpx.get(base + "/api/queues/length", auth=("ops", "s3cret"), timeout=5).json()
+        depth = {q["name"]: q["messages"] for q in ql["active_queues"]}
+        assert depth["echo"] == 3 and depth["echo.echo-ops"] == 0 and depth["textmask"] == 0
+        wait_drained(stack.redis, "echo")
+    finally:
+        fl.stop()
+
+
+def test_flower_lists_every_model_queue_with_no_worker_up(make_stack, tmp_path: Path) -> None:
+    """The queues are declared to the Celery app Flower loads (tasks/flower_app.py): with no worker
+    to name its active queues, the Broker page still lists every model's queue and its backlog."""
+    st = make_stack(models=[], api=False)
+    fill_queue(st.redis, "segmentation", "segmentation", 2)
+    port = free_port()
+    fl = Proc("flower", [sys.executable, "-m", "client.cli", "flower"], {**st.env, "FLOWER_PORT": str(port), "FLOWER_UNAUTHENTICATED_API": "true"}, tmp_path / "flower.log").start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t_end = time.time() + 40
+        depth: dict = {}
+        while time.time() < t_end:
+            try:
+                r = httpx.get(base + "/api/queues/length", timeout=10)
+                if r.status_code == 200:
+                    depth = {q["name"]: q["messages"] for q in r.json()["active_queues"]}
+                    break
+            except httpx.HTTPError:
+                pass
+            assert fl.alive(), fl.tail()
+            time.sleep(0.5)
+        from tasks.models import MODELS
+
+        assert {m: depth.get(m) for m in MODELS} == {m: 2 if m == "segmentation" else 0 for m in MODELS}
+        broker = httpx.get(base + "/broker", timeout=10)  # the Broker page itself (open: no FLOWER_BASIC_AUTH here)
+        assert broker.status_code == 200 and ">segmentation<" in broker.text.replace(" ", "")
     finally:
         fl.stop()
 

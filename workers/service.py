@@ -72,6 +72,8 @@ class WorkerService:
         # job id -> (START state, shared queue length then, monotonic time, kombu delivery tag)
         self.received: dict[str, tuple[Any, int, float, str]] = {}
         self.acked: dict[str, float] = {}  # kombu tag -> when: its unacked records went with the FINISH pipeline
+        self.events: Any = None  # Celery event dispatcher for per-request task events (TASK_EVENTS), set once the worker is ready
+        self._events_lock = threading.Lock()
 
     # -- hooks into kombu's round trips (workers.broker) ------------------------
     def on_receive(self, pipe: Any, message: Any, delivery_tag: str) -> Any:
@@ -273,12 +275,38 @@ class WorkerService:
             done.append((q, "succeeded", result))
         self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
+        self._task_events(done, t_start)
         for q, status, _body in done:
             log.info(
                 "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
                 q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),
             )
         return True
+
+    def _task_events(self, done: list[tuple[InferRequest, str, dict[str, Any]]], t_start: float) -> None:
+        """Per request, the task events Flower counts (received, started, succeeded or failed), all
+        of a batch's in one PUBLISH, after the replies are out. Celery sends none for these: batches
+        run through celery-batches (which only fires signals) and BULK_DRAIN takes messages past
+        kombu's consumer. Received and started both carry the batch's start."""
+        ev = self.events
+        if ev is None or not done:
+            return
+        t_end = time.time()
+        with self._events_lock:
+            try:
+                for q, status, body in done:
+                    kw = f"{{'model': {q.model!r}, 'kind': {q.kind!r}, 'format': {q.format!r}}}"
+                    ev.send("task-received", uuid=q.id, timestamp=t_start, name=keys.TASK_INFER, args="()", kwargs=kw, retries=0, root_id=q.id, parent_id=None, eta=None, expires=None)
+                    ev.send("task-started", uuid=q.id, timestamp=t_start)
+                    if status == "succeeded":
+                        ev.send("task-succeeded", uuid=q.id, timestamp=t_end, runtime=t_end - t_start, result="")
+                    else:
+                        ev.send("task-failed", uuid=q.id, timestamp=t_end, exception=f"{body.get('code')}: {body.get('message')}", traceback="")
+                ev.flush(errors=False)
+            except Exception as e:  # noqa: BLE001 - the dashboard never fails a batch; these events are lost
+                log.warning("task events not sent (%s)", e)
+                for buf in getattr(ev, "_group_buffer", {}).values():  # celery's own buffer: not resent next time
+                    buf.clear()
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
         outs: list[Output] = []
@@ -505,6 +533,8 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     def _ready(sender: Any = None, **_: Any) -> None:
         svc.consumer = sender
         svc.nodename = sender.hostname
+        if settings.task_events:  # its own connection: batch threads publish while kombu's consumer reads
+            svc.events = app.events.Dispatcher(app.connection_for_write(), hostname=sender.hostname, groups=["task"], buffer_group=["task"], buffer_limit=1 << 20, buffer_while_offline=False)
         svc.beat()
 
     stop = threading.Event()
