@@ -37,7 +37,12 @@ browser:
 	elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "warning: install Debian's chromium and chromium-driver for the page test (apt-get install chromium chromium-driver)"; fi
 
-up: install-min
+# `make up` installs torch only when MODELS asks for a model that needs it (SAM3, V-JEPA 2,
+# Mask2Former, a SegFormer to export); the default MODELS=textmask,echo needs none
+comma := ,
+TORCH_MODELS := $(filter sam3 vjepa2 mask2former segmentation,$(subst $(comma), ,$(MODELS)))
+
+up: $(if $(TORCH_MODELS),$(STAMP),install-min)
 	$(BIN)/trifecta up
 
 test: install

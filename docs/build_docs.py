@@ -1,0 +1,65 @@
+"""Regenerate the generated parts of the docs: `docs/settings.md` (from `tasks.settings`, through
+`trifecta settings`, plus `docs/settings-extra.md`) and the bench table in `docs/performance.md`
+(from the last `trifecta bench` run kept in `docs/bench.json`, between the BENCH_TABLE markers).
+
+    .venv/bin/python docs/build_docs.py          # rewrite
+    .venv/bin/python docs/build_docs.py --check  # exit 1 when a generated part is stale (a test runs this)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+BENCH = re.compile(r"(<!-- BENCH_TABLE -->\n).*?(<!-- /BENCH_TABLE -->)", re.S)
+
+
+def bench_table() -> str:
+    p = DOCS / "bench.json"
+    if not p.exists():
+        return "(no `docs/bench.json` yet: run `trifecta bench` and copy its `bench.json` here)\n"
+    d = json.loads(p.read_text())
+    rows = ["| goal | figure | target | result |", "| --- | --- | --- | --- |"]
+    for g in d["goals"]:
+        reported = g["target"] >= 1e9
+        tgt = "(reported)" if reported else ("≥ " if g.get("higher_is_better", True) else "≤ ") + f"{g['target']}"
+        rows.append(f"| {g['goal']} | {g['figure']} {g['unit']} | {tgt} | {'pass' if g['pass'] else '**FAIL**'} |")
+    m = d["machine"]
+    head = f"Measured {d['started']} on {m['cores']} cores ({m['cpu']}, Python {m['python']}); load generator {d['load_generator']}.\n\n"
+    return head + "\n".join(rows) + "\n"
+
+
+def settings_page() -> str:
+    table = subprocess.run([sys.executable, "-m", "client.cli", "settings"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    extra = (DOCS / "settings-extra.md").read_text()
+    return (
+        "# Settings\n\nEvery setting is an environment variable (names kept from the source services). "
+        "`trifecta settings` prints this table; `docs/build_docs.py` writes this page from it.\n\n" + table.rstrip() + "\n\n" + extra.rstrip() + "\n"
+    )
+
+
+def render() -> dict[Path, str]:
+    perf = DOCS / "performance.md"
+    text = perf.read_text()
+    text = BENCH.sub(lambda m: m.group(1) + bench_table() + m.group(2), text)
+    return {DOCS / "settings.md": settings_page(), perf: text}
+
+
+def main() -> int:
+    stale = [p for p, t in render().items() if not p.exists() or p.read_text() != t]
+    if "--check" in sys.argv:
+        for p in stale:
+            print(f"{p.relative_to(ROOT)} is stale: run .venv/bin/python docs/build_docs.py", file=sys.stderr)
+        return 1 if stale else 0
+    for p, t in render().items():
+        p.write_text(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
