@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="A request delivered this many times without finishing is dead-lettered as failed.")
     worker_max_memory_mb: int = Field(0, ge=0, description="A worker whose RSS passes this finishes its batch and exits to be restarted (0 = no limit).")
     bulk_drain: bool = Field(True, description="A worker tops up a batch straight from its queue in one round trip (kombu's own unacked/visibility bookkeeping), instead of one broker round trip per message.")
-    task_events: bool = Field(False, description="Send per-task Celery events (Flower's task list); worker events and heartbeats are always on.")
+    task_events: bool = Field(True, description="Send per-task Celery events: Flower's Processed/Succeeded/Failed counts and task list (buffered, one PUBLISH every 0.5 s); worker events and heartbeats are always on.")
 
     # --- models ---
     model_dir: str = Field("./models", description="Local model directory; `<MODEL_DIR>/<model>/` holds each model's files.")
