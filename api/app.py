@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.admission import AdmissionGate
@@ -28,14 +29,17 @@ from api.routes import shards as _shards  # noqa: F401 - registers the `shards` 
 from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
 from api.webhooks import WebhookSender
+from tasks import logs
 from tasks.errors import TrifectaError
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger("trifecta.api")
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.setup()  # a process of `trifecta api --workers N` starts here; elsewhere the CLI did it already
     settings.require_deployable("api")  # outside ENV=local: no API without keys
 
     @asynccontextmanager
@@ -53,7 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await b.stop()
             await hub.stop()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the service itself (fastapi-offline ships the
+    # files, served under DOCS_ASSETS), not from a CDN: they work on a cluster with no internet
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="Trifecta",
         version="0.1.0",
         description="Queue-driven inference for vision models: sync masks, jobs, WebDataset shards, SAM3, V-JEPA 2, Mask2Former.",

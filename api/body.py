@@ -23,6 +23,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tasks.errors import BadRequest, Overloaded, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from tasks.settings import Settings
 
+# `curl --data-binary @photo.jpg URL` without `-H 'Content-Type: …'` labels the body as a form;
+# no form is ever meant on a raw-body endpoint, so that label counts as no label at all
+UNLABELLED = {"", "application/x-www-form-urlencoded"}
+
+
+def raw_body_type(request: Request) -> str:
+    """The media type of a raw-body endpoint's body (`/run_*`, `/segment`, `/segment-batch`):
+    a missing, empty or curl-default Content-Type is `application/octet-stream` (the image is
+    sniffed from its bytes anyway); anything else is returned as given, for the route to check."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return "application/octet-stream" if ctype in UNLABELLED else ctype
+
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")

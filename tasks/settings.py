@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="A request delivered this many times without finishing is dead-lettered as failed.")
     worker_max_memory_mb: int = Field(0, ge=0, description="A worker whose RSS passes this finishes its batch and exits to be restarted (0 = no limit).")
     bulk_drain: bool = Field(True, description="A worker tops up a batch straight from its queue in one round trip (kombu's own unacked/visibility bookkeeping), instead of one broker round trip per message.")
-    task_events: bool = Field(False, description="Send per-task Celery events (Flower's task list); worker events and heartbeats are always on.")
+    task_events: bool = Field(True, description="Send per-task Celery events: Flower's Processed/Succeeded/Failed counts and task list (buffered, one PUBLISH every 0.5 s); worker events and heartbeats are always on.")
 
     # --- models ---
     model_dir: str = Field("./models", description="Local model directory; `<MODEL_DIR>/<model>/` holds each model's files.")
@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait of a sync request before 504 (a request may lower it with `?timeout=`).")
     sync_grace_s: float = Field(60.0, ge=0, description="After a 504 the work stays valid this long for polling; later it is dropped unrun.")
     max_queue_depth: int = Field(64, ge=1, description="Requests waiting per model (its shared queue plus its live workers' private queues) at or above which new work gets 503; one worker's private queue alone is held to its share, MAX_QUEUE_DEPTH / live workers.")
+    queue_without_workers: bool = Field(False, description="Take work for a model with no live worker (it waits in the model's queue until a worker starts), for autoscalers that scale workers from zero (KEDA, docs/deploy.md); off: 503 no_worker.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest image (width x height) accepted; larger → 413, decided from the header.")
     max_jpeg_scan_pixels: int = Field(1_000_000_000, ge=1, description="Most work one JPEG decode may cost, as width x height x scans (a baseline JPEG has 1 scan, a progressive one ~10; every scan walks every pixel): bounds one decode's CPU time on a worker (~2 s per 1e9 on one core). Larger → 413, decided from the headers before decoding, by the API and again by the worker.")
     max_body_bytes: int = Field(100 << 20, ge=1, description="Largest request body, counted while streaming and after gzip decompression.")
@@ -145,6 +146,7 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, le=100, description="Deliveries tried per webhook before it is given up (retries back off exponentially).")
     webhook_backoff_s: float = Field(5.0, gt=0, le=3600, description="Delay before the first webhook retry; each further retry waits twice as long (at most 1 h), with jitter.")
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest wait for a webhook receiver to answer one POST.")
+    log_format: Literal["text", "json"] = Field("text", description="`text`, or `json`: one JSON object per line (time, level, logger, message, and job_id, model, tenant, worker, device, trace_id where known) from the API, the workers and `trifecta up`.")
     janitor_interval_s: float = Field(300.0, ge=0, description="How often the API deletes the stored outputs of jobs whose record expired (RESULT_TTL_SECONDS); 0 = off.")
 
     @field_validator("webhook_allowed_hosts", mode="before")

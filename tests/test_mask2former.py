@@ -128,6 +128,18 @@ def test_exif_orientation_heic_and_size_limits(stack) -> None:
     assert r.status_code == 422 and "M2F_MAX_PIXELS" in r.json()["error"]["message"] and "Downscale" in r.json()["error"]["message"]
     r = seg_batch(stack, b"not an image")
     assert r.status_code == 415
+    ref = seg_batch(stack, png_bytes(im))
+    assert ref.status_code == 200
+    # no Content-Type (or curl's form default for --data-binary) is a raw body: the image is sniffed
+    for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        r = httpx.post(stack.url + "/segment-batch", content=png_bytes(im), headers=headers, timeout=60)
+        assert r.status_code == 200 and r.request.headers.get("content-type") == headers.get("Content-Type"), r.text
+        assert r.headers["x-model-untrained"] == "true"  # the tiny random-init checkpoint
+        got, want = decode_all(r.json()), decode_all(ref.json())
+        assert set(got) == set(want) and all((got[k] == want[k]).all() for k in want)
+    # a wrong explicit type is still refused, and the service answers afterwards
+    r = httpx.post(stack.url + "/segment-batch", content=png_bytes(im), headers={"Content-Type": "text/plain"}, timeout=60)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
     assert seg_batch(stack, png_bytes(im)).status_code == 200
 
 

@@ -636,6 +636,7 @@ def finish_job(svc: Any, kw: dict[str, Any]) -> None:
         "counts": {"shards": len(results), "samples": done + failed, "done": done, "failed": failed},
         "worker": svc.worker_id,
         "device": str(svc.device),
+        "trained": svc.runner.trained,
     }
     error = b""
     status = "succeeded"

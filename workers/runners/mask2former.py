@@ -36,6 +36,7 @@ from tasks import seglabels
 from tasks.errors import Unprocessable
 from tasks.images import decode_rgb
 from tasks.settings import Settings
+from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
 
 log = logging.getLogger("trifecta.mask2former")
@@ -93,6 +94,7 @@ class Mask2FormerRunner(Runner):
         from workers.runners.vjepa2 import source_of
 
         self.source, self.revision = source_of(src)
+        self.trained = is_trained(src)
         self.processor = Mask2FormerImageProcessorPil.from_pretrained(src, **kw)
         self.dtype = torch.float16 if self.device.kind == "cuda" else torch.float32
         self.net = Mask2FormerForUniversalSegmentation.from_pretrained(src, dtype=self.dtype, **kw).eval().to(self.device.local)

@@ -717,6 +717,7 @@ class PropagateJob:
             "timing": {"model_ms": meta.get("processing_time_ms")},
             "worker": self.svc.worker_id,
             "device": str(self.svc.device),
+            "trained": self.svc.runner.trained,
         }
         self._end("succeeded", "result", result)
 
