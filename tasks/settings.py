@@ -18,6 +18,12 @@ from tasks.models import DEFAULT_MODELS, MODEL_NAMES
 
 # passwords that ship in examples and compose defaults: refused outside ENV=local
 DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "changethis", "change_me", "admin", "password", "secret", "minioadmin", "trifecta-secret"})
+PLACEHOLDER_PREFIX = "replace-me"  # the Kubernetes manifests' Secret placeholders (deploy/kubernetes/base/secrets.yaml)
+
+
+def is_default_secret(value: str) -> bool:
+    v = value.strip().lower()
+    return v in DEFAULT_SECRETS or v.startswith(PLACEHOLDER_PREFIX)
 
 
 def _split(v: object) -> object:
@@ -197,13 +203,15 @@ class Settings(BaseSettings):
             return self
         found = []
         for entry in (self.flower_basic_auth or "").split(","):
-            if entry.strip() and entry.partition(":")[2].strip().lower() in DEFAULT_SECRETS:
+            if entry.strip() and is_default_secret(entry.partition(":")[2]):
                 found.append("FLOWER_BASIC_AUTH")
         aws = os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if aws is not None and aws.strip().lower() in DEFAULT_SECRETS:
+        if aws is not None and is_default_secret(aws):
             found.append("AWS_SECRET_ACCESS_KEY")
-        if self.webhook_secret is not None and (self.webhook_secret.strip().lower() in DEFAULT_SECRETS or len(self.webhook_secret) < 16):
+        if self.webhook_secret is not None and (is_default_secret(self.webhook_secret) or len(self.webhook_secret) < 16):
             found.append("WEBHOOK_SECRET (at least 16 characters)")
+        if any(is_default_secret(entry.partition(":")[0]) for entry in (self.api_keys or "").split(",") if entry.strip()):
+            found.append("API_KEYS")
         if found:
             raise ValueError(f"ENV={self.env} refuses default or weak secrets: {', '.join(dict.fromkeys(found))}. Set real ones (or ENV=local for a trial on a trusted machine)")
         return self

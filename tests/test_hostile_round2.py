@@ -606,3 +606,19 @@ def test_api_process_refuses_to_start_open_in_production(tmp_path: Path) -> None
     env.pop("API_KEYS_FILE", None)
     p = subprocess.run([sys.executable, "-m", "client.cli", "api", "--port", "1"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode != 0 and "set API_KEYS or API_KEYS_FILE" in p.stdout + p.stderr, (p.returncode, (p.stdout + p.stderr)[-800:])
+
+
+def test_kubernetes_placeholders_are_refused_outside_local() -> None:
+    """The manifests run with ENV=production; their Secret placeholders stop every process at start."""
+    import yaml
+
+    from tasks.settings import Settings
+
+    root = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "base"
+    config = yaml.safe_load((root / "config.yaml").read_text())["data"]
+    assert config["ENV"] == "production"
+    secrets = {k: v for doc in yaml.safe_load_all((root / "secrets.yaml").read_text()) if doc for k, v in (doc.get("stringData") or {}).items()}
+    for name in ("API_KEYS", "WEBHOOK_SECRET", "FLOWER_BASIC_AUTH"):
+        with pytest.raises(ValueError, match=name):
+            Settings(env="production", **{name.lower(): secrets[name]})
+    Settings(env="production", api_keys="k" * 32 + ":default", webhook_secret="s" * 32, flower_basic_auth="ops:" + "p" * 20)
