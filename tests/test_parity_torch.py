@@ -62,38 +62,41 @@ def _b64(data: bytes) -> str:
 LONG_SIDE = 256  # this stack's M2F_LONG_SIDE
 
 
+@pytest.fixture(scope="class")
+def m2f_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint("mask2former", tmp_path_factory.mktemp("m2f") / "tiny")
+
+
+@pytest.fixture(scope="class")
+def m2f_stack(redis_server, model_dir: Path, m2f_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), ["mask2former"], {"M2F_CHECKPOINT": str(m2f_ckpt), "M2F_LONG_SIDE": str(LONG_SIDE)})
+    yield st
+    st.stop()
+
+
+@pytest.fixture(scope="class")
+def m2f_reference(m2f_ckpt: Path):
+    """transformers' recipe on the checkpoint, after the service's one documented extra step."""
+    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+    proc = AutoImageProcessor.from_pretrained(str(m2f_ckpt))
+    net = Mask2FormerForUniversalSegmentation.from_pretrained(str(m2f_ckpt)).eval()
+
+    def run(im: Image.Image) -> np.ndarray:
+        W, H = im.size
+        k = LONG_SIDE / max(W, H)
+        if k < 1:  # M2F_LONG_SIDE: the long side scaled down first (Pillow bilinear, sizes rounded)
+            im = im.resize((max(1, round(W * k)), max(1, round(H * k))), Image.BILINEAR)
+        inputs = proc(images=im, return_tensors="pt")
+        with torch.inference_mode():
+            out = net(**inputs)
+        return proc.post_process_semantic_segmentation(out, target_sizes=[(H, W)])[0].numpy()
+
+    run.labels = [str(net.config.id2label[i]).strip() for i in range(net.config.num_labels)]  # type: ignore[attr-defined]
+    return run
+
+
 class TestMask2Former:
-    @pytest.fixture(scope="class")
-    def ckpt(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        return tiny_checkpoint("mask2former", tmp_path_factory.mktemp("m2f") / "tiny")
-
-    @pytest.fixture(scope="class")
-    def stack(self, redis_server, model_dir: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-        st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), ["mask2former"], {"M2F_CHECKPOINT": str(ckpt), "M2F_LONG_SIDE": str(LONG_SIDE)})
-        yield st
-        st.stop()
-
-    @pytest.fixture(scope="class")
-    def reference(self, ckpt: Path):
-        """transformers' recipe on the checkpoint, after the service's one documented extra step."""
-        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
-
-        proc = AutoImageProcessor.from_pretrained(str(ckpt))
-        net = Mask2FormerForUniversalSegmentation.from_pretrained(str(ckpt)).eval()
-
-        def run(im: Image.Image) -> np.ndarray:
-            W, H = im.size
-            k = LONG_SIDE / max(W, H)
-            if k < 1:  # M2F_LONG_SIDE: the long side scaled down first (Pillow bilinear, sizes rounded)
-                im = im.resize((max(1, round(W * k)), max(1, round(H * k))), Image.BILINEAR)
-            inputs = proc(images=im, return_tensors="pt")
-            with torch.inference_mode():
-                out = net(**inputs)
-            return proc.post_process_semantic_segmentation(out, target_sizes=[(H, W)])[0].numpy()
-
-        run.labels = [str(net.config.id2label[i]).strip() for i in range(net.config.num_labels)]  # type: ignore[attr-defined]
-        return run
-
     @pytest.mark.parametrize(
         ("name", "crop"),
         [
@@ -101,7 +104,8 @@ class TestMask2Former:
             ("coffee.png", (100, 60, 300, 200)),  # 200 x 140: under M2F_LONG_SIDE, straight to the processor
         ],
     )
-    def test_label_maps_are_the_processors_post_processing(self, stack, reference, name: str, crop) -> None:
+    def test_label_maps_are_the_processors_post_processing(self, m2f_stack, m2f_reference, name: str, crop) -> None:
+        stack, reference = m2f_stack, m2f_reference
         from tasks import seglabels
 
         im = photo(name)
@@ -135,44 +139,49 @@ class TestMask2Former:
 
 
 # ================================================================ SAM3: image and video (one sam3 worker)
+@pytest.fixture(scope="class")
+def sam3_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint("sam3", tmp_path_factory.mktemp("sam3") / "tiny")
+
+
+@pytest.fixture(scope="class")
+def sam3_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("videos")
+    write_video(d / "shapes.mp4")
+    return d
+
+
+@pytest.fixture(scope="class")
+def sam3_stack(redis_server, model_dir: Path, sam3_ckpt: Path, sam3_videos: Path, tmp_path_factory: pytest.TempPathFactory):
+    env = {"SAM3_CHECKPOINT": str(sam3_ckpt), "ALLOWED_INPUT_ROOTS": str(sam3_videos), "MAX_BATCH_SIZE": "1", "MAX_PROMPTS": "8"}
+    st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), ["sam3"], env)
+    yield st
+    st.stop()
+
+
+@pytest.fixture(scope="class")
+def sam3_image_reference(sam3_ckpt: Path):
+    from transformers import Sam3Model, Sam3Processor
+
+    proc = Sam3Processor.from_pretrained(str(sam3_ckpt))
+    net = Sam3Model.from_pretrained(str(sam3_ckpt)).eval()
+
+    def run(im: Image.Image, text: str | None, box: list[float] | None, threshold: float) -> dict:
+        W, H = im.size
+        kw = {}
+        if box is not None:  # the service takes [cx, cy, w, h] normalised; the processor xyxy pixels
+            cx, cy, bw, bh = box
+            kw = {"input_boxes": [[[(cx - bw / 2) * W, (cy - bh / 2) * H, (cx + bw / 2) * W, (cy + bh / 2) * H]]], "input_boxes_labels": [[1]]}
+        inputs = proc(images=im, text=text, return_tensors="pt", **kw)
+        with torch.inference_mode():
+            out = net(**inputs)
+        return proc.post_process_instance_segmentation(out, threshold=threshold, mask_threshold=0.5, target_sizes=[(H, W)])[0]
+
+    return run
+
+
 class TestSam3:
-    @pytest.fixture(scope="class")
-    def ckpt(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        return tiny_checkpoint("sam3", tmp_path_factory.mktemp("sam3") / "tiny")
-
-    @pytest.fixture(scope="class")
-    def videos(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        d = tmp_path_factory.mktemp("videos")
-        write_video(d / "shapes.mp4")
-        return d
-
-    @pytest.fixture(scope="class")
-    def stack(self, redis_server, model_dir: Path, ckpt: Path, videos: Path, tmp_path_factory: pytest.TempPathFactory):
-        env = {"SAM3_CHECKPOINT": str(ckpt), "ALLOWED_INPUT_ROOTS": str(videos), "MAX_BATCH_SIZE": "1", "MAX_PROMPTS": "8"}
-        st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), ["sam3"], env)
-        yield st
-        st.stop()
-
     # -- image ------------------------------------------------------------------------
-    @pytest.fixture(scope="class")
-    def image_reference(self, ckpt: Path):
-        from transformers import Sam3Model, Sam3Processor
-
-        proc = Sam3Processor.from_pretrained(str(ckpt))
-        net = Sam3Model.from_pretrained(str(ckpt)).eval()
-
-        def run(im: Image.Image, text: str | None, box: list[float] | None, threshold: float) -> dict:
-            W, H = im.size
-            kw = {}
-            if box is not None:  # the service takes [cx, cy, w, h] normalised; the processor xyxy pixels
-                cx, cy, bw, bh = box
-                kw = {"input_boxes": [[[(cx - bw / 2) * W, (cy - bh / 2) * H, (cx + bw / 2) * W, (cy + bh / 2) * H]]], "input_boxes_labels": [[1]]}
-            inputs = proc(images=im, text=text, return_tensors="pt", **kw)
-            with torch.inference_mode():
-                out = net(**inputs)
-            return proc.post_process_instance_segmentation(out, threshold=threshold, mask_threshold=0.5, target_sizes=[(H, W)])[0]
-
-        return run
 
     @pytest.mark.parametrize(
         ("name", "prompts"),
@@ -182,7 +191,8 @@ class TestSam3:
             ("astronaut.png", [{"type": "text", "text": "a helmet"}, {"type": "box", "box": [0.5, 0.3, 0.3, 0.3], "label": True}]),
         ],
     )
-    def test_image_masks_scores_and_boxes_are_the_processors(self, stack, image_reference, name: str, prompts: list[dict]) -> None:
+    def test_image_masks_scores_and_boxes_are_the_processors(self, sam3_stack, sam3_image_reference, name: str, prompts: list[dict]) -> None:
+        stack, image_reference = sam3_stack, sam3_image_reference
         im = photo(name)
         if name == "astronaut.png":
             im = im.resize((256, 256))
@@ -211,7 +221,8 @@ class TestSam3:
         assert any(m.any() for m in masks), "the masks are not all empty"
 
     # -- video ------------------------------------------------------------------------
-    def test_video_prompt_and_propagation_are_the_session_apis(self, stack, ckpt: Path, videos: Path) -> None:
+    def test_video_prompt_and_propagation_are_the_session_apis(self, sam3_stack, sam3_ckpt: Path, sam3_videos: Path) -> None:
+        stack, ckpt, videos = sam3_stack, sam3_ckpt, sam3_videos
         from transformers import Sam3VideoModel, Sam3VideoProcessor
 
         text = "red square"
@@ -256,19 +267,22 @@ class TestSam3:
 
 
 # ================================================================ V-JEPA 2
+@pytest.fixture(scope="class")
+def vjepa2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint("vjepa2", tmp_path_factory.mktemp("vjepa2") / "tiny")
+
+
+@pytest.fixture(scope="class")
+def vjepa2_stack(redis_server, model_dir: Path, vjepa2_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), ["vjepa2"], {"VJEPA2_CHECKPOINT": str(vjepa2_ckpt)})
+    yield st
+    st.stop()
+
+
 class TestVJEPA2:
-    @pytest.fixture(scope="class")
-    def ckpt(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        return tiny_checkpoint("vjepa2", tmp_path_factory.mktemp("vjepa2") / "tiny")
-
-    @pytest.fixture(scope="class")
-    def stack(self, redis_server, model_dir: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-        st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), ["vjepa2"], {"VJEPA2_CHECKPOINT": str(ckpt)})
-        yield st
-        st.stop()
-
     @pytest.mark.parametrize("seed", [1, 2])
-    def test_top5_is_the_video_processor_and_model(self, stack, ckpt: Path, seed: int) -> None:
+    def test_top5_is_the_video_processor_and_model(self, vjepa2_stack, vjepa2_ckpt: Path, seed: int) -> None:
+        stack, ckpt = vjepa2_stack, vjepa2_ckpt
         from transformers import AutoVideoProcessor, VJEPA2ForVideoClassification
 
         # 16 frames of a real photo panning, 80 x 60 (resized and centre-cropped by the processor)

@@ -1,9 +1,9 @@
 """Real stacks and tiny checkpoints for tests.
 
-    ckpt = tiny_checkpoint("mask2former", tmp / "m2f")      # `trifecta models tiny NAME DIR`
-    st = start_stack(redis_port, model_dir, tmp, ["mask2former"], {"M2F_CHECKPOINT": str(ckpt)})
-    ...
-    st.stop()
+ckpt = tiny_checkpoint("mask2former", tmp / "m2f")      # `trifecta models tiny NAME DIR`
+st = start_stack(redis_port, model_dir, tmp, ["mask2former"], {"M2F_CHECKPOINT": str(ckpt)})
+...
+st.stop()
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ DEFAULTS = {"MAX_BATCH_SIZE": "4", "BATCH_TIMEOUT_MS": "4", "INTRA_OP_THREADS": 
 _db = itertools.count(1)
 
 
-def start_stack(redis_port: int, model_dir: Path, tmp: Path, models: list[str] | tuple[str, ...] = ("textmask",), env: dict[str, str] | None = None, api: bool = True, storage: str | None = None) -> Stack:
+def start_stack(
+    redis_port: int, model_dir: Path, tmp: Path, models: list[str] | tuple[str, ...] = ("textmask",), env: dict[str, str] | None = None, api: bool = True, storage: str | None = None
+) -> Stack:
     """Worker processes for `models` (one each) and the API, on a Redis database of their own."""
     db = next(_db) % 16
     st = Stack.create(f"redis://127.0.0.1:{redis_port}/{db}", tmp, env={**DEFAULTS, **(env or {})}, storage=storage, model_dir=model_dir)
