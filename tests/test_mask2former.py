@@ -223,6 +223,7 @@ def test_full_size_labels_equal_the_processors_resize_and_argmax(monkeypatch: py
     base = torch.rand(150, 48, 48, generator=g) * 0.2
     base[:6] += torch.rand(6, 48, 48, generator=g)  # a few strong classes, as a trained model gives
     base[7] = base[:6].max(0).values - 1e-7 * torch.rand(48, 48, generator=g)  # almost ties everywhere
+    base[9] = base[2]  # exact ties with class 2 everywhere: the lower id wins, as argmax
     scores = F.interpolate(base[None], size=(384, 384), mode="bilinear", align_corners=False)[0]
     for H, W in [(300, 451), (37, 29), (1000, 357), (61, 60), (70, 60)]:
         ref = F.interpolate(scores[None], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).numpy()

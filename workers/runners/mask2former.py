@@ -241,8 +241,10 @@ def upsample_labels(scores: Any, size: tuple[int, int]) -> np.ndarray:
     picks (ties go to the lower id, as torch's argmax). Classes that cannot win anywhere are
     skipped: a bilinear value lies between the smallest and largest of its four neighbours, so
     a class whose largest value in every 2 x 2 cell of the grid is below the best smallest value
-    of some class there never wins (with a margin for float rounding). Memory: one class at
-    full size per step (BAND_BYTES per step), the running best and the map."""
+    of some class there never wins (with a margin for float rounding). Memory: one chunk of
+    classes at full size (BAND_BYTES, at least one class), the running best and the map. Time:
+    like the reference's own resize for the classes kept; a trained model's scores leave a few
+    classes per image, a random-init model's nearly flat scores keep all of them."""
     import torch
     import torch.nn.functional as F
 
@@ -250,9 +252,10 @@ def upsample_labels(scores: Any, size: tuple[int, int]) -> np.ndarray:
     scores = scores.float()
     C = scores.shape[0]
     dtype = np.uint8 if C <= 256 else np.uint16
-    if H + W <= 128 or C * H * W * 4 <= BAND_BYTES:
-        # small: the reference call itself (torch picks a channels-last kernel for outputs with
-        # H + W <= 128, whose values depend on the channel count, so subsets would not match)
+    if H + W <= 128 or C <= 4 or C * H * W * 4 <= BAND_BYTES:
+        # small: the reference call itself (torch picks a channels-last kernel, whose values
+        # depend on the channel count, for outputs with H + W <= 128 and for exactly 3 channels
+        # on one thread: subsets of such a call would not match it)
         up = F.interpolate(scores[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         return up.argmax(0).numpy().astype(dtype)
     ids = _candidates(scores)
@@ -261,18 +264,18 @@ def upsample_labels(scores: Any, size: tuple[int, int]) -> np.ndarray:
     # torch resizes exactly 3 channels with another kernel on one thread: never ask for 3
     chunks = [part for c in chunks for part in ((c[:2], c[2:]) if len(c) == 3 else (c,))]
     best: Any = None
-    label = torch.zeros((H, W), dtype=torch.int16 if C > 256 else torch.uint8)
+    label: Any = None
     for chunk in chunks:
         up = F.interpolate(scores[None, chunk], size=(H, W), mode="bilinear", align_corners=False)[0]
-        for k, cid in enumerate(chunk):
-            if best is None:
-                best = up[k].clone()
-                label.fill_(cid)
-                continue
-            better = up[k] > best
-            best = torch.where(better, up[k], best)
-            label.masked_fill_(better, cid)
+        vals, idx = up.max(0)  # the first of equal maxima: the lowest id of the chunk
         del up
+        ids_t = torch.tensor(chunk, dtype=torch.int16)
+        if best is None:
+            best, label = vals, ids_t[idx]
+            continue
+        better = vals > best  # strict: on a tie the lower id (an earlier chunk) stays, as argmax
+        torch.maximum(best, vals, out=best)
+        label = torch.where(better, ids_t[idx], label)
     return label.numpy().astype(dtype, copy=False)
 
 
