@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(4 << 30, ge=1, description="Video jobs: largest video read from a URI or a multipart upload.")
     video_decode_timeout_s: float = Field(300.0, gt=0, description="Video jobs: longest one decode task may spend decoding before its job fails.")
     m2f_checkpoint: str = Field("facebook/mask2former-swin-large-ade-semantic", description="Mask2Former semantic segmentation (`Mask2FormerForUniversalSegmentation`): a Hugging Face id or a local directory.")
-    m2f_long_side: int = Field(768, ge=32, le=4096, description="Mask2Former: an image's long side is scaled down to this before the model; masks come back at the original size.")
+    m2f_long_side: int = Field(768, ge=32, le=4096, description="Mask2Former: an image's long side over this is scaled down to it before the checkpoint's image processor (as the source service did); masks come back at the original size.")
     m2f_max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) Mask2Former segments; larger → 422 (the masks are made at the original size).")
 
     # --- SAM3 ---

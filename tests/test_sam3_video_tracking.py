@@ -27,7 +27,7 @@ from websockets.sync.client import connect as ws_connect
 from storage import codecs
 from tasks.sam3_video import session_key
 from tests.conftest import ROOT, wait_job
-from tests.test_sam3_video import FPS, H, N, W, write_video
+from tests.helpers.videos import FPS, H, N, W, write_video
 
 B = 120.0
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="SAM3's video processor needs torchvision")
