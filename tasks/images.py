@@ -128,6 +128,12 @@ def check_jpeg_cost(data: bytes, w: int, h: int, budget: int | None = None) -> i
     return scans
 
 
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image opened lazily (no pixel decoded yet) after every check `probe` makes: for a
+    decoder that needs the image's own mode (alpha, grey) rather than `decode_rgb`'s RGB."""
+    return _open(data, max_pixels)
+
+
 def probe(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """(format, width, height) from the header alone; raises 415/413/422 errors."""
     im = _open(data, max_pixels)

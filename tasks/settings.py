@@ -68,7 +68,16 @@ class Settings(BaseSettings):
     seg_config_filename: str = Field("segmentation_config.json", description="Config file name of the segmentation model.")
     facemask_onnx_filename: str = Field("facemask.onnx", description="ONNX file of the facemask model; `/run_facemask` answers 204 until one is served.")
     textmask_onnx_filename: str = Field("textmask.onnx", description="ONNX file of the textmask model inside `MODEL_DIR/textmask`.")
-    input_size: int | None = Field(None, ge=32, le=4096, description="Overrides the model config's square input size (smaller = faster).")
+    input_size: int | None = Field(None, ge=32, le=4096, description="Overrides the model config's square input size (smaller = faster); `segmentation` and `facemask` only (`textmask` sizes each image as RapidOCR does, see TEXTMASK_LIMIT_SIDE_LEN).")
+
+    # --- textmask: PP-OCRv4 text detection, defaults = RapidOCR 1.4.4's (rapidocr_onnxruntime/config.yaml) ---
+    textmask_limit_side_len: int = Field(736, ge=32, le=4096, description="textmask: with TEXTMASK_LIMIT_TYPE=min an image whose short side is below this is enlarged to it (then both sides rounded to multiples of 32); RapidOCR's `Det.limit_side_len`. With `max` RapidOCR ignores it (its 960/1500/2000 tiers), and so does textmask.")
+    textmask_limit_type: Literal["min", "max"] = Field("min", description="textmask: `min` (short side up to TEXTMASK_LIMIT_SIDE_LEN) or `max` (long side down to 960, 1500 or 2000 px by the image's own long side); RapidOCR's `Det.limit_type`.")
+    textmask_max_side_len: int = Field(2000, ge=32, le=8192, description="textmask: an image whose long side is above this is first scaled down to it (RapidOCR's `Global.max_side_len`); boxes and mask come back at the original size.")
+    textmask_thresh: float = Field(0.3, gt=0.0, lt=1.0, description="textmask: probability above which a pixel of the model's map is text (DB post-processing `thresh`).")
+    textmask_box_thresh: float = Field(0.5, ge=0.0, le=1.0, description="textmask: a region whose mean probability is below this is dropped (`box_thresh`).")
+    textmask_unclip_ratio: float = Field(1.6, gt=0.0, le=10.0, description="textmask: how far each region's box is grown past the model's shrunk text kernel (`unclip_ratio`; offset = area x ratio / perimeter).")
+    textmask_max_candidates: int = Field(1000, ge=1, le=100_000, description="textmask: most contours of the binarised map turned into regions (`max_candidates`).")
 
     # --- V-JEPA 2 / Mask2Former ---
     vjepa2_checkpoint: str = Field("facebook/vjepa2-vitl-fpc16-256-ssv2", description="V-JEPA 2 video classifier (`VJEPA2ForVideoClassification`): a Hugging Face id or a local directory.")

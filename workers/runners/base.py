@@ -158,6 +158,7 @@ def _model_error(e: Exception) -> TrifectaError:
 
 _FAMILIES: dict[str, str] = {
     "onnxseg": "workers.runners.onnxseg:OnnxSegRunner",
+    "textdet": "workers.runners.textdet:TextDetRunner",
     "echo": "workers.runners.echo:EchoRunner",
     "sam3": "workers.runners.sam3:Sam3Runner",
     "vjepa2": "workers.runners.vjepa2:VJEPA2Runner",
