@@ -6,7 +6,8 @@ Body: image bytes (`image/jpeg|png|webp`, `application/octet-stream`; no Content
 all counts as `application/octet-stream`: the image is sniffed from its bytes), optionally
 `Content-Encoding: gzip`, or a small WebDataset tar (`application/x-tar`,
 `application/x-tar+gzip`) answered as a batch. The answer is packbits by default
-(`X-Mask-Format`, `X-Batch-Size` headers), PNG with `?format=png`, or COCO RLE JSON.
+(`X-Mask-Format`, `X-Batch-Size` headers), PNG with `?format=png`, or COCO RLE JSON
+(textmask's RLE answer also carries `regions`: the text quadrilaterals and their scores).
 """
 
 from __future__ import annotations
@@ -147,7 +148,15 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
         return Response(orjson.dumps({"job_id": q.id, **result["meta"], "timing": result["timing"]}), media_type="application/json", headers=headers)
     out = result["outputs"][0]
     data = await fetch_output(store, out["path"])
+    if fmt == "rle" and "regions" in (result.get("meta") or {}):
+        data = orjson.dumps(with_regions(orjson.loads(data), result["meta"]))
     return Response(data, media_type=codecs.CONTENT_TYPES[fmt], headers=headers)
+
+
+def with_regions(rle: dict[str, Any], meta: dict[str, Any] | None) -> dict[str, Any]:
+    """An RLE answer with the model's `regions` beside `size` and `counts` (textmask: the text
+    quadrilaterals and their scores, as in a job's result.json `meta`)."""
+    return {**rle, "regions": meta["regions"]} if meta and "regions" in meta else rle
 
 
 async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float, request: Request, settings: Settings, hub: Any, store: BlobStore, tenant: str) -> Response:
@@ -197,7 +206,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
     datas = await asyncio.gather(*(fetch_output(store, p) for _, p in paths))
     for (i, _), d in zip(paths, datas, strict=True):
         masks[i] = d
-        rles[i] = orjson.loads(d) if fmt == "rle" else None
+        rles[i] = with_regions(orjson.loads(d), metas[i]) if fmt == "rle" else None
     headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), **untrained, **_sample_headers(order, sorted(errors.values(), key=lambda e: e["index"]))}
     if model == "echo":  # echo writes no mask: each sample's answer is its meta, as for one image
         return JSONResponse({"keys": order, "results": metas, "errors": sorted(errors.values(), key=lambda e: e["index"])}, headers=headers)
