@@ -291,7 +291,7 @@ def test_models_info_lists_source_revision_devices_size_batching_warm(stack) -> 
     info = httpx.get(stack.url + "/models/info", timeout=5).json()["models"]
     tm = info["textmask"]
     assert tm["live_workers"] == 1 and tm["devices"] == ["cpu"] and tm["warm"] is True
-    assert tm["family"] == "onnxseg" and tm["max_batch_size"] == 4 and tm["batch_timeout_ms"] == 4
+    assert tm["family"] == "textdet" and tm["input_size"] == 736 and tm["max_batch_size"] == 4 and tm["batch_timeout_ms"] == 4
     assert isinstance(tm["source"], str) and tm["source"] and isinstance(tm["input_size"], int) and tm["input_size"] > 0
     assert "revision" in tm and tm["queue_depth"] == 0
     assert tm["trained"] is True and tm["workers"][0]["trained"] is True  # the PP-OCRv4 det: its SOURCE.json says pretrained

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import ImageOps
 
-from tasks.errors import Unprocessable, shown
+from tasks.errors import UndecodableImage, Unprocessable, shown
 from tasks.images import decode_fitted, open_image, to_rgb
 from workers.device import onnx_providers
 from workers.runners.base import Item, Produced, Runner
@@ -137,10 +137,8 @@ def decode_bgr(data: bytes, max_pixels: int) -> np.ndarray:
         if im.mode in ("L", "LA", "RGB", "RGBA"):
             return to_bgr(np.asarray(im))
         return np.ascontiguousarray(to_rgb(im)[..., ::-1])
-    except Unprocessable:
-        raise
-    except Exception as e:
-        raise Unprocessable(f"the image could not be decoded (truncated or corrupt?): {e}") from None
+    except Exception as e:  # as tasks.images.decode_fitted: a body that breaks while decoding is a 422
+        raise UndecodableImage(f"the image could not be decoded (truncated or corrupt?): {e}") from None
 
 
 def to_bgr(a: np.ndarray) -> np.ndarray:
