@@ -276,3 +276,34 @@ def test_exif_orientation_is_applied_before_detection(stack: Any, engine: RapidO
     body = r.json()
     assert body["size"] == [300, 640] and len(body["regions"]) >= 2
     assert_same("exif-6", body, reference(engine, shown_upright))
+
+
+def _modes_page() -> Image.Image:
+    return draw(
+        Image.new("RGB", (520, 200), (250, 250, 250)),
+        [((20, 30), "Image modes", "DejaVuSans-Bold.ttf", 52, (10, 10, 10)), ((20, 120), "palette, 1-bit, grey+alpha", "DejaVuSerif.ttf", 28, (30, 30, 140))],
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "as_reference_reads_it"),
+    [
+        ("LA", True),  # grey + alpha: RapidOCR's own rule (onto white), replicated
+        ("1", True),  # 1-bit: RapidOCR converts it to grey, so does the service
+        ("P", False),  # palette: RapidOCR would feed the palette indices as grey; the service reads the colours
+    ],
+)
+def test_image_modes(stack: Any, engine: RapidOCR, mode: str, as_reference_reads_it: bool) -> None:
+    page = _modes_page()
+    if mode == "LA":
+        im = page.convert("LA")
+        im.putalpha(Image.linear_gradient("L").resize(page.size).point(lambda v: 255 - v // 2))  # alpha 255 → 128 down the page
+    else:
+        im = page.convert(mode)
+    data = png_bytes(im)
+    ref_input = data if as_reference_reads_it else png_bytes(im.convert("RGB"))  # the deliberate difference: what the service reads
+    r = post(stack, data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["regions"]) >= 2, (mode, body["regions"])
+    assert_same(f"mode {mode}", body, reference(engine, ref_input))
