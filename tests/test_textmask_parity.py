@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
 import numpy as np
 import pytest
@@ -25,7 +26,6 @@ from rapidocr_onnxruntime import RapidOCR
 
 from storage import codecs
 from tests.conftest import IMAGES, photo, png_bytes, wait_job
-from workers.runners.textdet import fill_quads
 
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation"))
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -126,6 +126,14 @@ def engine(model_dir: Path) -> RapidOCR:
     return RapidOCR(det_model_path=str(model_dir / "textmask" / "textmask.onnx"))
 
 
+def filled(quads: list, hw: tuple[int, int]) -> np.ndarray:
+    """The rule the service follows, written out here: each quadrilateral rounded to whole pixels, filled with cv2.fillPoly."""
+    m = np.zeros(hw, np.uint8)
+    for q in quads:
+        cv2.fillPoly(m, [np.round(np.asarray(q, np.float32)).astype(np.int32)], 1)
+    return m.astype(bool)
+
+
 def reference(eng: RapidOCR, data: bytes, **kw: Any) -> tuple[list[np.ndarray], list[float], np.ndarray]:
     """RapidOCR's quadrilaterals (its order), their scores, and the filled mask at the original size.
 
@@ -149,7 +157,7 @@ def reference(eng: RapidOCR, data: bytes, **kw: Any) -> tuple[list[np.ndarray], 
         if len(kept):
             mapped.append((eng._get_origin_points(list(kept), op, raw_h, raw_w)[0], s))
     scores = [min(mapped, key=lambda m: float(np.abs(m[0] - b).max()))[1] for b in boxes]
-    return boxes, scores, fill_quads(boxes, (raw_h, raw_w))
+    return boxes, scores, filled(boxes, (raw_h, raw_w))
 
 
 def assert_same(name: str, body: dict[str, Any], ref: tuple[list[np.ndarray], list[float], np.ndarray], coffee_slack: bool = False) -> None:
@@ -162,7 +170,7 @@ def assert_same(name: str, body: dict[str, Any], ref: tuple[list[np.ndarray], li
         q = np.asarray(r["points"], np.float32)
         assert q.shape == (4, 2) and float(np.abs(q - b).max()) <= 2.0, (name, q.tolist(), b.tolist())
         assert abs(r["score"] - s) <= 0.01 and 0.0 <= r["score"] <= 1.0, (name, r["score"], s)
-    assert (mask == fill_quads([r["points"] for r in regions], mask.shape)).all(), "the mask is the filled quadrilaterals"
+    assert (mask == filled([r["points"] for r in regions], mask.shape)).all(), "the mask is the filled quadrilaterals"
     if boxes:
         iou = (mask & ref_mask).sum() / (mask | ref_mask).sum()
         assert iou >= 0.9, (name, iou)
