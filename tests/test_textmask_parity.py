@@ -234,6 +234,7 @@ def test_job_result_json_and_params_overrides(stack: Any, engine: RapidOCR) -> N
     j = job({"format": "rle"})
     assert j["status"] == "succeeded", j
     meta = j["result"]["meta"]
+    assert j["result"]["trained"] is True  # the pretrained PP-OCRv4 det
     rle = httpx.get(stack.url + f"/v1/jobs/{j['job_id']}/result", timeout=10).json()
     assert_same("invoice job", {**rle, "regions": meta["regions"]}, reference(engine, data))
     assert meta["foreground_pixels"] == int(codecs.decode_rle(rle).sum())

@@ -41,6 +41,7 @@ from PIL import ImageOps
 from tasks.errors import UndecodableImage, Unprocessable, shown
 from tasks.images import decode_fitted, open_image, to_rgb
 from workers.device import onnx_providers
+from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
 from workers.runners.onnxseg import _opencv, locate_files
 
@@ -349,6 +350,7 @@ class TextDetRunner(Runner):
         import onnxruntime as ort
 
         onnx_path, cfg_path, self.source, self.revision = locate_files(self.model, self.settings)
+        self.trained = is_trained(onnx_path.parent)  # the PP-OCRv4 det from the wheel: SOURCE.json says pretrained
         cfg = json.loads(cfg_path.read_text())
         self.defaults = DetParams.from_settings(self.settings)
         self.input_size = self.defaults.limit_side_len
