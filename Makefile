@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[worker,torch,dev]'
+	$(BIN)/pip install -q --no-deps rapidocr_onnxruntime==1.4.4   # the reference client, for the parity tests (see pyproject.toml)
 	$(BIN)/trifecta models fetch textmask
 	touch $(STAMP) $(MIN_STAMP)
 
