@@ -203,7 +203,11 @@ def _quickstart(r: Ran) -> None:
     # both printed lines are covered: rows of the upper and the lower half hold text
     rows = (m > 0).any(axis=1)
     assert rows[: TEXT_HW[0] // 2].any() and rows[TEXT_HW[0] // 2 :].any()
-    assert r.png("overlay.png").shape[:2] == TEXT_HW
+    overlay = r.png("overlay.png")
+    assert overlay.shape[:2] == TEXT_HW
+    # the README's picture is this answer, drawn by this command (cp overlay.png docs/img/quickstart-overlay.png)
+    shown = np.asarray(Image.open(ROOT / "docs/img/quickstart-overlay.png"))
+    assert np.array_equal(shown, overlay), "docs/img/quickstart-overlay.png is not what the quick start answers now: copy the new overlay.png there"
 
 
 @check("run_textmask?format=rle")
