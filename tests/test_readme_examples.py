@@ -245,7 +245,7 @@ def _sam3_image(r: Ran) -> None:
 def _sam3_video(r: Ran) -> None:
     info, obj_ids, n_frames, closed = r.lines_json()
     assert info["total_frames"] == 24 and info["resolution"] == {"width": 320, "height": 240}
-    assert len(obj_ids) == 1 and n_frames == 5 and closed is True
+    assert len(obj_ids) == 1 and n_frames == 6 and closed is True  # the prompt frame and 5 more
 
 
 @check("-F 'params={\"stride\": 8}' -F file=@tests/data/videos/chelsea-pan.mp4")
