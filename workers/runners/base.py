@@ -155,6 +155,7 @@ def _model_error(e: Exception) -> TrifectaError:
 _FAMILIES: dict[str, str] = {
     "onnxseg": "workers.runners.onnxseg:OnnxSegRunner",
     "echo": "workers.runners.echo:EchoRunner",
+    "simulated": "workers.runners.simulated:SimulatedRunner",
     "sam3": "workers.runners.sam3:Sam3Runner",
     "vjepa2": "workers.runners.vjepa2:VJEPA2Runner",
     "mask2former": "workers.runners.mask2former:Mask2FormerRunner",
