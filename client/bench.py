@@ -1,14 +1,17 @@
 """`trifecta bench`: every figure a ratio to a baseline measured in the same run.
 
 Sections (run all, or pick with --only):
-  textmask   end-to-end images/s and latency at concurrency 1, 4, 16 vs the raw
-             `session.run` on a prepared tensor (same INPUT_SIZE, same threads)
+  textmask   four real inputs (451x300 PNG ... 2048x1536 JPEG), concurrency 8 and 16, the service
+             on its DEFAULT settings against a default `onnxruntime.InferenceSession` (raw) and
+             RapidOCR's own TextDetector script (naive), plus CPU per image (client/bench_textmask.py)
+  simulated  images/s one worker feeds a simulated device (the `simulated` model), as a share of
+             the device's own maximum at batch 16, and the pipeline's CPU per image
   dispatch   echo HTTP round trip vs a bare Celery `apply_async().get()`; echo req/s at
              concurrency 64 vs the plain solo worker's no-op tasks/s
   reject     503 latency with the queue full vs a constant-answer endpoint (/ping)
-  batching   pipeline gain of MAX_BATCH_SIZE=8 over 1 vs the raw model's batch-8/batch-1 gain
+  batching   pipeline gain of MAX_BATCH_SIZE=8 over 1 vs a default ORT session's batch-8/batch-1 gain
   memory     API RSS and heavy imports, 1,000 waiting requests, worker RSS over 10,000 requests
-  codecs     packbits encode+decode + image decode/resize at 2048 px vs one textmask call at 2048
+  codecs     packbits encode+decode + image decode/preprocess of a 2048 px JPEG vs one default-session call on it
   shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
 
 The load generator runs in this process on the same machine (its CPU counts against the
@@ -75,9 +78,14 @@ class Env:
         self.db = 0
         self.stacks: list[Stack] = []
 
-    def stack(self, models: list[str], env: dict[str, str] | None = None) -> Stack:
+    def stack(self, models: list[str], env: dict[str, str] | None = None, defaults: bool = False) -> Stack:
+        """A stack on its own Redis database. defaults=True: every Trifecta setting of this
+        environment is removed first (the service as shipped; only `env` is set on top)."""
         self.db = self.db % 14 + 1
-        st = Stack.create(f"redis://127.0.0.1:{self.redis.port}/{self.db}", self.tmp / f"stack{len(self.stacks)}", env=env)
+        st = Stack.create(f"redis://127.0.0.1:{self.redis.port}/{self.db}", self.tmp / f"stack{len(self.stacks)}")
+        if defaults:
+            strip_settings(st.env)
+        st.env.update(env or {})
         self.stacks.append(st)
         for i, m in enumerate(models):
             st.start_worker(m, f"{m}-{i}")
@@ -92,83 +100,45 @@ class Env:
         self.redis.stop()
 
 
-def load(url: str, path: str, body: bytes, concurrency: int, total: int | None = None, duration: float | None = None, method: str = "POST", ok: tuple[int, ...] = (200,)) -> loadgen.Result:
-    return asyncio.run(loadgen.run(url, method, path, body, PNG, concurrency, total=total, duration=duration, ok=ok))
+PLUMBING = {"REDIS_URL", "STORAGE_URL", "MODEL_DIR"}  # where the stack's parts are, not how they behave
 
 
-# ------------------------------------------------------------------ raw model
-def raw_runner(threads: int, input_size: int | None = None) -> Any:
+def strip_settings(env: dict[str, str]) -> dict[str, str]:
+    """Remove every Trifecta setting (tasks/settings.py field) from env but the stack's plumbing."""
     from tasks.settings import Settings
-    from workers.device import Device, keep_big_buffers
-    from workers.runners.onnxseg import OnnxSegRunner
 
-    keep_big_buffers()  # as a worker process does (workers/service.py run_worker)
-
-    r = OnnxSegRunner("textmask", Settings(model_dir=str(ROOT / "models"), input_size=input_size), Device("cpu", 0, None, threads))
-    r.load()
-    r.warmup()
-    return r
+    for k in [k for k in env if k.lower() in Settings.model_fields and k.upper() not in PLUMBING]:
+        del env[k]
+    return env
 
 
-def raw_rate(runner: Any, image: bytes, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, seconds per call) of session.run on a prepared tensor."""
-    from tasks.images import decode_rgb
-
-    x, _ = runner.preprocess(decode_rgb(image, 1 << 30))
-    xb = np.stack([x] * batch)
-    runner.raw_call(xb)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 3:
-        runner.raw_call(xb)
-        n += 1
-    dt = time.perf_counter() - t0
-    return n * batch / dt, dt / n
+def load(url: str, path: str, body: bytes, concurrency: int, total: int | None = None, duration: float | None = None, method: str = "POST", ok: tuple[int, ...] = (200,), headers: dict[str, str] | None = None) -> loadgen.Result:
+    return asyncio.run(loadgen.run(url, method, path, body, headers or PNG, concurrency, total=total, duration=duration, ok=ok))
 
 
 _median = statistics.median
 
 
-def sec_textmask(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
-    threads = cores()
-    img = text_image()
-    runner = raw_runner(threads)
-    secs = 4 if quick else 8
-    rounds = 2 if quick else 4
-    st = env.stack(["textmask"], {"MAX_BATCH_SIZE": "1", "INTRA_OP_THREADS": str(threads), "MAX_CONCURRENCY_PER_GPU": "2"})
-    load(st.url, "/run_textmask", img, 4, total=8)
-    curves = {}
-    for c in (1, 4):
-        res = load(st.url, "/run_textmask", img, c, duration=secs)
-        curves[c] = {"rps": res.rate(), "p50_ms": res.pct(50) * 1000, "p99_ms": res.pct(99) * 1000, "ok": res.ok, "statuses": res.statuses}
-    # the goal's pair, alternated round by round (raw, end-to-end, raw, ...) so that the host's
-    # load, which comes and goes on a shared machine, weighs on both sides alike; the idle
-    # worker holds its model but uses no CPU while the raw rounds run
-    raws, calls, e2es, lat = [], [], [], []
-    statuses: dict[int, int] = {}
-    for _ in range(rounds):
-        r, cs = raw_rate(runner, img, 1, secs)
-        raws.append(r)
-        calls.append(cs)
-        res = load(st.url, "/run_textmask", img, 16, duration=secs)
-        e2es.append(res.rate())
-        lat += res.latencies
-        for k, v in res.statuses.items():
-            statuses[k] = statuses.get(k, 0) + v
-    r, cs = raw_rate(runner, img, 1, secs)
-    raws.append(r)
-    calls.append(cs)
-    st.stop()
-    ratios = [e / ((raws[i] + raws[i + 1]) / 2) for i, e in enumerate(e2es)]  # each round against the raw rounds around it
-    lat.sort()
-    curves[16] = {"rps": _median(e2es), "p50_ms": lat[len(lat) // 2] * 1000, "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "ok": len(lat), "statuses": statuses}
-    raw = _median(raws)
-    call_ms = _median(calls) * 1000
-    out["textmask"] = {"raw_images_per_s": raw, "raw_call_ms": call_ms, "threads": threads, "input_size": runner.input_size, "curves": curves, "rounds": {"raw": raws, "e2e": e2es, "ratios": ratios}}
-    c1 = curves[1]
-    return [
-        row("textmask end-to-end / raw images/s at concurrency 16", _median(ratios), 0.9, e2e=_median(e2es), raw=raw, rounds=ratios),
-        row("textmask p50 latency added over the raw call (c=1), reported", c1["p50_ms"] - call_ms, 1e9, higher_is_better=False, unit="ms", p50=c1["p50_ms"], p99=c1["p99_ms"], raw_ms=call_ms, p99_added=c1["p99_ms"] - call_ms),
-    ]
+def default_session() -> tuple[Any, str]:
+    """ONNX Runtime's defaults, as a user would open the model: no session options at all."""
+    import onnxruntime as ort
+
+    from client.bench_textmask import model_path
+
+    sess = ort.InferenceSession(model_path())
+    return sess, sess.get_inputs()[0].name
+
+
+def raw_rate(sess: Any, name: str, x: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, seconds per call) of a session's run on a prepared 1 x C x H x W tensor, stacked to `batch`."""
+    xb = np.concatenate([x] * batch)
+    sess.run(None, {name: xb})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 3:
+        sess.run(None, {name: xb})
+        n += 1
+    dt = time.perf_counter() - t0
+    return n * batch / dt, dt / n
 
 
 # ------------------------------------------------------------------ dispatch
@@ -254,27 +224,28 @@ def sec_reject(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
 
 # ------------------------------------------------------------------ batching
 def sec_batching(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
-    threads = cores()
+    from client.bench_textmask import prepare_tensor, service_runner
+
     img = text_image()
-    runner = raw_runner(threads)
+    x = prepare_tensor(service_runner(cores()), img)
+    sess, name = default_session()
     secs = 4 if quick else 6
     rounds = 2 if quick else 3
-    stacks = {b: env.stack(["textmask"], {"MAX_BATCH_SIZE": str(b), "BATCH_TIMEOUT_MS": "10", "INTRA_OP_THREADS": str(threads), "MAX_CONCURRENCY_PER_GPU": "2"}) for b in (1, 8)}
+    stacks = {b: env.stack(["textmask"], {"MAX_BATCH_SIZE": str(b), "BATCH_TIMEOUT_MS": "10"}, defaults=True) for b in (1, 8)}
     for st in stacks.values():
         load(st.url, "/run_textmask", img, 4, total=8)
     raw: dict[int, list[float]] = {1: [], 8: []}
     pipe: dict[int, list[float]] = {1: [], 8: []}
     for _ in range(rounds):  # alternated, so the host's load weighs on all four alike; idle workers use no CPU
         for b in (1, 8):
-            raw[b].append(raw_rate(runner, img, b, secs)[0])
+            raw[b].append(raw_rate(sess, name, x, b, secs)[0])
             pipe[b].append(load(stacks[b].url, "/run_textmask", img, 16, duration=secs).rate())
     for st in stacks.values():
         st.stop()
-    del runner
     r1, r8, p1, p8 = _median(raw[1]), _median(raw[8]), _median(pipe[1]), _median(pipe[8])
     raw_gain, pipe_gain = r8 / r1, p8 / p1
     out["batching"] = {"raw_b1": r1, "raw_b8": r8, "pipe_b1": p1, "pipe_b8": p8, "raw_gain": raw_gain, "pipe_gain": pipe_gain, "rounds": {"raw": raw, "pipe": pipe}}
-    return [row("textmask batching gain kept: (pipeline b8/b1) / (raw b8/b1)", pipe_gain / raw_gain, 0.9, raw_gain=raw_gain, pipeline_gain=pipe_gain)]
+    return [row("textmask batching gain kept: (pipeline b8/b1) / (default ORT session b8/b1)", pipe_gain / raw_gain, 0.9, raw_gain=raw_gain, pipeline_gain=pipe_gain)]
 
 
 # ------------------------------------------------------------------ memory
@@ -337,23 +308,23 @@ def sec_memory(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
 def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
     from PIL import Image
 
+    from client.bench_textmask import prepare_tensor, service_runner
     from storage import codecs
-    from workers.runners.base import Item
 
     big = Image.open(io.BytesIO(text_image((2048, 2048)))).convert("RGB")
     bio = io.BytesIO()
     big.save(bio, format="JPEG", quality=90)
     jpeg = bio.getvalue()
-    r = raw_runner(cores(), input_size=2048)
+    r = service_runner(cores())
+    sess, name = default_session()
     reps = 3 if quick else 7
-    item = Item(req=None, data=jpeg)  # type: ignore[arg-type]  # prepare reads only the bytes
-    x, _, _ = r.prepare(item)
-    y = r.raw_call(x[None])
+    x = prepare_tensor(r, jpeg)
+    y = sess.run(None, {name: x})[0]
     mask = y[0, 0] > 0.3
     models, codecs_s, decodes = [], [], []
     for _ in range(reps):  # alternated, medians: a shared host's load weighs on both sides alike
         t0 = time.perf_counter()
-        r.raw_call(x[None])
+        sess.run(None, {name: x})
         models.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(3):
@@ -361,15 +332,18 @@ def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
         codecs_s.append((time.perf_counter() - t0) / 3)
         t0 = time.perf_counter()
         for _ in range(3):
-            r.prepare(item)  # the worker's own path: header, JPEG decode, letterbox, normalise
+            prepare_tensor(r, jpeg)  # the worker's own path: header, JPEG decode, resize, normalise
         decodes.append((time.perf_counter() - t0) / 3)
     model_s, codec_s, decode_s = _median(models), _median(codecs_s), _median(decodes)
     share = (codec_s + decode_s) / model_s * 100
-    out["codecs"] = {"model_ms_2048": model_s * 1000, "packbits_ms": codec_s * 1000, "decode_resize_ms": decode_s * 1000}
-    return [row("packbits enc+dec + decode/resize, % of one textmask call at 2048", share, 5.0, higher_is_better=False, unit="%", model_ms=model_s * 1000, packbits_ms=codec_s * 1000, decode_resize_ms=decode_s * 1000)]
+    out["codecs"] = {"input_shape": list(x.shape), "model_ms_2048": model_s * 1000, "packbits_ms": codec_s * 1000, "decode_resize_ms": decode_s * 1000}
+    return [row("packbits enc+dec + decode/preprocess, % of one default-session textmask call on a 2048 px JPEG", share, 5.0, higher_is_better=False, unit="%", model_ms=model_s * 1000, packbits_ms=codec_s * 1000, decode_resize_ms=decode_s * 1000)]
 
 
-SECTIONS = {"textmask": sec_textmask, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
+from client.bench_simulated import sec_simulated  # noqa: E402 - sections use the helpers above
+from client.bench_textmask import sec_textmask  # noqa: E402
+
+SECTIONS = {"textmask": sec_textmask, "simulated": sec_simulated, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
 EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
 
 
@@ -383,19 +357,28 @@ def plot(out: dict[str, Any], path: str) -> None:
         print(f"matplotlib is not installed (pip install -e '.[dev]'): no plot at {path}", file=sys.stderr)
         return
     tm = out.get("textmask")
-    if not tm:
+    if not tm or not tm.get("inputs"):
         return
-    curves = {int(c): v for c, v in tm["curves"].items()}  # int keys in a run, str keys read back from bench.json
-    cs = sorted(curves)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(cs, [curves[c]["rps"] for c in cs], "o-", label="end-to-end")
-    ax[0].axhline(tm["raw_images_per_s"], color="grey", ls="--", label="raw model")
-    ax[0].set(xlabel="concurrency", ylabel="images/s", title="textmask throughput")
-    ax[0].legend()
-    ax[1].bar([f"c={c} p50" for c in cs] + [f"c={c} p99" for c in cs], [curves[c]["p50_ms"] for c in cs] + [curves[c]["p99_ms"] for c in cs])
-    ax[1].axhline(tm["raw_call_ms"], color="grey", ls="--")
-    ax[1].set(ylabel="ms", title="latency (raw call dashed)")
-    ax[1].tick_params(axis="x", rotation=45)
+    names = list(tm["inputs"])
+    med = [tm["inputs"][n]["median"] for n in names]
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    sides = [("raw", "raw (default ORT session)"), ("naive", "naive (RapidOCR script)"), ("c8", "service c=8"), ("c16", "service c=16")]
+    w = 0.2
+    for i, (k, label) in enumerate(sides):
+        ax[0].bar([j + (i - 1.5) * w for j in range(len(names))], [m.get(k, {}).get("rate", 0) for m in med], w, label=label)
+    ax[0].set_xticks(range(len(names)), names, rotation=15)
+    ax[0].set(ylabel="images/s", title="textmask throughput (medians of alternated rounds)")
+    ax[0].legend(fontsize=8)
+    procs = ("worker", "api", "redis")
+    bottom = [0.0] * len(names)
+    for p in procs:
+        v = [m["c16"].get(f"cpu_ms_{p}", 0) for m in med]
+        ax[1].bar([j + w / 2 for j in range(len(names))], v, w, bottom=bottom, label=f"service {p}")
+        bottom = [b + x for b, x in zip(bottom, v, strict=True)]
+    ax[1].bar([j - w / 2 for j in range(len(names))], [m.get("naive", {}).get("cpu_ms", 0) for m in med], w, label="naive script", color="grey")
+    ax[1].set_xticks(range(len(names)), names, rotation=15)
+    ax[1].set(ylabel="CPU ms per image", title="CPU per image (service at c=16)")
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
