@@ -344,7 +344,7 @@ from client.bench_simulated import sec_simulated  # noqa: E402 - sections use th
 from client.bench_textmask import sec_textmask  # noqa: E402
 
 SECTIONS = {"textmask": sec_textmask, "simulated": sec_simulated, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
-EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
+EXTERNAL = {"torch": "client.bench_torch", "shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
 
 
 def plot(out: dict[str, Any], path: str) -> None:
@@ -383,14 +383,25 @@ def plot(out: dict[str, Any], path: str) -> None:
     fig.savefig(path)
 
 
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi (no CUDA library loaded), or None."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def main(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     only = set(a.only.split(",")) if a.only else None
+    if getattr(a, "device", None):
+        os.environ["TRIFECTA_BENCH_DEVICE"] = a.device  # the in-process torch section (client/bench_torch.py)
     rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {
-        "machine": {"cores": cores(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": {"cores": cores(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "gpu": gpu_name()},
         "load_generator": "in the bench process on the same machine (its CPU counts against the service): client/loadgen.py, asyncio HTTP/1.1 keep-alive",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -413,6 +424,8 @@ def main(a: argparse.Namespace) -> int:
             continue
         print(f"[bench] {name} ...", flush=True)
         rows += m.run(a.quick)
+        if getattr(m, "RESULTS", None):
+            out[name] = m.RESULTS
     out["goals"] = rows
     Path(a.output).write_text(json.dumps(out, indent=2, default=str))
     plot(out, str(Path(a.output).with_suffix(".png")))

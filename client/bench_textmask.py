@@ -113,6 +113,14 @@ class Naive:
         self.load_image = LoadImage()
         self.reduce_max_side = reduce_max_side
 
+    def tensor_shape(self, data: bytes) -> list[int]:
+        """The model input RapidOCR makes of these bytes (C x H x W), to check the service's is the same size."""
+        img = self.load_image(data)
+        if max(img.shape[:2]) > self.max_side:
+            img = self.reduce_max_side(img, self.max_side)[0]
+        x = self.det.get_preprocess(max(img.shape[:2]))(img)
+        return [] if x is None else list(x.shape[1:])
+
     def __call__(self, data: bytes) -> bytes:
         import cv2
 
@@ -187,15 +195,19 @@ def sec_textmask(env: Any, quick: bool, out: dict[str, Any]) -> list[dict[str, A
                     )
                 per["ours"].append(loop(lambda x=x: ours.raw_call(x), secs))
             med = {k: {f: statistics.median(m[f] for m in v) for f in v[0]} for k, v in per.items() if v}
-            res["inputs"][name] = {"source": inp["source"], "bytes": len(data), "tensor": list(x.shape), "median": med, "rounds": per}
-            rows += goal_rows(name, inp["size"], med)
+            naive_tensor = naive.tensor_shape(data) if naive else None
+            like = naive_tensor is None or naive_tensor == list(x.shape[1:])
+            if not like:
+                print(f"[bench] textmask {name}: NOT like for like: the service's model input is {list(x.shape[1:])}, RapidOCR's is {naive_tensor}", flush=True)
+            res["inputs"][name] = {"source": inp["source"], "bytes": len(data), "tensor": list(x.shape[1:]), "naive_tensor": naive_tensor, "like_for_like": like, "median": med, "rounds": per}
+            rows += goal_rows(name, inp["size"], med, {"service_input": list(x.shape[1:]), "naive_input": naive_tensor})
     finally:
         st.stop()
     out["textmask"] = res
     return rows
 
 
-def goal_rows(name: str, size: tuple[int, int], med: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def goal_rows(name: str, size: tuple[int, int], med: dict[str, dict[str, float]], shapes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     from client.bench import row
 
     rows = []
@@ -205,7 +217,7 @@ def goal_rows(name: str, size: tuple[int, int], med: dict[str, dict[str, float]]
         where = {k.removeprefix("cpu_ms_"): round(v, 2) for k, v in s.items() if k.startswith("cpu_ms_")}
         if "naive" in med:
             nv = med["naive"]
-            rows.append(row(f"textmask {name} c={c}: service / naive images/s", s["rate"] / nv["rate"], 0.9, service=s["rate"], naive=nv["rate"]))
+            rows.append(row(f"textmask {name} c={c}: service / naive images/s", s["rate"] / nv["rate"], 0.9, service=s["rate"], naive=nv["rate"], **(shapes or {})))
             rows.append(
                 row(
                     f"textmask {name} c={c}: service / naive CPU per image",

@@ -55,6 +55,8 @@ class SimulatedRunner(Runner):
         self.source = "builtin"
         self.inner: Runner | None = None
         try:
+            import cv2  # noqa: F401 - textmask's resize needs OpenCV; without it (a minimal install) the stand-in runs
+
             # textmask's runner on the CPU: only its prepare runs (its ONNX session is never called)
             inner = runner_class(MODELS["textmask"].family)("textmask", self.settings, Device("cpu", 0, None, self.device.threads))
             inner.load()
