@@ -44,7 +44,7 @@ bench: install
 # on the CPU. No install step: it runs with the machine's own Python or from wheelhouse/.
 DEVICE ?= cuda:0
 gpu-check:
-	scripts/gpu_check.sh $(if $(filter cpu,$(DEVICE)),--dry-run,--device $(DEVICE))
+	PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3) scripts/gpu_check.sh $(if $(filter cpu,$(DEVICE)),--dry-run,--device $(DEVICE))
 
 # Our light dependencies as Python 3.12 manylinux wheels (scripts/gpu-requirements.txt) and the
 # textmask model, for a GPU machine with no package registry; kept under 64 MiB.

@@ -404,7 +404,11 @@ def main(a: argparse.Namespace) -> int:
         "machine": {"cores": cores(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "gpu": gpu_name()},
         "load_generator": "in the bench process on the same machine (its CPU counts against the service): client/loadgen.py, asyncio HTTP/1.1 keep-alive",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": bool(a.quick),
     }
+    note = " ".join(x for x in ("A --quick smoke run (fewer, shorter rounds): indicative only." if a.quick else "", getattr(a, "note", None) or "") if x)
+    if note:
+        out["note"] = note
     subprocess.run([sys.executable, "-m", "client.cli", "models", "fetch", "textmask"], check=True, capture_output=True)
     env = Env()
     try:

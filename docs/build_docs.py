@@ -30,7 +30,10 @@ def bench_table() -> str:
         tgt = "(reported)" if reported else ("≥ " if g.get("higher_is_better", True) else "≤ ") + f"{g['target']}"
         rows.append(f"| {g['goal']} | {g['figure']} {g['unit']} | {tgt} | {'pass' if g['pass'] else '**FAIL**'} |")
     m = d["machine"]
-    head = f"Measured {d['started']} on {m['cores']} cores ({m['cpu']}, Python {m['python']}); load generator {d['load_generator']}.\n\n"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    head = f"Measured {d['started']} on {m['cores']} cores ({m['cpu']}{gpu}, Python {m['python']}); load generator {d['load_generator']}.\n\n"
+    if d.get("note"):  # e.g. a smoke run on a shared machine, said before its figures
+        head = f"**{d['note']}**\n\n" + head
     return head + "\n".join(rows) + "\n"
 
 
