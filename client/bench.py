@@ -150,17 +150,21 @@ def sec_dispatch(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, A
     w = Proc("bare", [sys.executable, "-m", "celery", "-A", "client.bench_celery", "worker", "-P", "solo", "-Q", "bare", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"], bst.env, env.tmp / "bare.log").start()
     os.environ["REDIS_URL"] = bst.env["REDIS_URL"]
     bc = importlib.reload(importlib.import_module("client.bench_celery"))
-    st = env.stack(["echo"], {"MAX_BATCH_SIZE": "64", "BATCH_TIMEOUT_MS": "0", "MAX_CONCURRENCY_PER_GPU": "1", "MAX_QUEUE_DEPTH": "100000"})
+    # default settings; MAX_QUEUE_DEPTH raised only so that admission never refuses the c=64 load
+    st = env.stack(["echo"], {"MAX_QUEUE_DEPTH": "100000"}, defaults=True)
+    tuned = env.stack(["echo"], {**TUNED_ECHO, "MAX_QUEUE_DEPTH": "100000"}, defaults=True)
     body = b"x" * 64
     rounds, block = (2, 150) if quick else (5, 400)
     bare_lat: list[float] = []
     ours_lat: list[float] = []
     bare_rate: list[float] = []
     ours_rate: list[float] = []
+    tuned_rate: list[float] = []
     statuses: dict[int, int] = {}
     try:
         bc.noop.apply_async(queue="bare").get(timeout=60)
         load(st.url, "/run_echo", body, 8, total=200)  # warm
+        load(tuned.url, "/run_echo", body, 8, total=200)
         for _ in range(rounds):
             for _ in range(block):
                 t0 = time.perf_counter()
@@ -179,27 +183,35 @@ def sec_dispatch(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, A
             ours_rate.append(c64.rate())
             for k, v in c64.statuses.items():
                 statuses[k] = statuses.get(k, 0) + v
+            tuned_rate.append(load(tuned.url, "/run_echo", body, 64, duration=3 if quick else 5).rate())
         gc.collect()  # celery's AsyncResults unsubscribe in __del__: while Redis is still up
     finally:
         w.stop()
         st.stop()
+        tuned.stop()
 
     def pct(xs: list[float], p: float) -> float:
         return loadgen.Result(latencies=xs).pct(p) * 1000
 
     bare = {"p50_ms": pct(bare_lat, 50), "p99_ms": pct(bare_lat, 99), "tasks_per_s": _median(bare_rate), "rounds_tasks_per_s": bare_rate}
     ours = {"p50_ms": pct(ours_lat, 50), "p99_ms": pct(ours_lat, 99), "rps_c64": _median(ours_rate), "rounds_rps_c64": ours_rate, "statuses_c64": statuses}
-    out["dispatch"] = {"bare_celery": bare, "trifecta_echo": ours, "rounds": rounds, "block": block}
+    ours["tuned_rps_c64"] = _median(tuned_rate)
+    ours["tuned_rounds_rps_c64"] = tuned_rate
+    out["dispatch"] = {"bare_celery": bare, "trifecta_echo": ours, "tuned_settings": TUNED_ECHO, "rounds": rounds, "block": block}
     return [
         row("echo HTTP round trip p50 / bare Celery apply_async().get() p50", ours["p50_ms"] / bare["p50_ms"], 1.0, higher_is_better=False, ours_ms=ours["p50_ms"], bare_ms=bare["p50_ms"]),
         row("echo HTTP round trip p99 / bare Celery p99", ours["p99_ms"] / bare["p99_ms"], 1.0, higher_is_better=False, ours_ms=ours["p99_ms"], bare_ms=bare["p99_ms"]),
         row("echo req/s at concurrency 64 / plain solo worker no-op tasks/s", ours["rps_c64"] / bare["tasks_per_s"], 1.5, ours=ours["rps_c64"], bare=bare["tasks_per_s"]),
+        row(f"tuned ({', '.join(f'{k}={v}' for k, v in TUNED_ECHO.items())}): echo req/s at c=64 / solo worker tasks/s, reported", ours["tuned_rps_c64"] / bare["tasks_per_s"], 1e9, higher_is_better=False, ours=ours["tuned_rps_c64"], bare=bare["tasks_per_s"]),
     ]
+
+
+TUNED_ECHO = {"MAX_BATCH_SIZE": "64", "BATCH_TIMEOUT_MS": "0", "MAX_CONCURRENCY_PER_GPU": "1"}  # a no-op model: big batches, no wait
 
 
 # ------------------------------------------------------------------ rejection
 def sec_reject(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
-    st = env.stack(["echo"], {"MAX_QUEUE_DEPTH": "2", "MAX_BATCH_SIZE": "1", "MAX_CONCURRENCY_PER_GPU": "1"})
+    st = env.stack(["echo"], {"MAX_QUEUE_DEPTH": "2", "MAX_BATCH_SIZE": "1", "MAX_CONCURRENCY_PER_GPU": "1"}, defaults=True)  # the scenario: a queue that fills at once
 
     async def measure() -> dict[str, Any]:
         import httpx
@@ -266,7 +278,8 @@ def _maps_have(pid: int, names: tuple[str, ...]) -> list[str]:
 
 
 def sec_memory(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
-    st = env.stack(["echo"], {"MAX_QUEUE_DEPTH": "5000", "MAX_BATCH_SIZE": "256", "BATCH_TIMEOUT_MS": "0", "MAX_CONCURRENCY_PER_GPU": "1"})
+    # the scenario: 1,000 requests held at once (batches of 256 that each sleep 2 s)
+    st = env.stack(["echo"], {"MAX_QUEUE_DEPTH": "5000", "MAX_BATCH_SIZE": "256", "BATCH_TIMEOUT_MS": "0", "MAX_CONCURRENCY_PER_GPU": "1"}, defaults=True)
     api_pid, wpid = st.api.p.pid, st.workers[0].p.pid
     load(st.url, "/run_echo", b"x" * 64, 16, total=1000)
     w0 = _rss_mb(wpid)
