@@ -219,7 +219,7 @@ class Hub:
         """
         self.check_broker()
         workers = self.workers.get(model)
-        if not workers:
+        if not workers and not self.settings.queue_without_workers:
             raise NoWorker(f"no live worker serves {model!r}; start one with `trifecta worker --model {model}`", headers={"Retry-After": "5"})
         if n <= 0:
             return
@@ -228,7 +228,7 @@ class Hub:
         if waiting + n > limit:
             self.counters["rejected_503"] += 1
             raise Overloaded(f"the {model!r} queue is full ({waiting} waiting, MAX_QUEUE_DEPTH={limit}); retry after a moment", headers={"Retry-After": "1"})
-        if queue is not None and queue in self.private_depth:
+        if queue is not None and queue in self.private_depth and workers:
             share = -(-limit // len(workers))
             mine = self.private_depth[queue]
             if mine + n > share:
@@ -269,6 +269,10 @@ class Hub:
         except (RedisError, OSError) as e:
             self.redis_ok = False
             raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
+        for q in reqs:  # a job's first state change; a sync request's at DEBUG (the worker logs each one it answers)
+            level = logging.INFO if q.kind == "job" else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(level, "job=%s model=%s tenant=%s kind=%s status=queued", q.id, q.model, q.tenant, q.kind, extra={"job_id": q.id, "model": q.model, "tenant": q.tenant, "kind": q.kind, "status": "queued"})
 
     async def run_sync(self, reqs: list[InferRequest], timeout_s: float, queue: str | None = None) -> list[dict[str, Any]]:
         """Submit (to `queue`, default the model's shared queue) and wait for every request; 504 (with the job ids) past the timeout."""
@@ -309,7 +313,9 @@ class Hub:
 
     async def cancel(self, job_id: str) -> str:
         r = await self._cancel_lua(keys=[keys.job(job_id)], args=[jobstore.now()])
-        return r.decode() if isinstance(r, bytes) else r
+        st = r.decode() if isinstance(r, bytes) else r
+        log.info("job=%s cancel asked: status=%s", job_id, st, extra={"job_id": job_id, "status": st})
+        return st
 
 
 def new_job_id() -> str:

@@ -12,6 +12,7 @@ Sections (run all, or pick with --only):
   batching   pipeline gain of MAX_BATCH_SIZE=8 over 1 vs a default ORT session's batch-8/batch-1 gain
   memory     API RSS and heavy imports, 1,000 waiting requests, worker RSS over 10,000 requests
   codecs     packbits encode+decode + image decode/preprocess of a 2048 px JPEG vs one default-session call on it
+  events     the echo worker's CPU per request and req/s with TASK_EVENTS on (Flower's counts) vs off
   shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
 
 The load generator runs in this process on the same machine (its CPU counts against the
@@ -40,6 +41,7 @@ import numpy as np
 
 from client import loadgen
 from client.benchkit import Proc, Stack
+from client.cpuacct import CpuMeter
 from tasks.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,10 +355,37 @@ def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
     return [row("packbits enc+dec + decode/preprocess, % of one default-session textmask call on a 2048 px JPEG", share, 5.0, higher_is_better=False, unit="%", model_ms=model_s * 1000, packbits_ms=codec_s * 1000, decode_resize_ms=decode_s * 1000)]
 
 
+# ------------------------------------------------------------------ task events
+def sec_events(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
+    """TASK_EVENTS (on by default, for Flower) against off: two echo stacks up at once, measured in
+    alternating blocks; the worker's CPU seconds per request (from /proc) and req/s at concurrency 16."""
+    stacks = {flag: env.stack(["echo"], {"TASK_EVENTS": flag, "MAX_QUEUE_DEPTH": "100000"}, defaults=True) for flag in ("false", "true")}
+    body = b"x" * 64
+    rounds, n = (2, 600) if quick else (4, 2000)
+    cpu_us: dict[str, list[float]] = {"false": [], "true": []}
+    rate: dict[str, list[float]] = {"false": [], "true": []}
+    for st in stacks.values():
+        load(st.url, "/run_echo", body, 16, total=200)  # warm
+    for _ in range(rounds):
+        for flag, st in stacks.items():
+            meter = CpuMeter({"worker": st.workers[0].p.pid}).start()  # type: ignore[union-attr]
+            res = load(st.url, "/run_echo", body, 16, total=n)
+            cpu_us[flag].append(meter.stop()["worker"] / n * 1e6)
+            rate[flag].append(res.rate())
+    for st in stacks.values():
+        st.stop()
+    on, off = _median(cpu_us["true"]), _median(cpu_us["false"])
+    out["events"] = {"worker_cpu_us_per_request": {"on": cpu_us["true"], "off": cpu_us["false"]}, "rps_c16": {"on": rate["true"], "off": rate["false"]}, "requests_per_block": n}
+    return [
+        row("echo worker CPU per request, task events on / off", on / off, 1.15, higher_is_better=False, on_us=on, off_us=off),
+        row("echo req/s at concurrency 16, task events on / off", _median(rate["true"]) / _median(rate["false"]), 0.9, on=_median(rate["true"]), off=_median(rate["false"])),
+    ]
+
+
 from client.bench_simulated import sec_simulated  # noqa: E402 - sections use the helpers above
 from client.bench_textmask import sec_textmask  # noqa: E402
 
-SECTIONS = {"textmask": sec_textmask, "simulated": sec_simulated, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
+SECTIONS = {"textmask": sec_textmask, "simulated": sec_simulated, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs, "events": sec_events}
 EXTERNAL = {"torch": "client.bench_torch", "shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
 
 

@@ -27,4 +27,6 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
-DEFAULT_MODELS: tuple[str, ...] = ("textmask", "segmentation")
+# what `make up` / `trifecta up` serve without MODELS: the pretrained text detector (real masks on
+# the first request, no torch needed) and the free no-op model; an untrained model runs only when asked for
+DEFAULT_MODELS: tuple[str, ...] = ("textmask", "echo")

