@@ -40,8 +40,16 @@ class OrtModel:
         import onnxruntime as ort
 
         self.ort = ort
-        self.plan: OrtPlan = ort_plan(device, ort.get_available_providers(), settings, fixed_shapes=fixed_shapes)
-        self.session = ort.InferenceSession(str(path), sess_options=sess_options, providers=self.plan.providers)
+        avail = ort.get_available_providers()
+        self.plan: OrtPlan = ort_plan(device, avail, settings, fixed_shapes=fixed_shapes)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=sess_options, providers=self.plan.providers)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs when any node falls back to the CPU
+            if not self.plan.cuda_graph:
+                raise
+            log.warning("ORT_CUDA_GRAPH refused for %s (%s); running without CUDA graphs", path, e)
+            self.plan = ort_plan(device, avail, settings, fixed_shapes=False)
+            self.session = ort.InferenceSession(str(path), sess_options=sess_options, providers=self.plan.providers)
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         self.input_name = input_name if input_name in names_in else names_in[0]
