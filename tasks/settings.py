@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = Field(20.0, gt=0, description="A message held by a worker whose heartbeat stopped is redelivered after this many seconds.")
     max_deliveries: int = Field(3, ge=1, description="A request delivered this many times without finishing is dead-lettered as failed.")
     worker_max_memory_mb: int = Field(0, ge=0, description="A worker whose RSS passes this finishes its batch and exits to be restarted (0 = no limit).")
+    worker_shutdown_grace_s: float = Field(25.0, gt=0, description="On SIGTERM a worker stops taking work, finishes its running batches, gives back what it holds and exits; still busy after this many seconds, it gives back its running work too and exits (25 fits Kubernetes' default 30 s grace).")
     bulk_drain: bool = Field(True, description="A worker tops up a batch straight from its queue in one round trip (kombu's own unacked/visibility bookkeeping), instead of one broker round trip per message.")
     task_events: bool = Field(True, description="Send per-task Celery events: Flower's Processed/Succeeded/Failed counts and task list (buffered, one PUBLISH every 0.5 s); worker events and heartbeats are always on.")
 
