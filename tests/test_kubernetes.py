@@ -29,7 +29,7 @@ K8S = ROOT / "deploy" / "kubernetes"
 BUILDS = {"base": K8S, "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 K8S_VERSION = "1.35.0"  # a current release; kubernetes-validate is pinned, its schemas with it
 FOREIGN_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FLOWER_BASIC_AUTH", "POD_NAME", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
-ONNX_FAMILIES = {"onnxseg", "echo"}
+ONNX_FAMILIES = {"onnxseg", "textdet", "echo", "simulated"}
 KUBECTL = shutil.which("kubectl")
 
 
