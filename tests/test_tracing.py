@@ -246,3 +246,43 @@ def test_unknown_exporter_refuses_to_start() -> None:
     assert out.returncode == 1 and "'jaegr', which is not installed" in out.stderr, out.stderr
 
 
+
+
+def test_otlp_export_to_a_collector_from_the_environment() -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT alone turns tracing on with the OTLP/HTTP exporter; the SDK reads the
+    endpoint, headers and service name from the environment. A receiver stands in for the collector."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    got: list[tuple[str, dict[str, str], bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            got.append((self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update({"PYTHONPATH": str(ROOT), "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{srv.server_port}", "OTEL_EXPORTER_OTLP_HEADERS": "x-token=s3cret", "OTEL_SERVICE_NAME": "edge-api"})
+        code = "from tasks import tracing; assert tracing.setup(tracing.SERVICE_API); tracing.tracer().start_span('hello', attributes={'n': 3}).end()"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)  # exits: the SDK flushes its batch
+        assert out.returncode == 0, out.stderr
+    finally:
+        srv.shutdown()
+    assert len(got) == 1, got
+    path, headers, body = got[0]
+    assert path == "/v1/traces" and headers["x-token"] == "s3cret" and headers["content-type"] == "application/x-protobuf"
+    req = ExportTraceServiceRequest.FromString(body)
+    (rs,) = req.resource_spans
+    assert {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"] == "edge-api"
+    (span,) = [s for ss in rs.scope_spans for s in ss.spans]
+    assert span.name == "hello" and [(a.key, a.value.int_value) for a in span.attributes] == [("n", 3)]
+    assert rs.scope_spans[0].scope.name == "trifecta"
