@@ -146,12 +146,38 @@ def test_one_trace_from_caller_through_api_queue_and_worker(traced) -> None:  # 
     assert any(rec.get("job_id") == job and rec.get("status") == "succeeded" and rec.get("trace_id") == CALLER_TRACE for rec in lines), lines
 
 
+def test_a_job_is_traced_as_a_sync_call(traced) -> None:  # noqa: ANN001
+    """POST /v1/jobs: the worker's spans sit under the API's server span of the submitting call
+    (through FastAPI's own operation spans), in the caller's trace."""
+    st = traced
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    body = {"model": "textmask", "input": {"image": base64.b64encode(png_bytes(photo("text.png"))).decode()}}
+    r = httpx.post(f"{st.url}/v1/jobs", json=body, headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}, timeout=30)
+    assert r.status_code == 202, r.text
+    job = r.json()["job_id"]
+    worker_log = next(w.log for w in st.workers if w.name.startswith("textmask"))
+    (process,) = _wait_spans(worker_log, 1, {"trifecta.job_id": job, "trifecta.status": "succeeded"}, "process textmask", timeout=60)
+    assert _tid(process) == trace_id and process["attributes"]["trifecta.kind"] == "job"
+    assert set(_worker_trace(_spans(worker_log), process)) == {"decode", "model", "encode", "storage"}
+    t_end = time.time() + 20
+    while not any(s["name"] == "POST /v1/jobs" and _tid(s) == trace_id for s in _spans(st.api.log)):  # the server span ends (and is exported) last
+        assert time.time() < t_end
+        time.sleep(0.1)
+    api = {_sid(s): s for s in _spans(st.api.log) if _tid(s) == trace_id}
+    chain, sid = [], _parent(process)
+    while sid in api:  # up from the process span's parent to the caller
+        chain.append(api[sid])
+        sid = _parent(api[sid])
+    assert sid == "b7ad6b7169203331" and chain[-1]["name"] == "POST /v1/jobs" and chain[-1]["kind"] == "SpanKind.SERVER", [c["name"] for c in chain]
+    assert chain[-1]["attributes"]["http.response.status_code"] == 202
+
+
 def test_drained_requests_keep_their_own_traces(traced) -> None:  # noqa: ANN001
     """Requests queued behind a busy worker reach one batch, one by kombu's delivery and the rest by
     the bulk drain (tasks/wire.py DRAIN_LUA): each keeps its caller's trace, and the batch span links them all."""
     st = traced
     worker_log = next(w.log for w in st.workers if w.name.startswith("echo"))
-    body = {"model": "echo", "input": {"image": base64.b64encode(b"blocker").decode()}, "params": {"sleep_ms": 2500}}
+    body = {"model": "echo", "input": {"image": base64.b64encode(b"blocker").decode()}, "params": {"sleep_ms": 4000}}
     r = httpx.post(f"{st.url}/v1/jobs", json=body, timeout=10)
     assert r.status_code == 202, r.text
     blocker = r.json()["job_id"]
