@@ -1,20 +1,33 @@
-# Trifecta: `make up` (install + run everything), `make test` (the suite), `make chaos` (slow fault tests)
+# Trifecta: `make up` (install what the default models need + run everything), `make test` (the suite),
+# `make chaos` (slow fault tests)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MIN_STAMP := $(VENV)/.installed-min
 
-.PHONY: install browser up test chaos lint bench clean
+.PHONY: install install-min browser up test chaos lint bench clean
 
+# everything: torch (SAM3, V-JEPA 2, Mask2Former, SegFormer export), the dev tools, the browser
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[worker,torch,dev]'
 	$(BIN)/trifecta models fetch textmask
-	touch $(STAMP)
+	touch $(STAMP) $(MIN_STAMP)
 
 install: $(STAMP) browser
+
+# what the default models (MODELS=textmask,echo) need: the API and the ONNX workers, no torch
+$(MIN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[worker]'
+	$(BIN)/trifecta models fetch textmask
+	touch $(MIN_STAMP)
+
+install-min: $(MIN_STAMP)
 
 # Debian's chromium + chromium-driver for the results-page test (Selenium drives them; no
 # browser is ever downloaded by a test tool). Skipped when both are already there.
@@ -24,7 +37,12 @@ browser:
 	elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "warning: install Debian's chromium and chromium-driver for the page test (apt-get install chromium chromium-driver)"; fi
 
-up: install
+# `make up` installs torch only when MODELS asks for a model that needs it (SAM3, V-JEPA 2,
+# Mask2Former, a SegFormer to export); the default MODELS=textmask,echo needs none
+comma := ,
+TORCH_MODELS := $(filter sam3 vjepa2 mask2former segmentation,$(subst $(comma), ,$(MODELS)))
+
+up: $(if $(TORCH_MODELS),$(STAMP),install-min)
 	$(BIN)/trifecta up
 
 test: install

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from api.admission import AdmissionGate
+from api.body import BodyBudget
 from api.fastpath import SyncFastPath, error_response
 from api.hub import Hub
 from api.janitor import Janitor
@@ -45,6 +46,7 @@ def _untraced(scope: Scope) -> bool:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logs.setup()  # a process of `trifecta api --workers N` starts here; elsewhere the CLI did it already
+    settings.require_deployable("api")  # outside ENV=local: no API without keys
     # OTEL_* (tasks/tracing.py): once a tracer provider is set, FastAPI itself makes each request's
     # server span, continuing a caller's `traceparent`; tasks.wire carries it on in the messages
     tracing.setup(tracing.SERVICE_API)
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(SyncFastPath)  # innermost: POST /run_{model} without the router's overhead (api/fastpath.py)
     app.add_middleware(AdmissionGate)  # 503 for a full queue before routing (api/admission.py)
+    app.add_middleware(BodyBudget, settings=settings)  # 503 past MAX_INFLIGHT_BODY_BYTES held at once, after the key check (api/body.py)
     # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
     app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
     app.add_middleware(MetricsMiddleware)  # outermost: counts 401/429 answers too (api/metrics.py)

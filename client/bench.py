@@ -2,13 +2,14 @@
 
 Sections (run all, or pick with --only):
   textmask   end-to-end images/s and latency at concurrency 1, 4, 16 vs the raw
-             `session.run` on a prepared tensor (same INPUT_SIZE, same threads)
+             `session.run` on the prepared tensor (RapidOCR's sizing of the image, same threads)
   dispatch   echo HTTP round trip vs a bare Celery `apply_async().get()`; echo req/s at
              concurrency 64 vs the plain solo worker's no-op tasks/s
   reject     503 latency with the queue full vs a constant-answer endpoint (/ping)
   batching   pipeline gain of MAX_BATCH_SIZE=8 over 1 vs the raw model's batch-8/batch-1 gain
   memory     API RSS and heavy imports, 1,000 waiting requests, worker RSS over 10,000 requests
-  codecs     packbits encode+decode + image decode/resize at 2048 px vs one textmask call at 2048
+  codecs     packbits encode+decode + image decode/resize of a 2048 px JPEG vs one textmask call on it
+  events     the echo worker's CPU per request and req/s with TASK_EVENTS on (Flower's counts) vs off
   shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
 
 The load generator runs in this process on the same machine (its CPU counts against the
@@ -97,24 +98,24 @@ def load(url: str, path: str, body: bytes, concurrency: int, total: int | None =
 
 
 # ------------------------------------------------------------------ raw model
-def raw_runner(threads: int, input_size: int | None = None) -> Any:
+def raw_runner(threads: int) -> Any:
     from tasks.settings import Settings
     from workers.device import Device, keep_big_buffers
-    from workers.runners.onnxseg import OnnxSegRunner
+    from workers.runners.textdet import TextDetRunner
 
     keep_big_buffers()  # as a worker process does (workers/service.py run_worker)
 
-    r = OnnxSegRunner("textmask", Settings(model_dir=str(ROOT / "models"), input_size=input_size), Device("cpu", 0, None, threads))
+    r = TextDetRunner("textmask", Settings(model_dir=str(ROOT / "models")), Device("cpu", 0, None, threads))
     r.load()
     r.warmup()
     return r
 
 
 def raw_rate(runner: Any, image: bytes, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, seconds per call) of session.run on a prepared tensor."""
-    from tasks.images import decode_rgb
+    """(images/s, seconds per call) of session.run on a prepared tensor (the image as the worker sizes it)."""
+    from workers.runners.base import Item
 
-    x, _ = runner.preprocess(decode_rgb(image, 1 << 30))
+    x = runner.prepare(Item(req=None, data=image)).x  # type: ignore[arg-type]  # prepare reads only the bytes
     xb = np.stack([x] * batch)
     runner.raw_call(xb)
     n, t0 = 0, time.perf_counter()
@@ -126,6 +127,12 @@ def raw_rate(runner: Any, image: bytes, batch: int, seconds: float) -> tuple[flo
 
 
 _median = statistics.median
+
+
+def _item(data: bytes) -> Any:
+    from workers.runners.base import Item
+
+    return Item(req=None, data=data)  # type: ignore[arg-type]  # prepare reads only the bytes
 
 
 def sec_textmask(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
@@ -163,7 +170,7 @@ def sec_textmask(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, A
     curves[16] = {"rps": _median(e2es), "p50_ms": lat[len(lat) // 2] * 1000, "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "ok": len(lat), "statuses": statuses}
     raw = _median(raws)
     call_ms = _median(calls) * 1000
-    out["textmask"] = {"raw_images_per_s": raw, "raw_call_ms": call_ms, "threads": threads, "input_size": runner.input_size, "curves": curves, "rounds": {"raw": raws, "e2e": e2es, "ratios": ratios}}
+    out["textmask"] = {"raw_images_per_s": raw, "raw_call_ms": call_ms, "threads": threads, "input_size": runner.input_size, "input_shape": list(runner.prepare(_item(img)).x.shape), "curves": curves, "rounds": {"raw": raws, "e2e": e2es, "ratios": ratios}}
     c1 = curves[1]
     return [
         row("textmask end-to-end / raw images/s at concurrency 16", _median(ratios), 0.9, e2e=_median(e2es), raw=raw, rounds=ratios),
@@ -338,16 +345,15 @@ def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
     from PIL import Image
 
     from storage import codecs
-    from workers.runners.base import Item
 
     big = Image.open(io.BytesIO(text_image((2048, 2048)))).convert("RGB")
     bio = io.BytesIO()
     big.save(bio, format="JPEG", quality=90)
     jpeg = bio.getvalue()
-    r = raw_runner(cores(), input_size=2048)
+    r = raw_runner(cores())
     reps = 3 if quick else 7
-    item = Item(req=None, data=jpeg)  # type: ignore[arg-type]  # prepare reads only the bytes
-    x, _, _ = r.prepare(item)
+    item = _item(jpeg)
+    x = r.prepare(item).x  # RapidOCR's sizing: the long side down to 2000, multiples of 32
     y = r.raw_call(x[None])
     mask = y[0, 0] > 0.3
     models, codecs_s, decodes = [], [], []
@@ -361,15 +367,49 @@ def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
         codecs_s.append((time.perf_counter() - t0) / 3)
         t0 = time.perf_counter()
         for _ in range(3):
-            r.prepare(item)  # the worker's own path: header, JPEG decode, letterbox, normalise
+            r.prepare(item)  # the worker's own path: header, JPEG decode, resize, normalise
         decodes.append((time.perf_counter() - t0) / 3)
     model_s, codec_s, decode_s = _median(models), _median(codecs_s), _median(decodes)
     share = (codec_s + decode_s) / model_s * 100
-    out["codecs"] = {"model_ms_2048": model_s * 1000, "packbits_ms": codec_s * 1000, "decode_resize_ms": decode_s * 1000}
-    return [row("packbits enc+dec + decode/resize, % of one textmask call at 2048", share, 5.0, higher_is_better=False, unit="%", model_ms=model_s * 1000, packbits_ms=codec_s * 1000, decode_resize_ms=decode_s * 1000)]
+    out["codecs"] = {"input_shape": list(x.shape), "model_ms_2048": model_s * 1000, "packbits_ms": codec_s * 1000, "decode_resize_ms": decode_s * 1000}
+    return [row("packbits enc+dec + decode/resize, % of one textmask call on a 2048 px JPEG", share, 5.0, higher_is_better=False, unit="%", model_ms=model_s * 1000, packbits_ms=codec_s * 1000, decode_resize_ms=decode_s * 1000)]
 
 
-SECTIONS = {"textmask": sec_textmask, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
+# ------------------------------------------------------------------ task events
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sec_events(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any]]:
+    """TASK_EVENTS (on by default, for Flower) against off: two echo stacks up at once, measured in
+    alternating blocks; the worker's CPU seconds per request (from /proc) and req/s at concurrency 16."""
+    stacks = {flag: env.stack(["echo"], {"TASK_EVENTS": flag, "MAX_QUEUE_DEPTH": "100000"}) for flag in ("false", "true")}
+    body = b"x" * 64
+    rounds, n = (2, 600) if quick else (4, 2000)
+    cpu_us: dict[str, list[float]] = {"false": [], "true": []}
+    rate: dict[str, list[float]] = {"false": [], "true": []}
+    for st in stacks.values():
+        load(st.url, "/run_echo", body, 16, total=200)  # warm
+    for _ in range(rounds):
+        for flag, st in stacks.items():
+            pid = st.workers[0].p.pid  # type: ignore[union-attr]
+            c0 = _cpu_s(pid)
+            res = load(st.url, "/run_echo", body, 16, total=n)
+            cpu_us[flag].append((_cpu_s(pid) - c0) / n * 1e6)
+            rate[flag].append(res.rate())
+    for st in stacks.values():
+        st.stop()
+    on, off = _median(cpu_us["true"]), _median(cpu_us["false"])
+    out["events"] = {"worker_cpu_us_per_request": {"on": cpu_us["true"], "off": cpu_us["false"]}, "rps_c16": {"on": rate["true"], "off": rate["false"]}, "requests_per_block": n}
+    return [
+        row("echo worker CPU per request, task events on / off", on / off, 1.15, higher_is_better=False, on_us=on, off_us=off),
+        row("echo req/s at concurrency 16, task events on / off", _median(rate["true"]) / _median(rate["false"]), 0.9, on=_median(rate["true"]), off=_median(rate["false"])),
+    ]
+
+
+SECTIONS = {"textmask": sec_textmask, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs, "events": sec_events}
 EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
 
 

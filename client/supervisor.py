@@ -5,6 +5,7 @@ Ctrl-C stops all of it."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
@@ -13,9 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tasks import logs
 from tasks.embedded_redis import EmbeddedRedis, answers
+from tasks.models import MODELS
 from tasks.settings import get_settings, reset_settings
 from workers.device import cores_owned, gpu_present, plan_workers
 
@@ -26,8 +29,25 @@ def _trifecta(*args: str) -> list[str]:
     return [sys.executable, "-m", "client.cli", *args]
 
 
+TORCH_FAMILIES = ("sam3", "vjepa2", "mask2former")
+
+
+def needs_torch(s: Any, have_torch: bool | None = None) -> list[str]:
+    """The models in MODELS that cannot start without torch, when torch is not installed (`make up`
+    installs `.[worker]` only): the torch families, and a segmentation model still to be exported."""
+    if have_torch is None:
+        have_torch = importlib.util.find_spec("torch") is not None
+    if have_torch:
+        return []
+    seg_onnx = Path(s.model_dir) / "segmentation" / s.seg_onnx_filename
+    return [m for m in s.models if MODELS[m].family in TORCH_FAMILIES or (m == "segmentation" and not s.hf_repo_id and not seg_onnx.is_file())]
+
+
 def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool = False) -> int:
     s = get_settings()
+    if missing := needs_torch(s):
+        print(f"error: MODELS={','.join(s.models)}: {', '.join(missing)} need torch, which is not installed; run `make install` (everything) or `pip install -e '.[worker,torch]'`", file=sys.stderr)
+        return 2
     procs: dict[str, tuple[list[str], dict[str, str], subprocess.Popen[bytes]]] = {}
     redis_srv = None
     if not answers(s.redis_url):
@@ -43,7 +63,7 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
             cli_main(["models", "fetch", *s.models])
         log.info("models ready: %s", "; ".join(out.getvalue().splitlines()), extra={"models": list(s.models)})
     else:
-        cli_main(["models", "fetch", *s.models])  # textmask from the wheel; segmentation from the hub or random-init (loudly)
+        cli_main(["models", "fetch", *s.models])  # textmask from the wheel; others from the hub, or random-init (loudly) when asked for
     plan = plan_workers(list(s.models), s.gpu_ids, s.use_cuda, gpu_present())
     n_cpu = sum(1 for _, d in plan if d == "cpu") or 1
     env = dict(os.environ)

@@ -318,6 +318,14 @@ def _images_ops(r: Ran) -> None:
     assert ping == {"ok": True}
 
 
+@check("-H 'X-Mask-Format: rle'")
+def _images_textmask_regions(r: Ran) -> None:
+    sync, strict = r.lines_json()
+    assert sync["size"] == list(TEXT_HW) and sync["regions"] == 6  # RapidOCR 1.4.4 finds 6 regions on text.png
+    assert sync["first"]["points"] == [[3.0, 23.0], [121.0, 58.0], [104.0, 114.0], [0.0, 79.0]] and 0.5 <= sync["first"]["score"] < 0.6
+    assert strict["regions"] == 5 and strict["min_score"] >= 0.6  # box_thresh 0.6 drops the one region scored below it
+
+
 # ------------------------------------------------------------------------ docs/shards.md
 @check("Idempotency-Key: nightly-42")
 def _shards_api(r: Ran) -> None:

@@ -45,6 +45,10 @@ from workers.tracing import BatchTrace
 
 log = logging.getLogger("trifecta.worker")
 FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; older, the batch re-reads the status
+# Task events are published every EVENTS_FLUSH_S (or at EVENTS_MAX_PENDING), not per batch: kombu's
+# publish costs ~200 µs of worker CPU, about a third of a whole echo request (`trifecta bench --only events`)
+EVENTS_FLUSH_S = 0.5
+EVENTS_MAX_PENDING = 3000
 
 
 class WorkerService:
@@ -74,6 +78,9 @@ class WorkerService:
         # job id -> (START state, shared queue length then, monotonic time, kombu delivery tag)
         self.received: dict[str, tuple[Any, int, float, str]] = {}
         self.acked: dict[str, float] = {}  # kombu tag -> when: its unacked records went with the FINISH pipeline
+        self.events: Any = None  # Celery event dispatcher for per-request task events (TASK_EVENTS), set once the worker is ready
+        self._events_lock = threading.Lock()
+        self._events_pending = 0
 
     # -- hooks into kombu's round trips (workers.broker) ------------------------
     def on_receive(self, pipe: Any, message: Any, delivery_tag: str) -> Any:
@@ -281,12 +288,14 @@ class WorkerService:
                 "timing": {"queue_ms": round((t_start - q.created) * 1000, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
                 "worker": self.worker_id,
                 "device": str(self.device),
+                "trained": self.runner.trained,  # false: a random-init model answered (X-Model-Untrained on sync answers)
             }
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
         self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
+        self._task_events(done, t_start)
         if bt is not None:
             try:
                 bt.emit(done, t_start, len(items))
@@ -299,6 +308,51 @@ class WorkerService:
                 extra["trace_id"] = tid
             log.info("job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d", q.id, q.model, self.device, status, queue_ms, model_ms, len(items), extra=extra)
         return True
+
+    def _task_events(self, done: list[tuple[InferRequest, str, dict[str, Any]]], t_start: float) -> None:
+        """Per request, the task events Flower counts (received, started, succeeded or failed),
+        buffered after the replies are out and published by `flush_events`. Celery sends none for
+        these: batches run through celery-batches (which only fires signals) and BULK_DRAIN takes
+        messages past kombu's consumer. Received and started both carry the batch's start."""
+        ev = self.events
+        if ev is None or not done:
+            return
+        t_end = time.time()
+        with self._events_lock:
+            for q, status, body in done:
+                kw = f"{{'model': {q.model!r}, 'kind': {q.kind!r}, 'format': {q.format!r}}}"
+                ev.send("task-received", uuid=q.id, timestamp=t_start, name=keys.TASK_INFER, args="()", kwargs=kw, retries=0, root_id=q.id, parent_id=None, eta=None, expires=None)
+                ev.send("task-started", uuid=q.id, timestamp=t_start)
+                if status == "succeeded":
+                    ev.send("task-succeeded", uuid=q.id, timestamp=t_end, runtime=t_end - t_start, result="")
+                else:
+                    ev.send("task-failed", uuid=q.id, timestamp=t_end, exception=f"{body.get('code')}: {body.get('message')}", traceback="")
+            self._events_pending += 3 * len(done)
+            if self._events_pending >= EVENTS_MAX_PENDING:
+                self._flush_events_locked(ev)
+
+    def flush_events(self) -> None:
+        """Publish the buffered task events, all in one message (the `events` thread, every EVENTS_FLUSH_S)."""
+        ev = self.events
+        if ev is None:
+            return
+        with self._events_lock:
+            self._flush_events_locked(ev)
+
+    def _flush_events_locked(self, ev: Any) -> None:
+        if not self._events_pending:
+            return
+        try:
+            ev.flush(errors=False)
+        except Exception as e:  # noqa: BLE001 - the dashboard never fails the worker; these events are lost
+            log.warning("%d task events not sent (%s)", self._events_pending, e)
+            for buf in getattr(ev, "_group_buffer", {}).values():  # celery's own buffer: not resent next time
+                buf.clear()
+        self._events_pending = 0
+
+    def events_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(EVENTS_FLUSH_S):
+            self.flush_events()
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
         outs: list[Output] = []
@@ -550,6 +604,9 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     def _ready(sender: Any = None, **_: Any) -> None:
         svc.consumer = sender
         svc.nodename = sender.hostname
+        if settings.task_events:  # its own connection: the events thread publishes while kombu's consumer reads
+            svc.events = app.events.Dispatcher(app.connection_for_write(), hostname=sender.hostname, groups=["task"], buffer_group=["task"], buffer_limit=1 << 20, buffer_while_offline=False)
+            threading.Thread(target=svc.events_forever, args=(stop,), daemon=True, name="task-events").start()
         svc.beat()
 
     stop = threading.Event()
@@ -573,6 +630,7 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         app.worker_main(argv)
     finally:
         stop.set()
+        svc.flush_events()
         svc.deregister()
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from tasks.images import decode_fitted
 from workers.device import onnx_providers
+from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
 
 log = logging.getLogger("trifecta.onnxseg")
@@ -93,6 +94,7 @@ class OnnxSegRunner(Runner):
         import onnxruntime as ort
 
         onnx_path, cfg_path, self.source, self.revision = locate_files(self.model, self.settings)
+        self.trained = is_trained(onnx_path.parent)  # a hub download has no SOURCE.json beside it: trained
         self.cfg = SegConfig.load(cfg_path)
         size = self.settings.input_size or self.cfg.input_size
         m = max(1, self.cfg.multiple_of)

@@ -41,6 +41,7 @@ from tasks.routing import image_key
 from tasks.sam3 import MODEL, RESULT_KEY, Query, Sam3Params, parse_params
 from tasks.settings import Settings
 from workers.featcache import FeatureCache
+from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
 
 log = logging.getLogger("trifecta.sam3")
@@ -103,6 +104,7 @@ class Sam3Runner(Runner):
         if not Path(src).is_dir():
             kw = {"token": self.settings.hf_token, "local_files_only": self.settings.hf_local_files_only}
         self.source, self.revision = source_of(src)
+        self.trained = is_trained(src)
         cfg = detector_config(AutoConfig.from_pretrained(src, **kw))
         patch = int(cfg.vision_config.backbone_config.patch_size)
         res = self.settings.image_model_resolution
@@ -437,7 +439,7 @@ def write_tiny(out: str) -> str:
     wake_random_heads(model)
     model.save_pretrained(str(path))
     write_processors(path, tok, TINY_RESOLUTION)
-    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (tiny)", "revision": None}))
+    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (tiny)", "revision": None, "pretrained": False}))
     return str(path)
 
 
@@ -456,7 +458,7 @@ def write_random_full(out: str) -> str:
     torch.manual_seed(0)
     Sam3Model(cfg).save_pretrained(str(path))
     write_processors(path, tok, int(cfg.image_size))
-    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (full size)", "revision": None}))
+    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (full size)", "revision": None, "pretrained": False}))
     return str(path)
 
 
