@@ -42,13 +42,16 @@ CELERY_HEADERS = {
 }  # fmt: skip
 
 
+def _json_lines(path: Path) -> list[dict]:
+    """A process's output lines that are JSON objects, whole lines only (it may be writing the last one)."""
+    text = path.read_text(errors="replace")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.startswith("{")]
+
+
 def _spans(path: Path) -> list[dict]:
     """The console exporter's spans among a process's output lines (its log lines are JSON too)."""
     out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        rec = json.loads(line)
+    for rec in _json_lines(path):
         if {"name", "context", "kind", "parent_id", "links", "resource"} <= rec.keys():
             out.append(rec)
     return out
@@ -142,8 +145,8 @@ def test_one_trace_from_caller_through_api_queue_and_worker(traced) -> None:  # 
     assert (_t(kids["model"], "start_time"), _t(kids["model"], "end_time")) == (_t(batch_model, "start_time"), _t(batch_model, "end_time"))
 
     # the worker's JSON log line for the job names the caller's trace
-    lines = [json.loads(line) for line in worker_log.read_text().splitlines() if line.startswith("{") and job in line]
-    assert any(rec.get("job_id") == job and rec.get("status") == "succeeded" and rec.get("trace_id") == CALLER_TRACE for rec in lines), lines
+    lines = [rec for rec in _json_lines(worker_log) if rec.get("job_id") == job]
+    assert any(rec.get("status") == "succeeded" and rec.get("trace_id") == CALLER_TRACE for rec in lines), lines
 
 
 def test_a_job_is_traced_as_a_sync_call(traced) -> None:  # noqa: ANN001
