@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     s.add_argument("--only", default=None, help="comma-separated sections")
     s.add_argument("--output", default="bench.json")
+    s.add_argument("--device", default=None, help="device of the in-process torch section (cpu or cuda:N)")
+    s.add_argument("--note", default=None, help="a line saying how this run was made, kept in bench.json and shown above the docs' table")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("settings", help="print every setting as a Markdown table")

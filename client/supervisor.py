@@ -43,6 +43,21 @@ def needs_torch(s: Any, have_torch: bool | None = None) -> list[str]:
     return [m for m in s.models if MODELS[m].family in TORCH_FAMILIES or (m == "segmentation" and not s.hf_repo_id and not seg_onnx.is_file())]
 
 
+FLOWER_WAIT_S = 180.0  # Flower starts once every worker registered, or after this long
+
+
+def _registered(redis_url: str, names: list[str]) -> bool:
+    import redis
+
+    from tasks import keys
+
+    try:
+        r = redis.Redis.from_url(redis_url, socket_timeout=2)
+        return all(r.exists(keys.worker(n)) for n in names)
+    except redis.RedisError:
+        return False
+
+
 def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool = False) -> int:
     s = get_settings()
     if missing := needs_torch(s):
@@ -79,7 +94,12 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
     cmd = _trifecta("api", "--host", api_host, "--port", str(port))
     procs["api"] = (cmd, env, subprocess.Popen(cmd, env=env))
     flower_port = s.flower_port
-    if not no_flower:
+    worker_names = [f"{model}-{device.replace(':', '')}-{i}" for i, (model, device) in enumerate(plan)]
+    flower_due = None if no_flower else time.monotonic() + FLOWER_WAIT_S
+
+    def start_flower() -> None:
+        # Flower asks the workers which queues they consume once, when it starts (and on
+        # ?refresh=1): started before the workers registered, its Broker view would miss their queues
         cmd = _trifecta("flower", "--host", "127.0.0.1", "--port", str(flower_port))  # FLOWER_BASIC_AUTH from the environment
         Path(s.run_dir).mkdir(parents=True, exist_ok=True)
         flower_log = open(Path(s.run_dir) / "flower.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -107,6 +127,9 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
     try:
         while not stopping:
             time.sleep(0.5)
+            if flower_due is not None and (time.monotonic() > flower_due or _registered(s.redis_url, worker_names)):
+                flower_due = None
+                start_flower()
             for name, (cmd, penv, p) in list(procs.items()):
                 if p.poll() is not None and not stopping:
                     log.warning("%s exited with %s; restarting", name, p.returncode)

@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BENCH = re.compile(r"(<!-- BENCH_TABLE -->\n).*?(<!-- /BENCH_TABLE -->)", re.S)
+CPU = re.compile(r"(<!-- CPU_TABLE -->\n).*?(<!-- /CPU_TABLE -->)", re.S)
 
 
 def bench_table() -> str:
@@ -30,8 +31,34 @@ def bench_table() -> str:
         tgt = "(reported)" if reported else ("≥ " if g.get("higher_is_better", True) else "≤ ") + f"{g['target']}"
         rows.append(f"| {g['goal']} | {g['figure']} {g['unit']} | {tgt} | {'pass' if g['pass'] else '**FAIL**'} |")
     m = d["machine"]
-    head = f"Measured {d['started']} on {m['cores']} cores ({m['cpu']}, Python {m['python']}); load generator {d['load_generator']}.\n\n"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    head = f"Measured {d['started']} on {m['cores']} cores ({m['cpu']}{gpu}, Python {m['python']}); load generator {d['load_generator']}.\n\n"
+    if d.get("note"):  # e.g. a smoke run on a shared machine, said before its figures
+        head = f"**{d['note']}**\n\n" + head
     return head + "\n".join(rows) + "\n"
+
+
+def cpu_table() -> str:
+    """CPU ms per image by side and process, from the textmask section of docs/bench.json."""
+    p = DOCS / "bench.json"
+    tm = json.loads(p.read_text()).get("textmask", {}) if p.exists() else {}
+    if not tm.get("inputs"):
+        return "(no textmask section in `docs/bench.json` yet)\n"
+    rows = [
+        "| input | model input: service / RapidOCR | naive script | raw call (default session) | service (c=16) | worker | API | Redis |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, v in tm["inputs"].items():
+        m = v["median"]
+        s = m["c16"]
+
+        def f(x: float | None) -> str:
+            return "–" if x is None else f"{x:.1f}"
+
+        shapes = "x".join(map(str, v["tensor"][-2:])) + " / " + ("x".join(map(str, v["naive_tensor"][-2:])) if v.get("naive_tensor") else "–")
+        naive = m.get("naive", {}).get("cpu_ms")
+        rows.append(f"| {name} | {shapes} | {f(naive)} | {f(m['raw']['cpu_ms'])} | {f(s['cpu_ms'])} | {f(s.get('cpu_ms_worker'))} | {f(s.get('cpu_ms_api'))} | {f(s.get('cpu_ms_redis'))} |")
+    return "\n".join(rows) + "\n"
 
 
 def settings_page() -> str:
@@ -47,6 +74,7 @@ def render() -> dict[Path, str]:
     perf = DOCS / "performance.md"
     text = perf.read_text()
     text = BENCH.sub(lambda m: m.group(1) + bench_table() + m.group(2), text)
+    text = CPU.sub(lambda m: m.group(1) + cpu_table() + m.group(2), text)
     return {DOCS / "settings.md": settings_page(), perf: text}
 
 

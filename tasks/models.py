@@ -23,6 +23,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vjepa2", "vjepa2", False, "V-JEPA 2 video classification on 16-frame clips"),
         ModelSpec("mask2former", "mask2former", True, "Mask2Former multi-class semantic segmentation"),
         ModelSpec("echo", "echo", True, "no-op model for measurement and tests"),
+        ModelSpec("simulated", "simulated", True, "textmask's decode and mask encoding around a model call that sleeps SIM_BATCH_MS + SIM_IMAGE_MS x n (a GPU's cost shape, no CPU): measures what one worker's host side can feed a device"),
     )
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)

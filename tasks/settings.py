@@ -55,8 +55,20 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = Field(20.0, gt=0, description="A message held by a worker whose heartbeat stopped is redelivered after this many seconds.")
     max_deliveries: int = Field(3, ge=1, description="A request delivered this many times without finishing is dead-lettered as failed.")
     worker_max_memory_mb: int = Field(0, ge=0, description="A worker whose RSS passes this finishes its batch and exits to be restarted (0 = no limit).")
+    worker_shutdown_grace_s: float = Field(25.0, gt=0, description="On SIGTERM a worker stops taking work, finishes its running batches, gives back what it holds and exits; still busy after this many seconds, it gives back its running work too and exits (25 fits Kubernetes' default 30 s grace).")
     bulk_drain: bool = Field(True, description="A worker tops up a batch straight from its queue in one round trip (kombu's own unacked/visibility bookkeeping), instead of one broker round trip per message.")
     task_events: bool = Field(True, description="Send per-task Celery events: Flower's Processed/Succeeded/Failed counts and task list (buffered, one PUBLISH every 0.5 s); worker events and heartbeats are always on.")
+
+    # --- accelerators (ONNX Runtime and torch on a GPU) ---
+    ort_io_binding: bool = Field(True, description="ONNX models on a CUDA device: bind inputs and outputs (IO binding) so each call copies its input in and its output out once, with no per-call allocation of device buffers.")
+    ort_cuda_graph: bool = Field(False, description="ONNX models on a CUDA device: capture one CUDA graph per input shape and replay it (needs ORT_IO_BINDING; pays off for fixed shapes: the letterboxed ONNX models, one graph per batch size).")
+    ort_tensorrt: bool = Field(False, description="ONNX models on a CUDA device: try ONNX Runtime's TensorRT execution provider first (onnxruntime-gpu built with TensorRT); engines are built on first use, which takes minutes.")
+    ort_trt_fp16: bool = Field(True, description="With ORT_TENSORRT: build fp16 TensorRT engines.")
+    ort_trt_cache_dir: str | None = Field(None, description="With ORT_TENSORRT: where engines and timing caches are kept between starts; unset: `<MODEL_DIR>/.trt-cache`.")
+    torch_dtype: str = Field("auto", description="Torch families (SAM3, Mask2Former, V-JEPA 2): auto, fp32, fp16 or bf16. auto = fp32 on a CPU; on a GPU bf16 for SAM3 (fp16 where the GPU has no bf16), fp16 for the others.")
+    image_model_compile: bool = Field(False, description="Torch families: `torch.compile` the main network at start (the SAM3 source service's setting; the first call of each input shape compiles, minutes on a big model).")
+    sim_batch_ms: float = Field(8.0, ge=0, le=10_000, description="`simulated` model: fixed cost of one model call in ms (a GPU's launch and weight-read cost), slept without using CPU.")
+    sim_image_ms: float = Field(2.0, ge=0, le=10_000, description="`simulated` model: cost per image of one model call in ms; a batch of n sleeps SIM_BATCH_MS + SIM_IMAGE_MS x n.")
 
     # --- models ---
     model_dir: str = Field("./models", description="Local model directory; `<MODEL_DIR>/<model>/` holds each model's files.")
@@ -184,6 +196,14 @@ class Settings(BaseSettings):
     def _gpus(cls, v: object) -> object:
         v = _split(v)
         return [int(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("torch_dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError("TORCH_DTYPE must be auto, fp32, fp16 or bf16")
+        return v
 
     @field_validator("output_format")
     @classmethod

@@ -203,7 +203,11 @@ def _quickstart(r: Ran) -> None:
     # both printed lines are covered: rows of the upper and the lower half hold text
     rows = (m > 0).any(axis=1)
     assert rows[: TEXT_HW[0] // 2].any() and rows[TEXT_HW[0] // 2 :].any()
-    assert r.png("overlay.png").shape[:2] == TEXT_HW
+    overlay = r.png("overlay.png")
+    assert overlay.shape[:2] == TEXT_HW
+    # the README's picture is this answer, drawn by this command (cp overlay.png docs/img/quickstart-overlay.png)
+    shown = np.asarray(Image.open(ROOT / "docs/img/quickstart-overlay.png"))
+    assert np.array_equal(shown, overlay), "docs/img/quickstart-overlay.png is not what the quick start answers now: copy the new overlay.png there"
 
 
 @check("run_textmask?format=rle")
@@ -241,7 +245,7 @@ def _sam3_image(r: Ran) -> None:
 def _sam3_video(r: Ran) -> None:
     info, obj_ids, n_frames, closed = r.lines_json()
     assert info["total_frames"] == 24 and info["resolution"] == {"width": 320, "height": 240}
-    assert len(obj_ids) == 1 and n_frames == 5 and closed is True
+    assert len(obj_ids) == 1 and n_frames == 6 and closed is True  # the prompt frame and 5 more
 
 
 @check("-F 'params={\"stride\": 8}' -F file=@tests/data/videos/chelsea-pan.mp4")

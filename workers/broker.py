@@ -12,6 +12,9 @@ bare Celery task:
 - `QoS.ack` skips its ZREM + HDEL for a message whose ack already rode in the batch's
   FINISH pipeline (the one that records the results and publishes them).
 
+And once, at shutdown: before kombu gives back the messages the worker received but never
+ran (`QoS.restore_unacked`, when the channel closes), the hook undoes their START.
+
 The worker installs its hook with `install(...)`; without one, this is kombu's transport.
 Selected by `broker_transport` in the worker's Celery app (tasks.celery_app.make_app), so
 the broker URL stays a plain redis:// URL.
@@ -19,6 +22,7 @@ the broker URL stays a plain redis:// URL.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from time import time
 from typing import Any, Protocol
@@ -28,6 +32,7 @@ from kombu.transport.virtual import base as vbase
 from kombu.utils.json import dumps
 
 TRANSPORT = "workers.broker:Transport"
+log = logging.getLogger("trifecta.worker")
 
 
 class Hook(Protocol):
@@ -36,6 +41,9 @@ class Hook(Protocol):
 
     def acked_already(self, delivery_tag: str) -> bool:
         """True when the batch's FINISH pipeline already removed this message's unacked records."""
+
+    def on_give_back(self, delivery_tags: list[str]) -> None:
+        """These messages are about to go back to their queues unrun (the worker is stopping)."""
 
 
 _hook: Hook | None = None
@@ -77,6 +85,16 @@ class QoS(kredis.QoS):
             vbase.QoS.ack(self, delivery_tag)  # local bookkeeping only: Redis already has it
             return
         super().ack(delivery_tag)
+
+
+    def restore_unacked(self, client: Any = None) -> None:
+        hook = _hook
+        if hook is not None and self._delivered:
+            try:
+                hook.on_give_back(list(self._delivered))
+            except Exception as e:  # noqa: BLE001 - the messages go back all the same
+                log.warning("giving back %d messages: %s", len(self._delivered), e)
+        super().restore_unacked(client)
 
 
 class Channel(kredis.Channel):

@@ -14,6 +14,14 @@ cancelled or finished jobs, and dead-letters a job over MAX_DELIVERIES), and one
 writes every result and publishes it to the waiting API. Outputs are written to storage
 under the job's own prefix at fixed keys, so a redelivered message rewrites the same
 objects: publishing is idempotent.
+
+Leaving (SIGTERM: a scale-in, a rolling update): the worker deregisters at once (the API
+stops routing to it and sends its sessions' calls 410), stops taking batches and stops
+consuming; the running batches finish; kombu gives back what it received but never ran
+(its START undone: not counted as a delivery); the messages waiting on its private queue
+are handed over (`tasks.handoff`: moved to the shared queue, session calls answered 410);
+it exits. Still busy after WORKER_SHUTDOWN_GRACE_S, it gives back its running work too and
+exits anyway (a redelivery costs nothing: outputs are idempotent).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import redis
 
 from storage import codecs
 from storage.blob import BlobStore, open_store
-from tasks import jobstore, keys, tracing, wire
+from tasks import handoff, jobstore, keys, tracing, wire
 from tasks.errors import DeadLettered, TrifectaError, translate
 from tasks.inputs import read_input
 from tasks.models import MODELS
@@ -61,6 +69,7 @@ class WorkerService:
         self._start = self.r.register_script(jobstore.START_LUA)
         self._finish = self.r.register_script(jobstore.FINISH_LUA)
         self._drain = self.r.register_script(wire.DRAIN_LUA)
+        self._unstart = self.r.register_script(jobstore.UNSTART_LUA)
         self.drained_tags: set[str] = set()
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         self.processed = 0
@@ -71,6 +80,9 @@ class WorkerService:
         self.consumer: Any = None  # set on worker_ready; its channel's QoS holds our unacked tags
         self.nodename = ""
         self.stopping = False
+        self.leaving = False  # deregistered, taking no more work: the heartbeat keeps only the visibility of held messages
+        self.left = threading.Event()
+        self.on_leave: list[Any] = []  # called once when leaving starts (the batcher's stop_taking)
         self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
         self.memory_limit = memory_limit_bytes(settings.worker_max_memory_mb)  # for the near-the-limit alert (deploy/prometheus)
         self.reg_fields: dict[str, Any] = {}  # extra registration fields from runners' tasks: name -> () -> str (e.g. video `sessions`)
@@ -104,6 +116,20 @@ class WorkerService:
     def acked_already(self, delivery_tag: str) -> bool:
         with self._lock:
             return self.acked.pop(delivery_tag, None) is not None
+
+    def on_give_back(self, delivery_tags: list[str]) -> None:
+        """kombu is about to give these messages back unrun (shutdown): undo their START."""
+        tags = set(delivery_tags)
+        with self._lock:
+            jids = [jid for jid, v in self.received.items() if v[3] in tags]
+            for jid in jids:
+                del self.received[jid]
+        if jids:
+            pipe = self.r.pipeline(transaction=False)
+            for jid in jids:
+                _queue_script(pipe, self._unstart, [keys.job(jid)], [self.worker_id])
+            pipe.execute()
+            log.info("worker %s gives back %d requests it received but never ran", self.worker_id, len(jids))
 
     # -- the batch ----------------------------------------------------------
     def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None, headers: list[dict[str, Any]] | None = None) -> bool:
@@ -417,6 +443,7 @@ class WorkerService:
 
     def _shutdown_soon(self) -> None:
         time.sleep(0.5)  # let this batch's acks go out
+        self.leave("WORKER_MAX_MEMORY_MB")
         from celery import current_app
 
         current_app.control.shutdown(destination=[self.nodename])
@@ -465,16 +492,18 @@ class WorkerService:
         self._prune()
         hb = self.settings.worker_heartbeat_s
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
-        pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
-        pipe.sadd(keys.WORKERS, self.worker_id)
+        if not self.leaving:
+            pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
+            pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
+            pipe.sadd(keys.WORKERS, self.worker_id)
         tags = self.held_tags()
         with self._lock:
             tags += list(self.drained_tags)
         if tags:
             # keep the messages we hold invisible to kombu's restore while we are alive
             pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
-        pipe.execute()
+        if len(pipe):
+            pipe.execute()
 
     def heartbeat_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.worker_heartbeat_s):
@@ -489,6 +518,52 @@ class WorkerService:
             self.r.srem(keys.WORKERS, self.worker_id)
         except redis.RedisError:
             pass
+
+    # -- leaving (SIGTERM, memory guard) ---------------------------------------
+    def leave(self, why: str) -> None:
+        """Start leaving: no new batches, deregistered now, and a deadline (WORKER_SHUTDOWN_GRACE_S).
+        Celery itself stops consuming and waits for the running tasks; `hand_over` ends it.
+        Takes no lock here: this runs in Celery's signal handler, which must not wait on a lock
+        the code it interrupted holds; the rest runs in a thread of its own."""
+        if self.leaving:
+            return
+        self.leaving = True
+        threading.Thread(target=self._leave, args=(why, self.settings.worker_shutdown_grace_s), daemon=True, name="leaving").start()
+
+    def _leave(self, why: str, grace: float) -> None:
+        t_end = time.monotonic() + grace
+        for f in self.on_leave:
+            f()
+        self.deregister()
+        log.info("worker %s leaving (%s): deregistered; finishing %d requests in flight, then exiting (within %.0f s)", self.worker_id, why, self.in_flight, grace)
+        if self.left.wait(grace):  # handed over; the process exits on its own (this thread is a daemon)
+            time.sleep(max(0.0, t_end - time.monotonic()))
+            log.warning("worker %s handed over its work but did not exit within WORKER_SHUTDOWN_GRACE_S; exiting now", self.worker_id)
+            logging.shutdown()
+            os._exit(0)
+        tags = self.held_tags()
+        with self._lock:
+            tags += list(self.drained_tags)
+        log.error("worker %s still busy %.0f s after it began leaving (WORKER_SHUTDOWN_GRACE_S): giving back the %d messages it holds and exiting", self.worker_id, grace, len(tags))
+        try:
+            qos = self.consumer.task_consumer.channel.qos
+            for t in tags:
+                qos.restore_by_tag(t, client=self.r)  # kombu's own restore, as at its visibility timeout
+        except Exception as e:  # noqa: BLE001 - kombu restores them after VISIBILITY_TIMEOUT_S anyway
+            log.warning("giving back held messages failed (%s); kombu restores them after VISIBILITY_TIMEOUT_S", e)
+        self.hand_over()
+        logging.shutdown()
+        os._exit(1)
+
+    def hand_over(self) -> None:
+        """The last step: deregistered, and the private queue handed over (tasks.handoff)."""
+        self.leaving = True
+        self.deregister()
+        try:
+            handoff.hand_over(self.r, self.model, self.worker_id)
+        except redis.RedisError as e:  # the API hands it over when Redis is back (api.hub)
+            log.warning("private queue not handed over (%s)", e)
+        self.left.set()
 
 
 def _now(fn: Any, *args: Any) -> Future[Any]:
@@ -609,6 +684,12 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
             threading.Thread(target=svc.events_forever, args=(stop,), daemon=True, name="task-events").start()
         svc.beat()
 
+    @signals.worker_shutting_down.connect(weak=False)
+    def _leaving(sig: str = "", how: str = "", **_: Any) -> None:  # Celery's SIGTERM/SIGINT/SIGQUIT handler
+        svc.leave(f"{sig}, {how.lower()} shutdown")
+
+    svc.on_leave.append(app.tasks[keys.TASK_INFER].stop_taking)
+
     stop = threading.Event()
     svc.beat()
     threading.Thread(target=svc.heartbeat_forever, args=(stop,), daemon=True, name="heartbeat").start()
@@ -631,7 +712,7 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     finally:
         stop.set()
         svc.flush_events()
-        svc.deregister()
+        svc.hand_over()
 
 
 def _quiet_celery_stdout(argv: list[str]) -> None:

@@ -37,7 +37,7 @@ from tasks.tars import read_small_tar
 
 log = logging.getLogger("trifecta.api")
 router = APIRouter(tags=["sync masks"])
-SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo")
+SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo", "simulated")
 TAR_TYPES = {"application/x-tar", "application/x-tar+gzip", "application/tar", "application/x-gtar"}
 
 
@@ -143,7 +143,8 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if reply["status"] != "succeeded":
         raise_failed(reply)
     result = reply["result"]
-    headers = _timing_headers(q.id, result, 1, fmt)
+    # X-Batch-Size of one image: the images in the model call it ran in (dynamic batching), as /api/v1/infer answers
+    headers = _timing_headers(q.id, result, int(result.get("timing", {}).get("batch_size") or 1), fmt)
     if model == "echo":  # orjson: Starlette's JSONResponse runs the stdlib encoder
         return Response(orjson.dumps({"job_id": q.id, **result["meta"], "timing": result["timing"]}), media_type="application/json", headers=headers)
     out = result["outputs"][0]

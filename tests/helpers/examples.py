@@ -27,6 +27,8 @@ EXEMPT: dict[str, str] = {
     "make lint": "ruff over the repo; CI's concern, not the service's",
     "make bench": "minutes of measurement; `trifecta bench` prints its own pass/fail",
     "make gpu-check": "needs an NVIDIA GPU",
+    "make wheelhouse": "downloads wheels for another machine (Python 3.12)",
+    "scripts/gpu_check.sh": "minutes of measurement (a GPU, or its dry run on the CPU)",
     "trifecta up": "starts the stack this test starts itself",
     ".venv/bin/trifecta up": "starts the stack this test starts itself",
     "trifecta bench": "minutes of measurement; it prints its own pass/fail",

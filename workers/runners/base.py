@@ -160,6 +160,7 @@ _FAMILIES: dict[str, str] = {
     "onnxseg": "workers.runners.onnxseg:OnnxSegRunner",
     "textdet": "workers.runners.textdet:TextDetRunner",
     "echo": "workers.runners.echo:EchoRunner",
+    "simulated": "workers.runners.simulated:SimulatedRunner",
     "sam3": "workers.runners.sam3:Sam3Runner",
     "vjepa2": "workers.runners.vjepa2:VJEPA2Runner",
     "mask2former": "workers.runners.mask2former:Mask2FormerRunner",

@@ -44,6 +44,7 @@ from tasks.images import decode_rgb
 from tasks.settings import Settings
 from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
+from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.mask2former")
 # OpenMP threads that spin while they wait take the cores this worker's other threads (decode,
@@ -105,8 +106,9 @@ class Mask2FormerRunner(Runner):
         # the checkpoint's own processor, as a user loads it: its resize rule, size divisor,
         # rescale and normalisation, and the post-processing the label map must agree with
         self.processor = AutoImageProcessor.from_pretrained(src, **kw)
-        self.dtype = torch.float16 if self.device.kind == "cuda" else torch.float32
+        self.dtype = torch_dtype(self.device, self.settings)  # TORCH_DTYPE; auto: fp16 on a GPU, fp32 on a CPU
         self.net = Mask2FormerForUniversalSegmentation.from_pretrained(src, dtype=self.dtype, **kw).eval().to(self.device.local)
+        maybe_compile(self.net, self.settings, "Mask2Former")
         cfg = self.net.config
         n = int(cfg.num_labels)
         self.labels = [str(cfg.id2label.get(i, cfg.id2label.get(str(i), f"LABEL_{i}"))).strip() for i in range(n)]  # type: ignore[union-attr]

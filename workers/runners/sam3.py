@@ -43,6 +43,7 @@ from tasks.settings import Settings
 from workers.featcache import FeatureCache
 from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
+from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.sam3")
 
@@ -111,12 +112,10 @@ class Sam3Runner(Runner):
         if res:
             cfg.image_size = max(patch, res // patch * patch)  # global-attention positions follow the config's size
         self.input_size = int(cfg.image_size)
-        if self.device.kind == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.float32
+        self.dtype = torch_dtype(self.device, self.settings, prefer_bf16=True)  # TORCH_DTYPE; auto: bf16 (fp16 without it) on a GPU, fp32 on a CPU
         self.torch_device = torch.device(self.device.local)
         self.net = Sam3Model.from_pretrained(src, config=cfg, dtype=self.dtype, **kw).to(self.torch_device).eval()
+        maybe_compile(self.net.vision_encoder, self.settings, "SAM3's vision encoder")  # IMAGE_MODEL_COMPILE: the encoder is most of an image's cost
         self.processor = Sam3Processor.from_pretrained(src, **kw)
         self.processor.image_processor.size = {"height": self.input_size, "width": self.input_size}
         self.processor.target_size = self.input_size
