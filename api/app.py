@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from api.admission import AdmissionGate
 from api.body import BodyBudget
@@ -29,18 +30,26 @@ from api.routes import shards as _shards  # noqa: F401 - registers the `shards` 
 from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
 from api.webhooks import WebhookSender
-from tasks import logs
+from tasks import logs, tracing
 from tasks.errors import TrifectaError
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger("trifecta.api")
 DOCS_ASSETS = "/docs-assets"
+UNTRACED = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes: no trace each few seconds
+
+
+def _untraced(scope: Scope) -> bool:
+    return scope.get("path") in UNTRACED
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logs.setup()  # a process of `trifecta api --workers N` starts here; elsewhere the CLI did it already
     settings.require_deployable("api")  # outside ENV=local: no API without keys
+    # OTEL_* (tasks/tracing.py): once a tracer provider is set, FastAPI itself makes each request's
+    # server span, continuing a caller's `traceparent`; tasks.wire carries it on in the messages
+    tracing.setup(tracing.SERVICE_API)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Queue-driven inference for vision models: sync masks, jobs, WebDataset shards, SAM3, V-JEPA 2, Mask2Former.",
         lifespan=lifespan,
+        telemetry={"exclude": _untraced},
     )
     app.state.settings = settings
     app.add_middleware(SyncFastPath)  # innermost: POST /run_{model} without the router's overhead (api/fastpath.py)

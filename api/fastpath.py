@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.routes.sync import SYNC_MODELS, router, run_sync_endpoint
 from storage.blob import open_store
+from tasks import tracing
 from tasks.errors import UnknownModel, shown, translate
 
 log = logging.getLogger("trifecta.api")
@@ -43,6 +44,8 @@ class SyncFastPath:
             return
         state = scope["app"].state  # the FastAPI app's (Starlette puts itself in the scope)
         scope["route"] = ROUTES[model]
+        if tracing.ON:  # FastAPI names its server span after the route its router matched; this path skips the router
+            tracing.name_server_span(path)
         settings = state.settings
         request = Request(scope, receive)
         try:

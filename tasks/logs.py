@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+
+from tasks import tracing
 
 FIELDS = ("job_id", "model", "tenant", "worker", "device", "trace_id")
 _process: dict[str, str] = {}
@@ -48,15 +49,6 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
-def _trace_id() -> str | None:
-    if "opentelemetry.trace" not in sys.modules:  # tracing never set up: nothing to ask
-        return None
-    from opentelemetry import trace
-
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
-
-
 class ContextFilter(logging.Filter):
     """Adds the known context fields to each record (a field the line passed itself wins)."""
 
@@ -72,7 +64,7 @@ class ContextFilter(logging.Filter):
                 d["job_id"] = m.group(1)
             if "model" not in d and (m := _MODEL.search(msg)):
                 d["model"] = m.group(1)
-        if "trace_id" not in d and (t := _trace_id()):
+        if "trace_id" not in d and tracing.ON and (t := tracing.trace_id()):
             d["trace_id"] = t
         return True
 

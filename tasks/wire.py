@@ -5,7 +5,8 @@ envelope ourselves lets the API publish with `redis.asyncio` in the same pipelin
 writes the job record (one round trip per request). The envelope is exactly what
 `kombu.transport.redis.Channel._put` writes for Celery's message protocol 2 on the
 default exchange (`tests/test_wire.py` checks it field by field against Celery's own
-`send_task` and runs it through a real worker).
+`send_task` and runs it through a real worker). With tracing on (tasks/tracing.py) the
+headers also carry the W3C trace context (`traceparent`), as an extra header Celery passes on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import uuid
 from typing import Any
 
 import orjson
+
+from tasks import tracing
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -43,6 +46,8 @@ def build_message(task_name: str, task_id: str, kwargs: dict[str, Any], queue: s
         "stamped_headers": None,
         "stamps": {},
     }
+    if tracing.ON:  # the sender's trace context (`traceparent` ...): the worker's spans continue it
+        tracing.inject(headers)
     message = {
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",

@@ -40,7 +40,7 @@ import redis
 
 from storage import codecs
 from storage.blob import BlobStore, open_store
-from tasks import handoff, jobstore, keys, wire
+from tasks import handoff, jobstore, keys, tracing, wire
 from tasks.errors import DeadLettered, TrifectaError, translate
 from tasks.inputs import read_input
 from tasks.models import MODELS
@@ -49,6 +49,7 @@ from tasks.settings import Settings
 from workers.device import Device
 from workers.metrics import WorkerMetrics
 from workers.runners.base import BatchStats, Item, Produced, Runner
+from workers.tracing import BatchTrace
 
 log = logging.getLogger("trifecta.worker")
 FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; older, the batch re-reads the status
@@ -131,15 +132,20 @@ class WorkerService:
             log.info("worker %s gives back %d requests it received but never ran", self.worker_id, len(jids))
 
     # -- the batch ----------------------------------------------------------
-    def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> bool:
-        """Run one batch. False = it could not start (Redis away): the messages are requeued."""
+    def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None, headers: list[dict[str, Any]] | None = None) -> bool:
+        """Run one batch. False = it could not start (Redis away): the messages are requeued.
+        `headers`: the messages' headers, given while tracing is on (their trace context)."""
         t_start = time.time()
         reqs: list[InferRequest] = []
-        for kw in raw:
+        bt = None if headers is None else BatchTrace(self.model, self.worker_id, str(self.device))
+        for i, kw in enumerate(raw):
             try:
                 reqs.append(InferRequest.model_validate(kw["req"]))
             except Exception as e:  # a message we cannot even read: drop it, loudly
                 log.error("dropping malformed message: %s", e)
+                continue
+            if bt is not None:
+                bt.carry(reqs[-1].id, headers[i])  # type: ignore[index]
         if not reqs:
             return True
         tags: list[str] = []
@@ -147,10 +153,10 @@ class WorkerService:
         with self._lock:
             self.in_flight += n0
         try:
-            tags, states, kombu_tags = self._top_up_and_start(reqs)
+            tags, states, kombu_tags = self._top_up_and_start(reqs, bt)
             with self._lock:
                 self.in_flight += len(reqs) - n0
-            return self._handle(reqs, t_start, tags, states, kombu_tags)
+            return self._handle(reqs, t_start, tags, states, kombu_tags, bt)
         except redis.RedisError as e:
             log.warning("batch of %d not started: Redis unreachable (%s); requeued", len(reqs), e)
             return False
@@ -161,7 +167,7 @@ class WorkerService:
                 self.drained_tags.difference_update(tags)
             self._check_memory()
 
-    def _top_up_and_start(self, reqs: list[InferRequest]) -> tuple[list[str], list[Any], list[str]]:
+    def _top_up_and_start(self, reqs: list[InferRequest], bt: BatchTrace | None = None) -> tuple[list[str], list[Any], list[str]]:
         """Fill the batch from the shared queue (BULK_DRAIN: kombu would otherwise fetch, record
         and ack each message with a round trip of its own) and make sure every request is
         started. A request kombu delivered was started at receive (workers.broker); its state
@@ -221,8 +227,10 @@ class WorkerService:
         added: list[InferRequest] = []
         for m in raws:
             try:
-                _, kw = wire.decode_message(m)
+                h, kw = wire.decode_message(m)
                 added.append(InferRequest.model_validate(kw["req"]))
+                if bt is not None:
+                    bt.carry(added[-1].id, h)
             except Exception as e:  # noqa: BLE001 - unreadable: acked below and dropped, loudly
                 log.error("dropping malformed message: %s", e)
             tags.append(wire.delivery_tag(m))
@@ -241,7 +249,7 @@ class WorkerService:
             reqs += added
         return tags, states, kombu_tags
 
-    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any], kombu_tags: list[str]) -> bool:
+    def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any], kombu_tags: list[str], bt: BatchTrace | None = None) -> bool:
         now = jobstore.now()
         live: list[InferRequest] = []
         done: list[tuple[InferRequest, str, dict[str, Any]]] = []
@@ -279,10 +287,16 @@ class WorkerService:
             except Exception:  # noqa: BLE001 - the requests' own records still go out below
                 log.exception("recording %d dropped requests with their jobs failed", len(dropped))
         stats = BatchStats()
-        results = self.runner.run_batch(items, stats) if items else []
+        publish = self._publish_outputs
+        if bt is None:
+            results = self.runner.run_batch(items, stats) if items else []
+        else:  # the runner's hooks and the writes timed for the batch's spans (workers/tracing.py)
+            with bt.running():
+                results = self.runner.run_batch(items, stats) if items else []
+            publish = bt.storage(publish)
         # several samples' outputs are encoded and written in parallel; one sample's (or none) needs no thread hop
         parallel = sum(isinstance(res, Produced) and bool(res.masks or res.blobs) for res in results) > 1
-        futures = [(it, (self._io.submit if parallel else _now)(self._publish_outputs, it.req, res)) if isinstance(res, Produced) else (it, res) for it, res in zip(items, results, strict=True)]
+        futures = [(it, (self._io.submit if parallel else _now)(publish, it.req, res)) if isinstance(res, Produced) else (it, res) for it, res in zip(items, results, strict=True)]
         model_ms = stats.model_ms + stats.prepare_ms
         for it, fut in futures:
             q = it.req
@@ -308,13 +322,17 @@ class WorkerService:
         self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
         self._task_events(done, t_start)
+        if bt is not None:
+            try:
+                bt.emit(done, t_start, len(items))
+            except Exception:  # noqa: BLE001 - tracing never fails a batch
+                log.exception("recording the spans of a batch failed")
         for q, status, _body in done:
             queue_ms = (t_start - q.created) * 1000
-            log.info(
-                "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
-                q.id, q.model, self.device, status, queue_ms, model_ms, len(items),
-                extra={"job_id": q.id, "tenant": q.tenant, "kind": q.kind, "status": status, "queue_ms": round(queue_ms, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
-            )
+            extra = {"job_id": q.id, "tenant": q.tenant, "kind": q.kind, "status": status, "queue_ms": round(queue_ms, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)}
+            if bt is not None and (tid := bt.log_trace_id(q.id)):
+                extra["trace_id"] = tid
+            log.info("job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d", q.id, q.model, self.device, status, queue_ms, model_ms, len(items), extra=extra)
         return True
 
     def _task_events(self, done: list[tuple[InferRequest, str, dict[str, Any]]], t_start: float) -> None:
@@ -624,6 +642,10 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     worker_id = name or f"{socket.gethostname()}-{os.getpid()}"
     logs.bind_process(worker=worker_id, model=model, device=str(dev))  # on every line of this process
     runner = runner_class(MODELS[model].family)(model, settings, dev)
+    if tracing.setup(tracing.SERVICE_WORKER, **{"service.instance.id": worker_id}):  # OTEL_* (tasks/tracing.py)
+        from workers.tracing import instrument
+
+        instrument(runner)
     t0 = time.time()
     runner.load()
     runner.warmup()
@@ -649,7 +671,7 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         max_in_flight=conc, acks_late=True, ignore_result=True,
     )
     def infer(requests: list[Any]) -> bool:
-        return svc.handle([r.kwargs for r in requests])
+        return svc.handle([r.kwargs for r in requests], headers=[r.request_dict for r in requests] if tracing.ON else None)
 
     extra = _register_extra_tasks(app, svc)
 
