@@ -10,6 +10,8 @@ Sections (run all, or pick with --only):
   memory     API RSS and heavy imports, 1,000 waiting requests, worker RSS over 10,000 requests
   codecs     packbits encode+decode + image decode/resize at 2048 px vs one textmask call at 2048
   shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
+  state      Redis bytes/keys and storage bytes/objects each kind of request leaves behind,
+             right after and once its lifetime passed; capacity at 10-1000 req/s (bench_state.py)
 
 The load generator runs in this process on the same machine (its CPU counts against the
 service); it is a lean asyncio HTTP/1.1 loop (client/loadgen.py).
@@ -370,7 +372,7 @@ def sec_codecs(env: Env, quick: bool, out: dict[str, Any]) -> list[dict[str, Any
 
 
 SECTIONS = {"textmask": sec_textmask, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs}
-EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models"}
+EXTERNAL = {"shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models", "state": "client.bench_state"}
 
 
 def plot(out: dict[str, Any], path: str) -> None:
