@@ -448,7 +448,16 @@ class WorkerService:
         if tags:
             # keep the messages we hold invisible to kombu's restore while we are alive
             pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except OutOfMemoryError:
+            # at maxmemory the same (fixed-size) writes go through a script allowed to write
+            # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
+            reg = self.registration()
+            self.r.eval(
+                _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, "unacked_index",
+                max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
+            )
 
     def heartbeat_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.worker_heartbeat_s):
@@ -466,6 +475,18 @@ class WorkerService:
 
 
 _RECORD_RETRY_S = (0.25, 0.5, 1, 2, 2, 4, 4, 8)  # through a Redis restart
+
+# The heartbeat at Redis's maxmemory (noeviction refuses HSET/ZADD): `allow-oom` lets this script
+# rewrite the registration (the same fields, about the same size) and the visibility of held messages.
+# KEYS: worker hash, workers set, unacked_index  ARGV: ttl, worker id, now, 2n, n field/value pairs, tags...
+_BEAT_OOM_LUA = """#!lua flags=allow-oom
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+for i = 5 + n, #ARGV do redis.call('ZADD', KEYS[3], 'XX', ARGV[3], ARGV[i]) end
+return 1
+"""
 
 
 def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:

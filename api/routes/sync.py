@@ -94,9 +94,9 @@ async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None
     """A sync call's staged inputs once its replies are in (the job is finished: a redelivery
     skips it unread). Remote stores delete in the background; the janitor catches the rest."""
     if isinstance(store, FileStore):
-        for j in job_ids:  # one file and its directory (delete_prefix's rmtree walks and stats)
+        for j in job_ids:  # one file and its directories (delete_prefix's rmtree walks and stats); the job's own stays if it holds outputs
             f = store.root / stage_key(tenant, j)
-            for undo in (f.unlink, f.parent.rmdir):
+            for undo in (f.unlink, f.parent.rmdir, f.parent.parent.rmdir):
                 try:
                     undo()
                 except OSError:
