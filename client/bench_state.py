@@ -30,8 +30,8 @@ from tasks import keys
 from tasks.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNC_TTL_S = 45  # longer than a kind's batch takes, so "right after" still holds every record
-JOB_TTL_S = 30
+SYNC_TTL_S = 20
+JOB_TTL_S = 60  # longer than a batch of jobs or the shard job takes
 JANITOR_S = 1.0
 TOMBSTONE_S = keys.TOMBSTONE_S
 SIZE = {"hash": "hlen", "zset": "zcard", "set": "scard", "list": "llen", "stream": "xlen", "string": "strlen"}
@@ -122,8 +122,13 @@ def _wait_jobs(url: str, ids: list[str], timeout: float = 600) -> None:
         raise TimeoutError(f"{len(left)} job(s) did not finish")
 
 
-def measure(kind: str, n: int, send: Any, r: redis.Redis, data_root: Path, wait_s: float) -> dict[str, Any]:
-    """Baseline, send (returns the number of requests), state right after, state after the lifetimes."""
+def measure(kind: str, n: int, send: Any, r: redis.Redis, data_root: Path, wait_s: float, per_record: int = 1) -> dict[str, Any]:
+    """Baseline, send (returns the number of requests), state right after, state after the lifetimes.
+
+    "Right after" is what a request holds while its lifetime lasts: the difference divided by
+    the requests whose record is still alive then (on a slow machine the first records of a
+    batch may have expired already, their outputs deleted); `per_record` requests share one
+    record (a shard job's samples). "After" is divided by every request sent."""
     settle(r)
     r0, s0 = redis_state(r), storage_state(data_root)
     sent = send()
@@ -133,12 +138,22 @@ def measure(kind: str, n: int, send: Any, r: redis.Redis, data_root: Path, wait_
     settle(r)
     r2, s2 = redis_state(r), storage_state(data_root)
     per = max(1, sent)
+    alive = sum(1 for k in r1["per_key"] if k.startswith(b"tf:job:") and k not in r0["per_key"])
+    if not alive:
+        raise RuntimeError(f"{kind}: every record expired before the batch ended; lengthen the lifetimes of the run")
+    live = min(per, alive * per_record)
     return {
-        "kind": kind, "requests": sent,
-        "redis_bytes_right_after": round((r1["data"] - r0["data"]) / per, 1), "redis_keys_right_after": round((r1["keys"] - r0["keys"]) / per, 3),
-        "storage_bytes_right_after": round((s1[0] - s0[0]) / per, 1), "storage_objects_right_after": round((s1[1] - s0[1]) / per, 3),
-        "redis_bytes_after_ttl": round((r2["data"] - r0["data"]) / per, 1), "redis_keys_after_ttl": round((r2["keys"] - r0["keys"]) / per, 3),
-        "storage_bytes_after_ttl": round((s2[0] - s0[0]) / per, 1), "storage_objects_after_ttl": round((s2[1] - s0[1]) / per, 3),
+        "kind": kind,
+        "requests": sent,
+        "alive_right_after": live,
+        "redis_bytes_right_after": round((r1["data"] - r0["data"]) / live, 1),
+        "redis_keys_right_after": round((r1["keys"] - r0["keys"]) / live, 3),
+        "storage_bytes_right_after": round((s1[0] - s0[0]) / live, 1),
+        "storage_objects_right_after": round((s1[1] - s0[1]) / live, 3),
+        "redis_bytes_after_ttl": round((r2["data"] - r0["data"]) / per, 1),
+        "redis_keys_after_ttl": round((r2["keys"] - r0["keys"]) / per, 3),
+        "storage_bytes_after_ttl": round((s2[0] - s0[0]) / per, 1),
+        "storage_objects_after_ttl": round((s2[1] - s0[1]) / per, 3),
         "left_after_ttl": growth(r0, r2),
     }
 
@@ -155,11 +170,16 @@ def capacity(figs: dict[str, dict[str, Any]], rates: tuple[int, ...] = (10, 100,
         for rate in rates:
             alive = rate * life
             forever = rate * (TOMBSTONE_S if not kind.startswith("sync") else 0)  # tombstones, 7 days past the record
-            out.append({
-                "kind": kind, "rate_per_s": rate, "lifetime_s": life,
-                "redis_mb": round((alive * max(0.0, f["redis_bytes_right_after"] - f["redis_bytes_after_ttl"]) + forever * max(0.0, f["redis_bytes_after_ttl"])) / 1e6, 1),
-                "storage_gb": round(alive * f["storage_bytes_right_after"] / 1e9, 2), "storage_objects_m": round(alive * f["storage_objects_right_after"] / 1e6, 2),
-            })
+            out.append(
+                {
+                    "kind": kind,
+                    "rate_per_s": rate,
+                    "lifetime_s": life,
+                    "redis_mb": round((alive * max(0.0, f["redis_bytes_right_after"] - f["redis_bytes_after_ttl"]) + forever * max(0.0, f["redis_bytes_after_ttl"])) / 1e6, 1),
+                    "storage_gb": round(alive * f["storage_bytes_right_after"] / 1e9, 2),
+                    "storage_objects_m": round(alive * f["storage_objects_right_after"] / 1e6, 2),
+                }
+            )
     return out
 
 
@@ -169,12 +189,16 @@ def run(quick: bool) -> list[dict[str, Any]]:
     shard_dir = tmp / "shards"
     shard_dir.mkdir()
     env = {
-        "SYNC_RESULT_TTL_S": str(SYNC_TTL_S), "RESULT_TTL_SECONDS": str(JOB_TTL_S), "JANITOR_INTERVAL_S": str(JANITOR_S),
-        "MAX_QUEUE_DEPTH": "10000", "ALLOWED_INPUT_ROOTS": str(shard_dir), "INTRA_OP_THREADS": "1",
+        "SYNC_RESULT_TTL_S": str(SYNC_TTL_S),
+        "RESULT_TTL_SECONDS": str(JOB_TTL_S),
+        "JANITOR_INTERVAL_S": str(JANITOR_S),
+        "MAX_QUEUE_DEPTH": "10000",
+        "ALLOWED_INPUT_ROOTS": str(shard_dir),
+        "INTRA_OP_THREADS": "1",
     }
     st = Stack.create(srv.url, tmp / "stack", env=env)
     data_root = tmp / "stack" / "data"
-    n_echo, n_text, n_jobs, n_samples = (500, 40, 20, 40) if quick else (3000, 250, 100, 200)
+    n_echo, n_text, n_jobs, n_samples = (500, 40, 20, 40) if quick else (3000, 160, 40, 100)
     figs: dict[str, dict[str, Any]] = {}
     try:
         st.start_worker("echo", "echo-state")
@@ -224,7 +248,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         figs["sync textmask (inline input)"] = measure("sync textmask (inline input)", n_text, sync("/run_textmask", small, "image/jpeg", 2, n_text), r, data_root, SYNC_TTL_S)
         figs["sync textmask (staged input)"] = measure("sync textmask (staged input)", n_text // 2, sync("/run_textmask", photo, "image/png", 2, n_text // 2), r, data_root, SYNC_TTL_S)
         figs["image job"] = measure("image job", n_jobs, lambda: jobs(n_jobs), r, data_root, JOB_TTL_S)
-        figs["shard sample"] = measure("shard sample", n_samples, lambda: shard(n_samples), r, data_root, JOB_TTL_S)
+        figs["shard sample"] = measure("shard sample", n_samples, lambda: shard(n_samples), r, data_root, JOB_TTL_S, per_record=n_samples)
     finally:
         st.stop()
         srv.stop()
@@ -234,22 +258,38 @@ def run(quick: bool) -> list[dict[str, Any]]:
     for kind, f in figs.items():
         sync_kind = kind.startswith("sync")
         goal = f"{kind}: Redis bytes left per request after its lifetime" + ("" if sync_kind else " (the 7-day tombstone, reported)")
-        rows.append({
-            "goal": goal, "figure": f["redis_bytes_after_ttl"], "target": 100 if sync_kind else 1e9, "higher_is_better": False,
-            "pass": bool(f["redis_bytes_after_ttl"] <= (100 if sync_kind else 1e9)) and (not sync_kind or (f["storage_objects_after_ttl"] == 0 and not f["left_after_ttl"]["new_keys"])),
-            "unit": "B", "details": f,
-        })
-    rows.append({"goal": "capacity: Redis MB and storage at 10/100/1000 requests/s with the default lifetimes (reported)", "figure": 0, "target": 1e9, "higher_is_better": False, "pass": True, "unit": "", "details": {"table": cap}})
+        rows.append(
+            {
+                "goal": goal,
+                "figure": f["redis_bytes_after_ttl"],
+                "target": 100 if sync_kind else 1e9,
+                "higher_is_better": False,
+                "pass": bool(f["redis_bytes_after_ttl"] <= (100 if sync_kind else 1e9)) and (not sync_kind or (f["storage_objects_after_ttl"] == 0 and not f["left_after_ttl"]["new_keys"])),
+                "unit": "B",
+                "details": f,
+            }
+        )
+    rows.append(
+        {
+            "goal": "capacity: Redis MB and storage at 10/100/1000 requests/s with the default lifetimes (reported)",
+            "figure": 0,
+            "target": 1e9,
+            "higher_is_better": False,
+            "pass": True,
+            "unit": "",
+            "details": {"table": cap},
+        }
+    )
     return rows
 
 
 def _print(figs: dict[str, dict[str, Any]], cap: list[dict[str, Any]]) -> None:
-    print("| kind | requests | Redis B/req right after | keys/req | storage B/req | objects/req | Redis B/req after TTL | keys/req after | storage objects/req after |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| kind | requests (alive right after) | Redis B/req while kept | keys/req | storage B/req | objects/req | Redis B/req after | keys/req after | storage B/req after | objects/req after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k, f in figs.items():
         print(
-            f"| {k} | {f['requests']} | {f['redis_bytes_right_after']} | {f['redis_keys_right_after']} | {f['storage_bytes_right_after']} | {f['storage_objects_right_after']} | "
-            f"{f['redis_bytes_after_ttl']} | {f['redis_keys_after_ttl']} | {f['storage_objects_after_ttl']} |"
+            f"| {k} | {f['requests']} ({f['alive_right_after']}) | {f['redis_bytes_right_after']} | {f['redis_keys_right_after']} | {f['storage_bytes_right_after']} | {f['storage_objects_right_after']} | "
+            f"{f['redis_bytes_after_ttl']} | {f['redis_keys_after_ttl']} | {f['storage_bytes_after_ttl']} | {f['storage_objects_after_ttl']} |"
         )
     print("\n| kind | req/s | lifetime | Redis MB | storage GB | objects (M) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -1,7 +1,7 @@
 """`trifecta storage`: upkeep of the blob store.
 
-    trifecta storage lifecycle [--days N] [--apply]   the S3 bucket lifecycle rule backing the janitor
-    trifecta storage sweep [--all]                    one janitor pass now (--all: list the whole store)
+trifecta storage lifecycle [--days N] [--apply]   the S3 bucket lifecycle rule backing the janitor
+trifecta storage sweep [--all]                    one janitor pass now (--all: list the whole store)
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def main(a: argparse.Namespace) -> int:
             print(f"set: objects tagged trifecta=job under s3://{store.bucket}/{store.prefix} expire after {days} day(s)")
         else:
             print(json.dumps({"Rules": [store.lifecycle_rule(days)]}, indent=2))
-            print(f"# not applied; `trifecta storage lifecycle --apply` sets it on s3://{store.bucket}, or: aws s3api put-bucket-lifecycle-configuration --bucket {store.bucket} --lifecycle-configuration file://rule.json")
+            print(
+                f"# not applied; `trifecta storage lifecycle --apply` sets it on s3://{store.bucket}, or: aws s3api put-bucket-lifecycle-configuration --bucket {store.bucket} --lifecycle-configuration file://rule.json"
+            )
         return 0
     import redis.asyncio as aioredis
 
