@@ -27,7 +27,7 @@ from tasks import jobstore, keys
 from tasks.embedded_redis import EmbeddedRedis
 from tests.conftest import make_bucket, stopped, wait_job, with_text
 
-SYNC_TTL = 2
+SYNC_TTL = 4
 BASE_ENV = {"MAX_BATCH_SIZE": "4", "BATCH_TIMEOUT_MS": "4", "INTRA_OP_THREADS": "1"}
 
 
