@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import redis
 
-from client.bench_state import growth, redis_state
+from client.bench_state import TRANSIENT, growth, redis_state
 from client.benchkit import Stack
 from storage import codecs
 from storage.blob import FileStore, S3Store
@@ -132,7 +132,8 @@ def test_redis_memory_per_answered_sync_request_is_under_100_bytes(short: Stack)
     per = (after["data"] - before["data"]) / (n_echo + n_text)
     left = growth(before, after)
     assert left == {"new_keys": [], "grown": {}}, left  # no key, set, sorted set, list, stream or hash left growing
-    assert after["keys"] == before["keys"]
+    assert set(after["per_key"]) - TRANSIENT == set(before["per_key"]) - TRANSIENT  # the same keys (the janitor's lock and kombu's in-flight hash come and go)
+    assert after["key_bytes"] - before["key_bytes"] < 20 * 1024  # the keys' own memory back where it was (registration fields vary a little)
     assert per < 100, (per, before["data"], after["data"])
     assert not any(_data(short).rglob("*.packbits"))  # and no stored mask outlived its record
 
