@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.admission import AdmissionGate
+from api.body import BodyBudget
 from api.fastpath import SyncFastPath, error_response
 from api.hub import Hub
 from api.janitor import Janitor
@@ -27,14 +29,18 @@ from api.routes import shards as _shards  # noqa: F401 - registers the `shards` 
 from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
 from api.webhooks import WebhookSender
+from tasks import logs
 from tasks.errors import TrifectaError
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger("trifecta.api")
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.setup()  # a process of `trifecta api --workers N` starts here; elsewhere the CLI did it already
+    settings.require_deployable("api")  # outside ENV=local: no API without keys
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,7 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await b.stop()
             await hub.stop()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the service itself (fastapi-offline ships the
+    # files, served under DOCS_ASSETS), not from a CDN: they work on a cluster with no internet
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="Trifecta",
         version="0.1.0",
         description="Queue-driven inference for vision models: sync masks, jobs, WebDataset shards, SAM3, V-JEPA 2, Mask2Former.",
@@ -60,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(SyncFastPath)  # innermost: POST /run_{model} without the router's overhead (api/fastpath.py)
     app.add_middleware(AdmissionGate)  # 503 for a full queue before routing (api/admission.py)
+    app.add_middleware(BodyBudget, settings=settings)  # 503 past MAX_INFLIGHT_BODY_BYTES held at once, after the key check (api/body.py)
     # API keys → tenant, and the per-tenant rate limit, before any route (api/security.py)
     app.add_middleware(TenantGate, keys=KeyRing(settings), settings=settings)
     app.add_middleware(MetricsMiddleware)  # outermost: counts 401/429 answers too (api/metrics.py)

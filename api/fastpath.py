@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.routes.sync import SYNC_MODELS, router, run_sync_endpoint
 from storage.blob import open_store
-from tasks.errors import translate
+from tasks.errors import UnknownModel, shown, translate
 
 log = logging.getLogger("trifecta.api")
 PATHS = {f"/run_{m}": m for m in SYNC_MODELS}
@@ -33,8 +33,12 @@ class SyncFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        model = PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        model = PATHS.get(path) if scope.get("method") == "POST" else None
         if model is None:
+            if path.startswith("/run_") and path not in PATHS:  # the documented 404 for a model name we do not serve
+                await unknown_model(path)(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         state = scope["app"].state  # the FastAPI app's (Starlette puts itself in the scope)
@@ -46,6 +50,11 @@ class SyncFastPath:
         except Exception as e:
             response = error_response(e)
         await response(scope, receive, send)
+
+
+def unknown_model(path: str) -> JSONResponse:
+    name = shown(path.removeprefix("/run_"))
+    return error_response(UnknownModel(f"no model {name} has a sync endpoint here; POST to one of {', '.join(PATHS)} (GET /models/info lists every model)"))
 
 
 def error_response(exc: Exception) -> JSONResponse:

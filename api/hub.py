@@ -12,6 +12,11 @@
   queue plus its live workers' private queues, each private queue also on its own) and live
   workers every POLL_S, and Redis's used memory every MEMORY_POLL_S (503 `redis_full` past
   REDIS_MEMORY_ADMIT_RATIO of its maxmemory); between polls every local enqueue counts at once.
+- A worker that left (deregistered on SIGTERM, or its registration expired: killed, host
+  lost) leaves its private queue behind: the poller watches that queue for a while (past
+  the visibility timeout, when kombu may still restore a dead worker's messages into it)
+  and hands over whatever lands there (`tasks.handoff`: moved to the shared queue, session
+  calls answered 410).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tasks import jobstore, keys
+from tasks import handoff, jobstore, keys
 from tasks.errors import BrokerUnavailable, NoWorker, Overloaded, SyncTimeout, TrifectaError, is_redis_oom, redis_full
 from tasks.models import MODEL_NAMES
 from tasks.schemas import InferRequest
@@ -74,6 +80,9 @@ class Hub:
         self._cancel_lua = self.redis.register_script(jobstore.CANCEL_LUA)
         self.memory: dict[str, Any] = {"used": 0, "max": 0, "policy": "", "at": 0.0}  # Redis's INFO memory, every MEMORY_POLL_S
         self.counters: dict[str, int] = {"rejected_503": 0, "timeouts_504": 0}
+        self.orphans: dict[str, tuple[str, str, float]] = {}  # private queue of a worker that left -> (model, worker id, watched until)
+        self._handing: dict[str, asyncio.Task[None]] = {}
+        self._sync_redis: redis.Redis | None = None  # for tasks.handoff, in a thread (rare: a worker left)
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -86,9 +95,10 @@ class Hub:
             log.warning("Redis at %s is not answering yet; the API answers 503 until it does", self.settings.redis_url)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._handing.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.redis.aclose()
 
     async def _listen(self) -> None:
@@ -154,15 +164,18 @@ class Hub:
         more small pipeline (once per worker, not per poll).
         """
         known = sorted(self.private_depth)
+        orphans = sorted(self.orphans)
         pipe = self.redis.pipeline(transaction=False)
         for m in MODEL_NAMES:
             pipe.llen(keys.shared_queue(m))
-        for q in known:
+        for q in known + orphans:
             pipe.llen(q)
         pipe.smembers(keys.WORKERS)
         res = await pipe.execute()
         depths, ids = res[: len(MODEL_NAMES)], sorted(x.decode() for x in res[-1])
-        lengths = dict(zip(known, (int(x) for x in res[len(MODEL_NAMES) : -1]), strict=True))
+        lens = [int(x) for x in res[len(MODEL_NAMES) : -1]]
+        lengths = dict(zip(known, lens[: len(known)], strict=True))
+        waiting = dict(zip(orphans, lens[len(known) :], strict=True))
         pipe = self.redis.pipeline(transaction=False)
         for wid in ids:
             pipe.hgetall(keys.worker(wid))
@@ -190,6 +203,7 @@ class Hub:
             lengths.update(zip(new, (int(x) for x in await pipe.execute()), strict=True))
         if gone:
             await self.redis.srem(keys.WORKERS, *gone)
+        self._watch_left(private, gone, waiting)
         depth = dict(zip(MODEL_NAMES, (int(x) for x in depths), strict=True))
         for q, m in private.items():  # a dead worker's private queue is nobody's backlog: not counted
             depth[m] = depth.get(m, 0) + lengths[q]
@@ -217,6 +231,33 @@ class Hub:
             return redis_full("it refused a write at its maxmemory")
         self.redis_ok = False
         return BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"})
+    def _watch_left(self, private: dict[str, str], gone: list[str], waiting: dict[str, int]) -> None:
+        """Private queues of workers that left (since the last poll, or found expired) are watched
+        for `2 × VISIBILITY_TIMEOUT_S + 10` s; whatever waits on one is handed over."""
+        now = time.monotonic()
+        until = now + 2 * self.settings.visibility_timeout_s + 10
+        for ws in self.workers.values():  # the previous poll's workers
+            for w in ws:
+                if len(w.queues) > 1 and w.queues[1] and w.queues[1] not in private:
+                    self.orphans[w.queues[1]] = (w.model, w.id, until)
+        for wid in gone:  # expired before this process ever saw it: its model is unknown, try each
+            for m in MODEL_NAMES:
+                self.orphans.setdefault(keys.private_queue(m, wid), (m, wid, until))
+        for q, (m, wid, t) in list(self.orphans.items()):
+            if q in private or t < now:  # a worker of that name is back (it consumes its queue again), or watched long enough
+                del self.orphans[q]
+            elif waiting.get(q) and q not in self._handing:
+                self._handing[q] = asyncio.create_task(self._hand_over(q, m, wid))
+
+    async def _hand_over(self, queue: str, model: str, worker_id: str) -> None:
+        try:
+            if self._sync_redis is None:
+                self._sync_redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+            await asyncio.to_thread(handoff.hand_over, self._sync_redis, model, worker_id)
+        except (RedisError, OSError) as e:
+            log.warning("handing over %s failed (%s); retried at the next poll", queue, e)
+        finally:
+            self._handing.pop(queue, None)
 
     # -- admission (no I/O) ----------------------------------------------------
     def live(self, model: str) -> list[WorkerInfo]:
@@ -251,7 +292,7 @@ class Hub:
         """
         self.check_broker()
         workers = self.workers.get(model)
-        if not workers:
+        if not workers and not self.settings.queue_without_workers:
             raise NoWorker(f"no live worker serves {model!r}; start one with `trifecta worker --model {model}`", headers={"Retry-After": "5"})
         if n <= 0:
             return
@@ -260,7 +301,7 @@ class Hub:
         if waiting + n > limit:
             self.counters["rejected_503"] += 1
             raise Overloaded(f"the {model!r} queue is full ({waiting} waiting, MAX_QUEUE_DEPTH={limit}); retry after a moment", headers={"Retry-After": "1"})
-        if queue is not None and queue in self.private_depth:
+        if queue is not None and queue in self.private_depth and workers:
             share = -(-limit // len(workers))
             mine = self.private_depth[queue]
             if mine + n > share:
@@ -312,6 +353,10 @@ class Hub:
             raise self.redis_failed(e) from None
         if self.memory["max"]:  # counted until the next INFO poll, so a burst cannot run far past REDIS_MEMORY_ADMIT_RATIO
             self.memory["used"] += added
+        for q in reqs:  # a job's first state change; a sync request's at DEBUG (the worker logs each one it answers)
+            level = logging.INFO if q.kind == "job" else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(level, "job=%s model=%s tenant=%s kind=%s status=queued", q.id, q.model, q.tenant, q.kind, extra={"job_id": q.id, "model": q.model, "tenant": q.tenant, "kind": q.kind, "status": "queued"})
 
     async def run_sync(self, reqs: list[InferRequest], timeout_s: float, queue: str | None = None) -> list[dict[str, Any]]:
         """Submit (to `queue`, default the model's shared queue) and wait for every request; 504 (with the job ids) past the timeout."""
@@ -396,7 +441,9 @@ class Hub:
 
     async def cancel(self, job_id: str) -> str:
         r = await self._cancel_lua(keys=[keys.job(job_id)], args=[jobstore.now()])
-        return r.decode() if isinstance(r, bytes) else r
+        st = r.decode() if isinstance(r, bytes) else r
+        log.info("job=%s cancel asked: status=%s", job_id, st, extra={"job_id": job_id, "status": st})
+        return st
 
 
 def new_job_id() -> str:

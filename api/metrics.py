@@ -219,6 +219,7 @@ def _worker_metrics(workers: list[Any]) -> Iterable[Metric]:
     batches = CounterMetricFamily("trifecta_worker_batches", "Batches (model calls) a worker ran since it started.", labels=lab)
     dropped = CounterMetricFamily("trifecta_worker_dropped_expired", "Requests dropped unrun because their deadline passed while queued.", labels=lab)
     rss = GaugeMetricFamily("trifecta_worker_rss_bytes", "Resident memory of a worker process.", labels=lab)
+    mem_limit = GaugeMetricFamily("trifecta_worker_memory_limit_bytes", "Memory a worker may use: the smaller of WORKER_MAX_MEMORY_MB and its container's limit; 0 = none.", labels=lab)
     gpu = GaugeMetricFamily("trifecta_worker_gpu_memory_bytes", "Device memory allocated by a worker on its GPU (GPU workers only).", labels=lab)
     age = GaugeMetricFamily("trifecta_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat.", labels=lab)
     hits = CounterMetricFamily("trifecta_cache_hits", "Cache hits of a worker's caches (e.g. SAM3 image features).", labels=[*lab, "cache"])
@@ -237,6 +238,7 @@ def _worker_metrics(workers: list[Any]) -> Iterable[Metric]:
         failed.add_metric(v, w.failed)
         batches.add_metric(v, _int(raw.get("batches")))
         rss.add_metric(v, w.rss_mb * 1e6)
+        mem_limit.add_metric(v, float(raw.get("memory_limit_mb") or 0) * 1e6)
         age.add_metric(v, max(0.0, now - w.heartbeat))
         if w.device.startswith("cuda"):
             gpu.add_metric(v, w.gpu_memory_mb * 1e6)
@@ -249,7 +251,7 @@ def _worker_metrics(workers: list[Any]) -> Iterable[Metric]:
         for cache, st in _caches(w.info).items():
             hits.add_metric([*v, cache], st[0])
             misses.add_metric([*v, cache], st[1])
-    yield from (in_flight, processed, failed, batches, dropped, rss, gpu, age, hits, misses, *hists.values())
+    yield from (in_flight, processed, failed, batches, dropped, rss, mem_limit, gpu, age, hits, misses, *hists.values())
 
 
 def _loads(s: str | None) -> dict[str, Any]:

@@ -2,10 +2,14 @@
 
 - `API_KEYS` (`key1:tenantA,key2:tenantB`) and `API_KEYS_FILE` (`key:tenant` lines, `#` comment lines)
   map keys to tenants. Once either is set, every request except the ops endpoints `/health`,
-  `/metrics` and `/ping` (those too with `PROTECT_OPS_ENDPOINTS=true`) and `GET /` (the results
-  page's shell, which asks for a key and sends it on each API call; no tenant data) must carry
-  a key, as `Authorization: Bearer KEY` or `X-API-Key: KEY`, or gets 401 (unknown routes too,
-  so they do not reveal what exists). A set but empty key file fails closed (every request 401).
+  `/metrics` and `/ping` (those too with `PROTECT_OPS_ENDPOINTS=true`) and a browser's `GET /`
+  (the results page's shell, asked for with `Accept: text/html`, which asks for a key and
+  sends it on each API call; no tenant data) must carry a key, as `Authorization: Bearer KEY`
+  or `X-API-Key: KEY`, or gets 401 (unknown routes and the JSON index at `GET /` too, so they
+  do not reveal what exists). A set but empty key file fails closed (every request 401).
+- API_KEYS_FILE is re-read within a second of a change. A deleted or unreadable file gives
+  no keys from it (logged at error level) until it is back: deleting the file revokes its
+  keys. A file that no longer parses keeps the keys loaded before (also logged).
   The tenant lands in `request.state.tenant`, which `api.deps.TenantDep` reads; job records,
   job indexes, idempotency keys and storage keys are all namespaced by it.
 - Keys are compared in constant time: the SHA-256 of the presented key against the SHA-256 of
@@ -84,10 +88,16 @@ class KeyRing:
                 self._mtime = os.stat(self.file).st_mtime
                 with open(self.file, encoding="utf-8") as f:
                     keys.update(parse_keys(f.read(), "API_KEYS_FILE"))
-            except (OSError, ValueError) as e:
+            except OSError as e:
                 if strict:
                     raise ValueError(f"API_KEYS_FILE {self.file}: {e}") from e
-                log.error("API_KEYS_FILE %s could not be re-read (%s); keeping the keys loaded before", self.file, e)
+                # fail closed: a deleted or unreadable file gives no keys (API_KEYS stay) until it is back
+                log.error("API_KEYS_FILE %s is gone or unreadable (%s); none of its keys are accepted until it is back", self.file, e)
+                self._mtime = None if isinstance(e, FileNotFoundError) else self._mtime
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"API_KEYS_FILE {self.file}: {e}") from e
+                log.error("API_KEYS_FILE %s could not be parsed (%s); keeping the keys loaded before", self.file, e)
                 return
         self._digests = [(hashlib.sha256(k.encode()).digest(), t) for k, t in keys.items()]
 
@@ -97,9 +107,11 @@ class KeyRing:
             return
         self._checked = now
         try:
-            mtime = os.stat(self.file).st_mtime
+            mtime: float | None = os.stat(self.file).st_mtime
+        except FileNotFoundError:
+            mtime = None  # deleted: its keys are revoked (and a file put back is read again)
         except OSError:
-            return
+            mtime = -1.0  # unreadable: _load logs it and drops the file's keys
         if mtime != self._mtime:
             self._load(strict=False)
 
@@ -160,7 +172,8 @@ class TenantGate:
             await self.app(scope, receive, send)
             return
         ops = scope["path"] in OPS_PATHS
-        page = scope["path"] == "/" and scope.get("method") in ("GET", "HEAD")
+        # the results page's HTML shell only: `GET /` for JSON (or */*) lists every route, so it needs a key
+        page = scope["path"] == "/" and scope.get("method") in ("GET", "HEAD") and _wants_html(scope)
         tenant = "default"
         if self.keys.enabled and not page and (self.protect_ops or not ops):
             found = self.keys.tenant(presented_key(scope))
@@ -178,6 +191,14 @@ class TenantGate:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["tenant"] = tenant
         await self.app(scope, receive, send)
+
+
+def _wants_html(scope: Scope) -> bool:
+    """A browser's navigation: its Accept names text/html (curl, httpx and the SDK send */* or JSON)."""
+    for k, v in scope.get("headers", []):
+        if k == b"accept":
+            return b"text/html" in v.lower()
+    return False
 
 
 async def _reject(err: TrifectaError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -3,8 +3,8 @@
 One shard of 500 real photos (60 with --quick; PNG and JPEG at their own sizes, cycled
 from ../shared/data/images) goes through `POST /v1/jobs` to one textmask worker; the
 figure is its images/s (submit → `succeeded`, manifest written) over the raw model's
-images/s: `session.run` on prepared tensors at the same input size, batch size and
-intra-op threads, measured in the same run just before and after the job (averaged, so
+images/s: `session.run` on prepared tensors at the same input sizes (RapidOCR's sizing
+of each photo, one call per image as a CPU worker makes them) and intra-op threads, measured in the same run just before and after the job (averaged, so
 drift cancels). The main row gives the model one of the cores and leaves the rest to
 decode/encode (the configuration a CPU shard worker should run); a reported row gives
 the model every core, where decode and the model compete for the same CPU.
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from client.benchkit import Stack
 from tasks.embedded_redis import EmbeddedRedis
@@ -46,24 +45,27 @@ def build_shard(path: Path, n: int) -> None:
             tf.addfile(ti, io.BytesIO(data))
 
 
-def raw_rate(runner: Any, batch: int, seconds: float) -> float:
-    """images/s of `session.run` on a prepared batch (the photos, preprocessed once)."""
-    from tasks.images import decode_rgb
+def raw_rate(runner: Any, seconds: float) -> float:
+    """images/s of `session.run` on the photos' prepared tensors (preprocessed once). Each image
+    has its own shape (RapidOCR's sizing), so each runs alone, as a CPU worker runs them
+    (a stacked call of one shape measured slower per image on a CPU)."""
+    from workers.runners.base import Item
 
-    xs = [runner.preprocess(decode_rgb(d, 1 << 30))[0] for _, d in _images()]
-    xb = np.stack([xs[i % len(xs)] for i in range(batch)])
-    runner.raw_call(xb)
+    xs = [runner.prepare(Item(req=None, data=d)).x[None] for _, d in _images()]  # type: ignore[arg-type]
+    for x in xs:
+        runner.raw_call(x)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or n < 3:
-        runner.raw_call(xb)
+        for x in xs:
+            runner.raw_call(x)
         n += 1
-    return n * batch / (time.perf_counter() - t0)
+    return n * len(xs) / (time.perf_counter() - t0)
 
 
 def one(tmp: Path, redis: EmbeddedRedis, db: int, samples: int, threads: int, quick: bool) -> dict[str, Any]:
     from tasks.settings import Settings
     from workers.device import Device
-    from workers.runners.onnxseg import OnnxSegRunner
+    from workers.runners.textdet import TextDetRunner
 
     shard_dir = tmp / "shards"
     shard_dir.mkdir(exist_ok=True)
@@ -78,11 +80,11 @@ def one(tmp: Path, redis: EmbeddedRedis, db: int, samples: int, threads: int, qu
         st.start_worker("textmask", f"bench-{threads}")
         st.start_api()
         st.wait_live("textmask")
-        runner = OnnxSegRunner("textmask", Settings(model_dir=str(ROOT / "models")), Device("cpu", 0, None, threads))
+        runner = TextDetRunner("textmask", Settings(model_dir=str(ROOT / "models")), Device("cpu", 0, None, threads))
         runner.load()
         runner.warmup()
         secs = 3 if quick else 6
-        before = raw_rate(runner, BATCH, secs)
+        before = raw_rate(runner, secs)
         # a warm-up job so the worker's first-call costs are not counted
         w = httpx.post(st.url + "/v1/jobs", json={"model": "textmask", "input": {"shards": [f"file://{warm}"]}}, timeout=30)
         _wait(st.url, w.json()["job_id"], 120)
@@ -91,7 +93,7 @@ def one(tmp: Path, redis: EmbeddedRedis, db: int, samples: int, threads: int, qu
         r.raise_for_status()
         job = _wait(st.url, r.json()["job_id"], 1200)
         wall = time.perf_counter() - t0
-        after = raw_rate(runner, BATCH, secs)
+        after = raw_rate(runner, secs)
     finally:
         st.stop()
     if job["status"] != "succeeded" or job["progress"]["samples_done"] != samples:

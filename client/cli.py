@@ -11,8 +11,23 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 log = logging.getLogger("trifecta.cli")
+# the commands that talk to a running service as a client: quiet by default (warnings only, no
+# httpx request lines), a user mistake is one line on stderr and exit status 2
+CLIENT_COMMANDS = ("submit", "status", "fetch", "cancel", "overlay")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a missing file, an output the command cannot write): one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake on one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _settings() -> Any:
@@ -26,7 +41,9 @@ def cmd_api(a: argparse.Namespace) -> int:
     import uvicorn
 
     s = _settings()
-    common: dict[str, Any] = dict(host=a.host, port=a.port or s.api_port, loop="uvloop", http="httptools", log_level=a.log_level.lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
+    common: dict[str, Any] = dict(host=a.host, port=a.port or s.api_port, loop="uvloop", http="api.server:GuardedHttpToolsProtocol", log_level=_log_level(a).lower(), access_log=False, timeout_keep_alive=30, backlog=4096)
+    if s.log_format == "json":  # uvicorn's own lines go to the root logger's JSON handler, not its text one
+        common["log_config"] = None
     if a.workers > 1:
         # several processes: prometheus-client keeps their counters in files under
         # PROMETHEUS_MULTIPROC_DIR and any process's /metrics adds them all up; the
@@ -49,12 +66,14 @@ def cmd_api(a: argparse.Namespace) -> int:
 def cmd_flower(a: argparse.Namespace) -> int:
     """Flower on the same broker; FLOWER_BASIC_AUTH travels in the environment (never on the command line)."""
     s = _settings()
+    s.require_deployable("flower")  # outside ENV=local: no Flower without FLOWER_BASIC_AUTH
     env = dict(os.environ, CELERY_BROKER_URL=s.redis_url)
     if s.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth
     # Flower turns on per-task events in every worker unless told not to: follow TASK_EVENTS
-    # (workers, queues and heartbeats show either way; the task list needs TASK_EVENTS=true)
-    argv = [sys.executable, "-m", "celery", "flower", f"--port={a.port or s.flower_port}", f"--address={a.host}", f"--enable_events={s.task_events}"]
+    # (workers, queues and heartbeats show either way; the task counts and list need TASK_EVENTS=true).
+    # Our app (tasks/flower_app.py) declares every model's queue, so the Broker page lists them.
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.flower_app", "flower", f"--port={a.port or s.flower_port}", f"--address={a.host}", f"--enable_events={s.task_events}"]
     os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover - execve does not return
 
@@ -62,7 +81,7 @@ def cmd_flower(a: argparse.Namespace) -> int:
 def cmd_worker(a: argparse.Namespace) -> int:
     from workers.service import run_worker
 
-    run_worker(a.model, a.device, a.name, _settings(), loglevel=a.log_level.upper())
+    run_worker(a.model, a.device, a.name, _settings(), loglevel=_log_level(a))
     return 0
 
 
@@ -148,13 +167,20 @@ def cmd_submit(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    c = _client(a)
-    params = json.loads(a.params) if a.params else {}
+    try:
+        params = json.loads(a.params) if a.params else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--params is not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise UserError('--params must be a JSON object, e.g. \'{"format": "png"}\'')
     if a.format:
         params["format"] = a.format
     if not a.files and not a.shards:
-        print("error: give image files and/or --shards", file=sys.stderr)
-        return 2
+        raise UserError("give image files and/or --shards")
+    for f in a.files:  # every file before any job is submitted: a typo submits nothing
+        if not Path(f).is_file():
+            raise UserError(f"{f}: no such file" if not Path(f).exists() else f"{f}: not a file")
+    c = _client(a)
     jobs = []
     if a.shards:
         jobs.append(c.submit_shards(a.model, a.shards, params, a.idempotency_key, a.callback_url))
@@ -187,6 +213,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
     human = []
     for st in final:
         outs = ((st.get("result") or {}).get("outputs")) or []
+        for o in outs:  # the service gives a path on itself (or a presigned URL): absolute, to paste anywhere
+            if o.get("url"):
+                o["url"] = urljoin(c.url + "/", o["url"])
         where = ", ".join(o.get("url", o["path"]) for o in outs)
         human.append(f"{st['job_id']} {st['status']} {where}{' ' + json.dumps(st['error']) if st.get('error') else ''}")
     _out(a, final, "\n".join(human))
@@ -218,10 +247,24 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_fetch(a: argparse.Namespace) -> int:
-    c = _client(a)
-    data = c.fetch(a.job_id, a.key)
-    Path(a.output).write_bytes(data)
-    _out(a, {"job_id": a.job_id, "output": a.output, "bytes": len(data)}, f"wrote {len(data)} bytes to {a.output}")
+    """The output as stored, or, for `-o NAME.png`, the mask as a PNG whatever it was stored as."""
+    out = Path(a.output)
+    if out.parent and not out.parent.is_dir():
+        raise UserError(f"{a.output}: the directory {out.parent} does not exist")
+    got = _client(a).fetch_output(a.job_id, a.key)
+    data, fmt = got.data, got.format
+    if out.suffix.lower() == ".png" and fmt != "png":
+        from storage import codecs
+
+        if fmt not in ("packbits", "rle"):
+            raise UserError(f"the output is {fmt or got.content_type} (not a mask): it cannot be written as a PNG; use another file name than {a.output}")
+        try:
+            data = codecs.encode_png(codecs.decode(data, fmt))
+        except Exception as e:  # an `rle` document of several objects (SAM3 instances) is not one mask
+            raise UserError(f"the output is not a single {fmt} mask ({type(e).__name__}): it cannot be written as a PNG; use another file name than {a.output}") from None
+        fmt = "png"
+    out.write_bytes(data)
+    _out(a, {"job_id": a.job_id, "output": a.output, "bytes": len(data), "format": fmt}, f"wrote {len(data)} bytes ({fmt}) to {a.output}")
     return 0
 
 
@@ -248,8 +291,9 @@ def cmd_overlay(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tasks.models import MODEL_NAMES
 
-    p = argparse.ArgumentParser(prog="trifecta", description=__doc__)
-    p.add_argument("--log-level", default="INFO")
+    p = Parser(prog="trifecta", description=__doc__)
+    p.add_argument("--log-level", default=None, help="INFO for the service commands; client commands log warnings only unless -v")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="client commands: log requests (-v) and more (-vv); any error with its traceback")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("up", help="start Redis (if needed), one worker per model, the API and Flower; Ctrl-C stops all")
@@ -291,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     s.add_argument("--only", default=None, help="comma-separated sections")
     s.add_argument("--output", default="bench.json")
+    s.add_argument("--device", default=None, help="device of the in-process torch section (cpu or cuda:N)")
+    s.add_argument("--note", default=None, help="a line saying how this run was made, kept in bench.json and shown above the docs' table")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("storage", help="storage upkeep: `lifecycle [--apply]` prints (sets) the S3 lifecycle rule backing the janitor; `sweep [--all]` runs one janitor pass")
@@ -306,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     def client_args(x: argparse.ArgumentParser) -> None:
         x.add_argument("--url", default=None, help="server URL (TRIFECTA_URL)")
         x.add_argument("--api-key", default=None, help="API key (TRIFECTA_API_KEY)")
-        x.add_argument("--json", action="store_true", help="machine-readable output")
+        x.add_argument("--json", action="store_true", help="machine-readable output: stdout holds only JSON (errors too)")
+        x.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log each request; show tracebacks")
 
     s = sub.add_parser("submit", help="submit images (or --shards) as jobs")
     s.add_argument("files", nargs="*")
@@ -328,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fetch", help="download a job's output")
     s.add_argument("job_id")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-o", "--output", required=True, help="file to write; a name ending in .png gets the mask as a PNG whatever format it was stored in")
     s.add_argument("--key", default=None)
     client_args(s)
     s.set_defaults(fn=cmd_fetch)
@@ -342,31 +389,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image")
     s.add_argument("mask")
     s.add_argument("-o", "--output", default="overlay.png")
+    s.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="show tracebacks")
     s.set_defaults(fn=cmd_overlay)
     return p
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    if args.log_level:
+        return args.log_level.upper()
+    if args.cmd in CLIENT_COMMANDS:
+        return "DEBUG" if args.verbose > 1 else "INFO" if args.verbose else "WARNING"
+    return "INFO"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from tasks import logs
+
+    logs.setup(_log_level(args))  # text, or JSON lines with LOG_FORMAT=json (tasks/logs.py)
+    if not args.verbose:  # httpx logs every request at INFO: noise in a terminal and in the service logs
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from client.sdk import TrifectaClientError
+        if args.cmd not in CLIENT_COMMANDS or args.verbose:
+            raise
+        return _report(args, e)
 
+
+def _report(args: argparse.Namespace, e: Exception) -> int:
+    """A client command's failure as one line on stderr (and, with --json, one JSON object on stdout)."""
+    import httpx
+
+    from client.sdk import TrifectaClientError
+
+    status: int | None = None
+    if isinstance(e, TrifectaClientError):
+        body = e.body if isinstance(e.body, dict) and isinstance(e.body.get("error"), dict) else {"error": {"code": "http_error", "message": str(e.body)}}
+        status, code, msg = e.status, body["error"].get("code", "http_error"), str(e)
+    elif isinstance(e, httpx.TransportError):
+        url = getattr(args, "url", None) or os.environ.get("TRIFECTA_URL") or "http://127.0.0.1:8080"
+        code, msg = "unreachable", f"cannot reach {url} ({e or type(e).__name__}); is `trifecta up` running there? (--url / TRIFECTA_URL)"
+    elif isinstance(e, UserError):
+        code, msg = "usage", str(e)
+    elif isinstance(e, OSError):  # a file that is missing, unreadable or not an image
+        code, msg = "file", f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    else:
+        print(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+    msg = " ".join(msg.split())  # one line, whatever the server or the OS said
+    print(f"error: {msg}", file=sys.stderr)
+    if getattr(args, "json", False):  # scripts get the error on stdout too, as JSON
+        out: dict[str, Any] = {"error": {"code": code, "message": msg}}
         if isinstance(e, TrifectaClientError):
-            print(f"error: {e}", file=sys.stderr)
-            if getattr(args, "json", False):  # scripts get the service's error body on stdout too
-                print(json.dumps({"status": e.status, **(e.body if isinstance(e.body, dict) else {"error": {"message": str(e.body)}})}, indent=2))
-            return 2
-        import httpx
-
-        if isinstance(e, httpx.TransportError):
-            print(f"error: cannot reach {getattr(args, 'url', None) or os.environ.get('TRIFECTA_URL') or 'http://127.0.0.1:8080'} ({e})", file=sys.stderr)
-            return 3
-        raise
+            out = {"status": status, **body}
+        print(json.dumps(out, indent=2))
+    return 2
 
 
 if __name__ == "__main__":

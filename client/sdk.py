@@ -54,6 +54,15 @@ class TrifectaClientError(RuntimeError):
 
 # ---------------------------------------------------------------- typed results
 @dataclass
+class Fetched:
+    """A job's output as stored: its bytes, format (`X-Mask-Format`) and content type."""
+
+    data: bytes
+    format: str | None
+    content_type: str
+
+
+@dataclass
 class Timing:
     queue_ms: float | None = None
     model_ms: float | None = None
@@ -278,6 +287,10 @@ class _Calls:
         return _Call("GET", f"/v1/jobs/{job_id}/result", lambda r: r.content, {"params": {"key": key} if key else None})
 
     @staticmethod
+    def fetch_output(job_id: str, key: str | None = None) -> _Call[Fetched]:
+        return _Call("GET", f"/v1/jobs/{job_id}/result", lambda r: Fetched(r.content, r.headers.get("x-mask-format"), r.headers.get("content-type", "")), {"params": {"key": key} if key else None})
+
+    @staticmethod
     def fetch_mask(job_id: str, key: str | None = None) -> _Call[np.ndarray]:
         return _Call("GET", f"/v1/jobs/{job_id}/result", lambda r: codecs.decode(r.content, r.headers.get("x-mask-format", "packbits")), {"params": {"key": key} if key else None})
 
@@ -481,6 +494,10 @@ class Client:
     def fetch(self, job_id: str, key: str | None = None) -> bytes:
         return self._do(_Calls.fetch(job_id, key))
 
+    def fetch_output(self, job_id: str, key: str | None = None) -> Fetched:
+        """A job's output bytes with the format the service stored it in (`packbits`, `png`, `rle`, `json` …)."""
+        return self._do(_Calls.fetch_output(job_id, key))
+
     def fetch_mask(self, job_id: str, key: str | None = None) -> np.ndarray:
         return self._do(_Calls.fetch_mask(job_id, key))
 
@@ -644,6 +661,9 @@ class AsyncClient:
 
     async def fetch(self, job_id: str, key: str | None = None) -> bytes:
         return await self._do(_Calls.fetch(job_id, key))
+
+    async def fetch_output(self, job_id: str, key: str | None = None) -> Fetched:
+        return await self._do(_Calls.fetch_output(job_id, key))
 
     async def fetch_mask(self, job_id: str, key: str | None = None) -> np.ndarray:
         return await self._do(_Calls.fetch_mask(job_id, key))

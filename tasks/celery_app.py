@@ -10,7 +10,10 @@ kombu restores it after VISIBILITY_TIMEOUT_S (checked every 2 s).
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Exchange, Queue
 
+from tasks import keys
+from tasks.models import MODELS
 from tasks.settings import Settings
 
 
@@ -24,6 +27,10 @@ def make_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_default_queue="default",
+        # every model's shared queue, declared as a worker would create it: Flower lists these (with
+        # their depths) when no worker is up to name its active queues; a worker's private queue
+        # `<model>.<worker-id>` is created when it starts and listed by Flower from then on
+        task_queues=[Queue(q, Exchange(q), routing_key=q) for q in (keys.shared_queue(m) for m in MODELS)],
         worker_hijack_root_logger=False,
         worker_send_task_events=settings.task_events,
         worker_cancel_long_running_tasks_on_connection_loss=False,

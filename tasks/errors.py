@@ -22,6 +22,7 @@ so a worker-side 422 reaches the client as a 422.
     ├── Unprocessable (422 unprocessable)
     │   └── UndecodableImage (422 undecodable_image)
     ├── RateLimited (429 rate_limited)
+    │   └── QuotaExceeded (429 quota_exceeded)
     ├── ModelError (500 model_error)
     ├── DeadLettered (500 dead_lettered)
     ├── Overloaded (503 overloaded)
@@ -33,12 +34,20 @@ so a worker-side 422 reaches the client as a 422.
 
 Messages quote user input only through `shown(value)`, which caps the quote at 100
 characters, so a hostile value never comes back (or into a job record) at full size.
+
+An exception that is none of these (a bug) never shows its text: `translate` logs it with
+its traceback and a reference, and the client (or the job record) gets `internal` with
+that reference only.
 """
 
 from __future__ import annotations
 
+import logging
 import reprlib
+import uuid
 from typing import Any
+
+log = logging.getLogger("trifecta.errors")
 
 
 class TrifectaError(Exception):
@@ -159,6 +168,12 @@ class RateLimited(TrifectaError):
     status, code = 429, "rate_limited"
 
 
+class QuotaExceeded(RateLimited):
+    """A tenant holding all it may at once (MAX_SESSIONS_PER_TENANT video sessions)."""
+
+    code = "quota_exceeded"
+
+
 class ModelError(TrifectaError):
     """The model failed on an input."""
 
@@ -277,4 +292,12 @@ def translate(exc: BaseException) -> TrifectaError:
         err = cls(str(getattr(exc, "detail", "") or exc))
         err.status = status
         return err
-    return TrifectaError(f"{type(exc).__name__}: {exc}")
+    return internal(exc)
+
+
+def internal(exc: BaseException, what: str = "an internal error", cls: type[TrifectaError] = TrifectaError) -> TrifectaError:
+    """A 500 that names a log reference, never the exception's text (which may quote paths,
+    keys or another tenant's data); the exception and its traceback go to the log."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s (ref %s): %s: %s", what, ref, type(exc).__name__, exc, exc_info=exc)
+    return cls(f"{what} occurred (ref {ref}); the details are in the server's log")

@@ -61,7 +61,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if w * h > max_pixels:
         raise ImageTooLarge(f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} (MAX_IMAGE_PIXELS)")
     if im.format == "JPEG":
-        check_jpeg_scans(data)
+        check_jpeg_cost(data, w, h)
     return im
 
 
@@ -69,39 +69,69 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 # grey). Every scan walks every block of the image, so a small file of thousands of scans
 # (EOB runs cost no bytes) keeps libjpeg-turbo busy for minutes (LJT-01-003 in its
 # "Two Issues with the JPEG Standard"). Neither Pillow nor simplejpeg caps scans, so the
-# SOS markers are counted here before any decode.
+# SOS markers are counted here before any decode, and the decode's cost (pixels x scans)
+# is held to MAX_JPEG_SCAN_PIXELS: about 2 s of one core per 1e9 measured here.
 MAX_JPEG_SCANS = 100
-_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in entropy-coded data FF is stuffed (FF00) or RSTn
+# A marker as libjpeg's next_marker() finds one: any bytes that are not FF are skipped (it
+# only warns "extraneous bytes before marker"), then any run of FF fill bytes, then a code
+# byte that is not 00 (FF00 is a stuffed byte in entropy-coded data). Pillow's header
+# parser skips junk the same way, so a counter that stopped at the first non-FF byte
+# between segments could be bypassed with one byte.
+_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff])")
 
 
 def check_jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
-    """The number of scans (SOS markers) of a JPEG, walking its segments; 422 past `limit`.
+    """The number of scans (SOS markers) of a JPEG, walking its segments as the decoder does; 422 past `limit`.
 
-    Segment payloads (EXIF thumbnails included) are skipped by their length, entropy-coded
-    data by searching for the next marker. A structure that breaks stops the count (the
-    decoder reports it), so this never refuses a file the decoder would read with few scans.
+    Segment payloads (EXIF thumbnails included) are skipped by their length; junk bytes
+    between segments and entropy-coded data are skipped by searching for the next marker
+    (RSTn markers inside a scan carry no length and are stepped over). A structure that
+    breaks stops the count (the decoder reports it).
     """
     i, n, scans = 2, len(data), 0
-    while i + 4 <= n and data[i] == 0xFF:
-        m = data[i + 1]
-        if m == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
+    while i < n:
+        hit = _NEXT_MARKER.search(data, i)
+        if hit is None:
+            break
+        m, i = hit.group(1)[0], hit.end()
         if m == 0xD9:  # EOI
             break
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-            i += 2
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # TEM, RSTn, SOI: no length
             continue
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if i + 2 > n:
+            break
+        length = int.from_bytes(data[i : i + 2], "big")
+        if length < 2:
+            break
+        i += length
         if m == 0xDA:
             scans += 1
             if scans > limit:
                 raise UndecodableImage(f"the JPEG has more than {limit} scans (a progressive JPEG has about 10); refused before decoding, as so many scans can take minutes to decode")
-            hit = _MARKER_AFTER_SCAN.search(data, i)
-            if hit is None:
-                break
-            i = hit.start()
     return scans
+
+
+def _scan_pixels_budget() -> int:
+    from tasks.settings import get_settings
+
+    return get_settings().max_jpeg_scan_pixels
+
+
+def check_jpeg_cost(data: bytes, w: int, h: int, budget: int | None = None) -> int:
+    """pixels x scans of a JPEG's decode (its CPU cost); 422 past MAX_JPEG_SCANS, 413 past the budget."""
+    scans = check_jpeg_scans(data)
+    budget = _scan_pixels_budget() if budget is None else budget
+    if w * h * max(1, scans) > budget:
+        raise ImageTooLarge(
+            f"decoding this {w}x{h} JPEG of {scans} scans would walk {w * h * scans} pixel-scans; the limit is {budget} (MAX_JPEG_SCAN_PIXELS). Re-encode it as a baseline JPEG or with fewer scans"
+        )
+    return scans
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image opened lazily (no pixel decoded yet) after every check `probe` makes: for a
+    decoder that needs the image's own mode (alpha, grey) rather than `decode_rgb`'s RGB."""
+    return _open(data, max_pixels)
 
 
 def probe(data: bytes, max_pixels: int) -> tuple[str, int, int]:

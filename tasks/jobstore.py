@@ -106,6 +106,21 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
 return 'detached'
 """
 
+# KEYS[1]=job ARGV[1]=worker id
+# A worker leaving (SIGTERM) gives back a message it received but never ran: the START made at
+# receive is undone (the delivery is not counted against MAX_DELIVERIES, the job reads queued
+# again), unless another worker has started it meanwhile.
+UNSTART_LUA = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or cjson.decode(st) ~= 'running' then return 0 end
+local n = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if n > 0 then redis.call('HSET', KEYS[1], 'attempts', n - 1) end
+redis.call('HSET', KEYS[1], 'status', '"queued"')
+redis.call('HDEL', KEYS[1], 'started_at', 'worker')
+return 1
+"""
+
 # KEYS[1]=job ARGV[1]=now
 CANCEL_LUA = """
 local st = redis.call('HGET', KEYS[1], 'status')

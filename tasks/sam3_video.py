@@ -1,8 +1,10 @@
 """SAM3 video sessions: the contract between the API routes and the workers holding sessions.
 
 A session lives on one worker (its decoded frames and tracking state stay in that
-process). The API records `tf:session:<id>` → {worker, queue, tenant, upload} in Redis
-with a TTL and sends every call for the session to that worker's private queue as one
+process). Session ids are per tenant: the API records `tf:session:<tenant>:<id>` →
+{worker, queue, tenant, upload} in Redis with a TTL, and the tenant's open ids in the set
+`tf:sessions:<tenant>` (its MAX_SESSIONS_PER_TENANT quota, checked atomically at start); a worker keys its
+sessions by (tenant, id), so two tenants may use the same id and neither learns of the other's and sends every call for the session to that worker's private queue as one
 `trifecta.video` Celery task with kwargs `{"call": {"op", "session_id", "tenant", "args", "reply", "id"}}`.
 The worker answers on the API's reply channel with `{"id", "status": "succeeded"|"failed",
 "result"|"error"}` (the shape `Hub` already waits on). Ops: start, prompt, propagate,
@@ -44,8 +46,30 @@ DIRECTIONS = ("forward", "backward", "both")
 _SID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def session_key(session_id: str) -> str:
-    return f"{PREFIX}:session:{session_id}"
+def session_key(tenant: str, session_id: str) -> str:
+    return f"{PREFIX}:session:{tenant}:{session_id}"
+
+
+def tenant_sessions_key(tenant: str) -> str:
+    return f"{PREFIX}:sessions:{tenant}"
+
+
+# Claims a session id for a tenant within its quota, atomically (two starts cannot both take
+# the last place). KEYS: the tenant's id set, the session key. ARGV: id, quota, worker, the
+# session key prefix of the tenant, set TTL. Ids whose session key expired leave the set here.
+# Returns the tenant's open sessions before this one, -1 for an id in use, -2 over the quota.
+CLAIM_LUA = """
+local n = 0
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[4] .. sid) == 1 then n = n + 1 else redis.call('SREM', KEYS[1], sid) end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if n >= tonumber(ARGV[2]) then return -2 end
+redis.call('HSET', KEYS[2], 'worker', ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return n
+"""
 
 
 def check_session_id(v: Any) -> str:

@@ -10,7 +10,6 @@ processes, moto's S3 server over HTTP, the real PP-OCRv4 model, real photos.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import signal
 import time
@@ -27,11 +26,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from client.benchkit import Proc, Stack  # noqa: F401 - re-exported for tests
 from tasks.embedded_redis import EmbeddedRedis, free_port
+from tests.helpers.stacks import start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "tests" / "data" / "images"  # copies of ../shared/data/images (scikit-image samples, PD/CC0)
 MODEL_DIR = ROOT / "models"
-_db = itertools.count(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,17 +76,8 @@ def make_stack(redis_server: EmbeddedRedis, model_dir: Path, tmp_path_factory: p
     stacks: list[Stack] = []
 
     def _make(models: list[str] | tuple[str, ...] = ("textmask",), env: dict[str, str] | None = None, api: bool = True, storage: str | None = None) -> Stack:
-        db = next(_db) % 16
-        url = f"redis://127.0.0.1:{redis_server.port}/{db}"
-        defaults = {"MAX_BATCH_SIZE": "4", "BATCH_TIMEOUT_MS": "4", "INTRA_OP_THREADS": "1"}
-        st = Stack.create(url, tmp_path_factory.mktemp("stack"), env={**defaults, **(env or {})}, storage=storage, model_dir=model_dir)
+        st = start_stack(redis_server.port, model_dir, tmp_path_factory.mktemp("stack"), models, env, api, storage)
         stacks.append(st)
-        for i, m in enumerate(models):
-            st.start_worker(m, f"{m}-{i}-{db}")
-        if api:
-            st.start_api()
-            for m in set(models):
-                st.wait_live(m)
         return st
 
     yield _make

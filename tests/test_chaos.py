@@ -33,7 +33,7 @@ def submit(url: str, data: bytes, model: str = "textmask", params: dict | None =
 
 
 def test_kill_9_mid_batch_twenty_times(make_stack) -> None:
-    env = {"VISIBILITY_TIMEOUT_S": "3", "INPUT_SIZE": "1280", "MAX_BATCH_SIZE": "2", "MAX_CONCURRENCY_PER_GPU": "1"}
+    env = {"VISIBILITY_TIMEOUT_S": "3", "TEXTMASK_LIMIT_SIDE_LEN": "1024", "MAX_BATCH_SIZE": "2", "MAX_CONCURRENCY_PER_GPU": "1"}
     st = make_stack(models=["textmask", "textmask"], env=env)
     data, gt = with_text("chelsea.png")
     kills, redelivered, all_jobs = 0, 0, []

@@ -67,7 +67,7 @@ def test_submit_wait_status_fetch_and_overlay(stack, photo_file, tmp_path: Path)
 
     mask_png = tmp_path / "mask.png"
     f = json.loads(cli("fetch", jid, "-o", str(mask_png), "--json", "--url", stack.url).stdout)
-    assert f == {"job_id": jid, "output": str(mask_png), "bytes": mask_png.stat().st_size}
+    assert f == {"job_id": jid, "output": str(mask_png), "bytes": mask_png.stat().st_size, "format": "png"}
     mask = codecs.decode_png(mask_png.read_bytes())
     assert mask.shape == gt.shape and mask.sum() > 300 and mask[gt].sum() / mask.sum() > 0.9
 
@@ -100,9 +100,95 @@ def test_cancel_a_queued_job_and_exit_codes(stack, tmp_path: Path) -> None:
     r = cli("status", "f" * 32, "--json", "--url", stack.url, check=False)
     assert r.returncode == 2 and "job_not_found" in r.stderr and json.loads(r.stdout)["error"]["code"] == "job_not_found"
     r = cli("status", "f" * 32, "--url", "http://127.0.0.1:1", check=False)
-    assert r.returncode == 3 and "cannot reach http://127.0.0.1:1" in r.stderr
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:1" in r.stderr
     r = cli("submit", "--model", "echo", "--url", stack.url, check=False)
     assert r.returncode == 2 and "give image files" in r.stderr
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    """A user mistake: exit status 2, one line on stderr, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_user_mistakes_are_one_line_and_exit_2(stack, photo_file, tmp_path: Path) -> None:
+    img, _, _ = photo_file
+    jobs_before = [j["job_id"] for j in json.loads(cli("status", "--json", "--limit", "100", "--url", stack.url).stdout)["jobs"]]
+    # a missing file: nothing is submitted, even with a good file next to it
+    line = one_line_error(cli("submit", str(img), str(tmp_path / "nope.png"), "--model", "textmask", "--url", stack.url, check=False))
+    assert line == f"error: {tmp_path / 'nope.png'}: no such file"
+    assert [j["job_id"] for j in json.loads(cli("status", "--json", "--limit", "100", "--url", stack.url).stdout)["jobs"]] == jobs_before
+    # an unknown model name: argparse's message, on one line
+    line = one_line_error(cli("submit", str(img), "--model", "unicorn", "--url", stack.url, check=False))
+    assert line.startswith("trifecta submit: error: argument --model: invalid choice: 'unicorn'") and "textmask" in line and "--help" in line
+    # a known model nobody serves here: the service's 503, on one line
+    line = one_line_error(cli("submit", str(img), "--model", "segmentation", "--url", stack.url, check=False))
+    assert line.startswith("error: 503 no_worker: no live worker serves 'segmentation'")
+    # a server that is not there (nothing listens on port 1)
+    line = one_line_error(cli("status", "--url", "http://127.0.0.1:1", check=False))
+    assert line.startswith("error: cannot reach http://127.0.0.1:1 (") and "trifecta up" in line
+    # bad --params, a missing image for overlay, a directory that does not exist for fetch
+    assert "--params is not valid JSON" in one_line_error(cli("submit", str(img), "--model", "echo", "--params", "{nope", "--url", stack.url, check=False))
+    assert one_line_error(cli("overlay", str(tmp_path / "gone.png"), str(img), check=False)) == f"error: {tmp_path / 'gone.png'}: No such file or directory"
+    assert "does not exist" in one_line_error(cli("fetch", "0" * 32, "-o", str(tmp_path / "no" / "dir" / "m.png"), "--url", stack.url, check=False))
+    # --json: stdout holds only JSON, errors included
+    r = cli("status", "--json", "--url", "http://127.0.0.1:1", check=False)
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["code"] == "unreachable"
+    r = cli("submit", str(tmp_path / "nope.png"), "--model", "echo", "--json", "--url", stack.url, check=False)
+    assert r.returncode == 2 and json.loads(r.stdout) == {"error": {"code": "usage", "message": f"{tmp_path / 'nope.png'}: no such file"}}
+    # and the service still answers afterwards
+    assert json.loads(cli("submit", str(img), "--model", "echo", "--wait", "--json", "--url", stack.url).stdout)[0]["status"] == "succeeded"
+
+
+def test_client_commands_are_quiet_unless_verbose(stack, photo_file) -> None:
+    img, _, _ = photo_file
+    r = cli("submit", str(img), "--model", "echo", "--wait", "--url", stack.url)
+    assert r.stderr == "" and "HTTP Request" not in r.stdout  # no httpx INFO lines, no progress off a terminal
+    (line,) = r.stdout.strip().splitlines()
+    assert line.split()[1] == "succeeded"
+    r = cli("submit", str(img), "--model", "echo", "--wait", "--url", stack.url, "-v")
+    assert "HTTP Request: POST " + stack.url + "/v1/jobs" in r.stderr and 'HTTP/1.1 202 Accepted"' in r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # logs go to stderr, the result stays on stdout
+    # -v anywhere: before the command as well
+    r = cli("-v", "status", "--url", stack.url)
+    assert "HTTP Request: GET " + stack.url + "/v1/jobs" in r.stderr
+
+
+def test_wait_prints_absolute_urls_and_fetch_writes_a_png(stack, photo_file, tmp_path: Path) -> None:
+    img, gt, _ = photo_file
+    # packbits (the default format) stored; the human --wait line names the output by an absolute URL
+    r = cli("submit", str(img), "--model", "textmask", "--wait", "--url", stack.url)
+    jid, status, url = r.stdout.split()
+    assert status == "succeeded" and url == f"{stack.url}/v1/jobs/{jid}/result?key=mask"
+    fetched = httpx.get(url, timeout=10)
+    assert fetched.status_code == 200 and fetched.headers["x-mask-format"] == "packbits"
+    stored = codecs.decode_packbits(fetched.content)
+    assert stored.shape == gt.shape and stored[gt].sum() / stored.sum() > 0.9
+    # --json with --wait: the same absolute URL, stdout pure JSON
+    (job,) = json.loads(cli("submit", str(img), "--model", "textmask", "--wait", "--json", "--url", stack.url).stdout)
+    assert job["result"]["outputs"][0]["url"] == f"{stack.url}/v1/jobs/{job['job_id']}/result?key=mask"
+
+    # -o NAME.png: a real PNG of the same mask, whatever it was stored as
+    png = tmp_path / "mask.png"
+    out = cli("fetch", jid, "-o", str(png), "--url", stack.url).stdout.strip()
+    assert out == f"wrote {png.stat().st_size} bytes (png) to {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (codecs.decode_png(png.read_bytes()) == stored).all()
+    # any other name: the bytes as stored
+    raw = tmp_path / "mask.packbits"
+    f = json.loads(cli("fetch", jid, "-o", str(raw), "--json", "--url", stack.url).stdout)
+    assert f == {"job_id": jid, "output": str(raw), "bytes": len(fetched.content), "format": "packbits"} and raw.read_bytes() == fetched.content
+    # an RLE-stored mask converts too
+    (rle_job,) = json.loads(cli("submit", str(img), "--model", "textmask", "--format", "rle", "--wait", "--json", "--url", stack.url).stdout)
+    png2 = tmp_path / "rle.png"
+    cli("fetch", rle_job["job_id"], "-o", str(png2), "--url", stack.url)
+    assert (codecs.decode_png(png2.read_bytes()) == stored).all()
+    # echo writes no mask: a PNG is refused with a message, and nothing is written
+    (echo_job,) = json.loads(cli("submit", str(img), "--model", "echo", "--wait", "--json", "--url", stack.url).stdout)
+    no = tmp_path / "echo.png"
+    line = one_line_error(cli("fetch", echo_job["job_id"], "-o", str(no), "--url", stack.url, check=False))
+    assert "cannot be written as a PNG" in line and not no.exists()
 
 
 def test_wait_shows_a_progress_bar_on_a_terminal(stack, photo_file) -> None:

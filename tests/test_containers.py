@@ -42,20 +42,29 @@ def dockerfile_stages() -> list[dict]:
         op = op.upper()
         if op == "FROM":
             m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
-            stages.append({"base": m.group(1), "name": m.group(2), "copy": [], "entrypoint": None, "cmd": None})
+            base = next((s for s in stages if s["name"] == m.group(1)), None)  # FROM an earlier stage: inherits its state
+            stages.append({"base": m.group(1), "name": m.group(2), "copy": list(base["copy"]) if base else [], "entrypoint": base["entrypoint"] if base else None, "cmd": base["cmd"] if base else None, "run": list(base["run"]) if base else []})
         elif stages and op == "COPY":
             parts = [p for p in shlex.split(rest) if not p.startswith("--")]
             assert "--from" not in rest
             stages[-1]["copy"].append(parts[:-1])
         elif stages and op in ("ENTRYPOINT", "CMD"):
             stages[-1][op.lower()] = json.loads(rest)
+        elif stages and op == "RUN":
+            stages[-1]["run"].append(rest)
     return stages
 
 
+TARGETS = ["api", "worker-onnx", "worker-torch", "worker-onnx-cuda", "worker-torch-cuda"]
+
+
 def test_dockerfile_targets_copies_and_entrypoint() -> None:
-    stages = dockerfile_stages()
-    assert [s["name"] for s in stages] == ["cpu", "cuda"]
-    assert stages[1]["base"] == "${CUDA_IMAGE}" and "nvidia/cuda:" in (ROOT / "Dockerfile").read_text()
+    all_stages = dockerfile_stages()
+    assert [s["name"] for s in all_stages] == ["python-base", "api", "worker-onnx", "worker-torch", "cuda-base", "worker-onnx-cuda", "worker-torch-cuda"]
+    by = {s["name"]: s for s in all_stages}
+    assert by["cuda-base"]["base"] == "${CUDA_IMAGE}" and "nvidia/cuda:" in (ROOT / "Dockerfile").read_text()
+    assert {by[t]["base"] for t in TARGETS} == {"python-base", "cuda-base"}
+    stages = [by[t] for t in TARGETS]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     ignored = set((ROOT / ".dockerignore").read_text().split())
     for s in stages:
@@ -70,8 +79,19 @@ def test_dockerfile_targets_copies_and_entrypoint() -> None:
     copied = {src for s in stages for srcs in s["copy"] for src in srcs}
     assert {"pyproject.toml", "api", "tasks", "workers", "storage", "client"} <= copied
     assert "static/*" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["api"]
-    text = (ROOT / "Dockerfile").read_text()
-    assert "trifecta models fetch textmask" in text and 'pip install ".[gpu]"' in text and "pip uninstall -y onnxruntime" in text
+    # what each image installs: the API no model runtime, the ONNX workers no torch, CUDA images onnxruntime-gpu
+    runs = {t: " ".join(by[t]["run"][1:]) for t in TARGETS}  # [0] is the base stage's own RUN
+    assert re.search(r"pip install \.(\s|$)", runs["api"]) and "torch" not in runs["api"] and "[worker" not in runs["api"]
+    for t in ("worker-onnx", "worker-onnx-cuda"):
+        assert 'pip install ".[worker]"' in runs[t] and "torch" not in runs[t]
+    for t in ("worker-torch", "worker-torch-cuda"):
+        assert 'pip install ".[worker,torch]"' in runs[t] and '"torch==${TORCH_VERSION}"' in runs[t]
+    for t in ("worker-onnx-cuda", "worker-torch-cuda"):
+        assert runs[t].index("pip uninstall -y onnxruntime") < runs[t].index('pip install ".[gpu]"')
+        assert "cuda:0" in by[t]["cmd"]
+    for t in TARGETS[1:]:
+        assert "trifecta models fetch textmask" in runs[t] and build_parser().parse_args(by[t]["cmd"]).cmd == "worker"
+    assert build_parser().parse_args(by["api"]["cmd"]).cmd == "api"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +134,7 @@ def test_one_worker_per_gpu_with_a_device_reservation(compose: dict) -> None:
         n = int(name.removeprefix("worker-gpu"))
         assert a.cmd == "worker" and a.device == f"cuda:{n}" and a.name == f"gpu{n}" and a.model == "segmentation"
         seen.add(a.device)
-        assert s["image"] == "trifecta:cuda" and s["profiles"] == ["gpu"]
+        assert s["image"] == "trifecta:worker-torch-cuda" and s["profiles"] == ["gpu"]
         (dev,) = s["deploy"]["resources"]["reservations"]["devices"]
         assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
     assert seen == {"cuda:0", "cuda:1"}
@@ -135,8 +155,8 @@ def test_every_variable_set_for_our_services_is_a_real_setting(compose: dict) ->
 
 
 def test_readme_and_makefile_cover_the_operator_path() -> None:
-    doc = (ROOT / "docs" / "readme" / "operations.md").read_text()
-    for heading in ("## Flower", "## Metrics", "## Health", "## Webhooks", "## Result lifetime", "## Python SDK", "## CLI", "## Results page", "## Docker Compose"):
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for heading in ("## Flower", "## Metrics", "## Health", "## Webhooks", "## Result lifetime", "## Python SDK", "## CLI", "## Results page", "## Docker Compose"):  # docs/operations.md
         assert heading in doc, heading
     mk = (ROOT / "Makefile").read_text()
     assert re.search(r"^install: .*browser", mk, re.M) and "apt-get install -y -qq chromium chromium-driver" in mk

@@ -4,6 +4,7 @@ checked pixel for pixel against Pillow and the plain numpy formula on real photo
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tasks.settings import Settings
 from workers.device import Device
 from workers.runners.base import Item
 from workers.runners.onnxseg import OnnxSegRunner
+from workers.runners.textdet import TextDetRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "tests" / "data" / "images" / "chelsea.png"
@@ -88,12 +90,19 @@ def test_truncated_jpeg_is_a_clear_422() -> None:
     assert e.value.status == 422 and "truncated or corrupt" in e.value.message
 
 
+# The letterbox path of the generic ONNX runner, on a real model: PP-OCRv4 det (from the textmask
+# files) under the sigmoid/letterbox config it was once served with. (textmask itself now runs
+# as RapidOCR does: tests/test_textmask_parity.py and the textdet tests below.)
+LETTERBOX_CONFIG = {"input_size": 640, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_name": "x", "output_name": "sigmoid_0.tmp_0", "head": "sigmoid", "threshold": 0.3, "channel_order": "BGR", "multiple_of": 32, "resize": "letterbox"}
+
+
 @pytest.fixture(scope="module")
-def textmask() -> OnnxSegRunner:
-    model_dir = ROOT / "models"
-    if not (model_dir / "textmask" / "textmask.onnx").is_file():
-        pytest.skip("textmask model not fetched (make install)")
-    r = OnnxSegRunner("textmask", Settings(model_dir=str(model_dir), input_size=640), Device("cpu", 0, None, 2))
+def textmask(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxSegRunner:
+    d = tmp_path_factory.mktemp("letterbox") / "textmask"
+    d.mkdir()
+    (d / "textmask.onnx").symlink_to(model_dir / "textmask" / "textmask.onnx")
+    (d / "textmask_config.json").write_text(json.dumps(LETTERBOX_CONFIG))
+    r = OnnxSegRunner("textmask", Settings(model_dir=str(d.parent), input_size=640), Device("cpu", 0, None, 2))
     r.load()
     return r
 
@@ -140,3 +149,29 @@ def test_enlarging_through_opencv_stays_within_a_grey_level_of_pillow() -> None:
     assert diff.max() <= 1 and diff.mean() < 0.5
     small = resize_rgb(rgb, 150, 200)  # shrinking: Pillow's antialiased bilinear, exactly
     assert np.array_equal(small, np.asarray(Image.fromarray(rgb).resize((200, 150), Image.BILINEAR)))
+
+
+@pytest.fixture(scope="module")
+def textdet(model_dir: Path) -> TextDetRunner:
+    r = TextDetRunner("textmask", Settings(model_dir=str(model_dir)), Device("cpu", 0, None, 2))
+    r.load()
+    return r
+
+
+@pytest.mark.parametrize("size", [(2706, 1800), (451, 300), (1000, 90), (40, 20)])
+def test_textdet_input_is_rapidocrs_bit_for_bit(textdet: TextDetRunner, size: tuple[int, int]) -> None:
+    """The tensor the model gets equals the one RapidOCR 1.4.4 builds from the same JPEG bytes:
+    its scaling down past 2000 px, up to 30 px and to 736, its black padding of flat images,
+    cv2's resize, BGR, (x/255 - 0.5)/0.5."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    eng = RapidOCR(det_model_path=str(Path(textdet.settings.model_dir) / "textmask" / "textmask.onnx"))
+    data = _jpeg(Image.open(PHOTO).convert("RGB").resize(size))
+    img = eng.load_img(data)
+    img, *_ = eng.preprocess(img)
+    img, op = eng.maybe_add_letterbox(img, {})
+    ref = eng.text_det.get_preprocess(max(img.shape[:2]))(img)[0]
+    p = textdet.prepare(Item(req=None, data=data))  # type: ignore[arg-type]
+    assert p.x.dtype == np.float32 and p.x.shape == ref.shape and p.x.shape[1] % 32 == 0 and p.x.shape[2] % 32 == 0
+    assert np.array_equal(p.x, ref)
+    assert p.raw_hw == (size[1], size[0]) and p.pad_top == op["padding_1"]["top"]

@@ -4,7 +4,7 @@ One table of single-request cases, each with its exact status and error code; af
 case the service must still answer a normal request (a small photo through the textmask
 worker, mask shape checked) with its worker processes alive. Inputs whose meaning needs
 pixels (animations, colour modes, EXIF rotation, tar batches) have their own tests that
-check mask values. `INPUTS_TRIED` counts every hostile input sent (docs/readme/security.md).
+check mask values. `INPUTS_TRIED` counts every hostile input sent (docs/security.md).
 """
 
 from __future__ import annotations

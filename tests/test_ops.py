@@ -15,8 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.benchkit import ROOT, Proc
+from storage import codecs
 from tasks.embedded_redis import free_port
-from tests.conftest import with_text
+from tests.conftest import fill_queue, stopped, wait_drained, with_text
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
@@ -77,6 +78,70 @@ def test_flower_shows_the_live_workers_and_their_queues(stack, tmp_path: Path) -
         assert httpx.get(base + "/api/workers", timeout=5).status_code == 401
         assert httpx.get(base + "/", timeout=5).status_code == 401
         assert httpx.get(base + "/api/workers", auth=("ops", "wrong"), timeout=5).status_code == 401
+
+        # task events are on by default: the workers page's Processed / Succeeded / Failed count each request
+        echo_name = next(k for k in workers if k.startswith("echo.echo-ops@"))
+
+        def counts() -> dict:
+            rows = httpx.get(base + "/workers", params={"json": "1"}, auth=("ops", "s3cret"), timeout=10).json()["data"]
+            return next((w for w in rows if w["hostname"] == echo_name), {})
+
+        before = counts()
+        n = 6
+        job_ids = []
+        for i in range(n):
+            r = httpx.post(stack.url + "/run_echo", content=b"flower %d" % i, timeout=10)
+            assert r.status_code == 200
+            job_ids.append(r.headers["x-job-id"])
+        bad = httpx.post(stack.url + "/run_echo?sleep_ms=-5", content=b"x", timeout=10)  # the worker refuses it: 422, a failed task
+        assert bad.status_code == 422
+        want = {"task-received": n + 1, "task-succeeded": n, "task-failed": 1}
+        t_end = time.time() + 20
+        while (got := {k: counts().get(k, 0) - before.get(k, 0) for k in want}) != want and time.time() < t_end:
+            time.sleep(0.3)
+        assert got == want
+        tasks = httpx.get(base + "/api/tasks", params={"workername": echo_name}, auth=("ops", "s3cret"), timeout=10).json()
+        for jid in job_ids:
+            assert tasks[jid]["name"] == "trifecta.infer" and tasks[jid]["state"] == "SUCCESS" and tasks[jid]["worker"] == echo_name
+        assert "model': 'echo'" in tasks[job_ids[0]]["kwargs"]
+
+        # a queue's depth as Flower reads it, while its worker cannot take anything
+        with stopped(stack, stack.workers[-1], "echo"):
+            fill_queue(stack.redis, "echo", "echo", 3)  # no job records: the worker skips them once it runs again
+            ql = httpx.get(base + "/api/queues/length", auth=("ops", "s3cret"), timeout=5).json()
+        depth = {q["name"]: q["messages"] for q in ql["active_queues"]}
+        assert depth["echo"] == 3 and depth["echo.echo-ops"] == 0 and depth["textmask"] == 0
+        wait_drained(stack.redis, "echo")
+    finally:
+        fl.stop()
+
+
+def test_flower_lists_every_model_queue_with_no_worker_up(make_stack, tmp_path: Path) -> None:
+    """The queues are declared to the Celery app Flower loads (tasks/flower_app.py): with no worker
+    to name its active queues, the Broker page still lists every model's queue and its backlog."""
+    st = make_stack(models=[], api=False)
+    fill_queue(st.redis, "segmentation", "segmentation", 2)
+    port = free_port()
+    fl = Proc("flower", [sys.executable, "-m", "client.cli", "flower"], {**st.env, "FLOWER_PORT": str(port), "FLOWER_UNAUTHENTICATED_API": "true"}, tmp_path / "flower.log").start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t_end = time.time() + 40
+        depth: dict = {}
+        while time.time() < t_end:
+            try:
+                r = httpx.get(base + "/api/queues/length", timeout=10)
+                if r.status_code == 200:
+                    depth = {q["name"]: q["messages"] for q in r.json()["active_queues"]}
+                    break
+            except httpx.HTTPError:
+                pass
+            assert fl.alive(), fl.tail()
+            time.sleep(0.5)
+        from tasks.models import MODELS
+
+        assert {m: depth.get(m) for m in MODELS} == {m: 2 if m == "segmentation" else 0 for m in MODELS}
+        broker = httpx.get(base + "/broker", timeout=10)  # the Broker page itself (open: no FLOWER_BASIC_AUTH here)
+        assert broker.status_code == 200 and ">segmentation<" in broker.text.replace(" ", "")
     finally:
         fl.stop()
 
@@ -133,8 +198,8 @@ def test_metrics_count_requests_rejections_timeouts_and_worker_figures(stack) ->
     assert value(m, "trifecta_model_seconds_count", worker=w) >= 2
     assert value(m, "trifecta_model_seconds_sum", worker=w) > 0
     assert value(m, "trifecta_batch_size_count", worker=w) >= 2 and value(m, "trifecta_batch_size_bucket", worker=w, le="1.0") >= 2
-    assert value(m, "trifecta_worker_dropped_expired_total", worker="echo-ops") == 1
-    assert value(m, "trifecta_worker_failed_total", worker="echo-ops") == 1
+    assert delta("trifecta_worker_dropped_expired_total", worker="echo-ops") == 1
+    assert delta("trifecta_worker_failed_total", worker="echo-ops") == 1  # the Flower test's refused request came before
     assert value(m, "trifecta_worker_rss_bytes", worker=w) > 10e6
     # no GPU here: no device-memory series at all
     assert not [k for k in m if k[0] == "trifecta_worker_gpu_memory_bytes"]
@@ -147,6 +212,23 @@ def test_sync_fast_path_answers_as_the_routes_do(stack) -> None:
     assert r.status_code == 200 and r.json()["bytes"] == 3 and r.headers["x-worker"] == "echo-ops"
     bad = httpx.post(stack.url + "/run_echo", content=b"abc", headers={"Content-Type": "text/plain"}, timeout=10)
     assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
+    # a raw body with no Content-Type, an empty one, or curl's default for --data-binary is application/octet-stream
+    for headers in ({}, {"Content-Type": ""}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        r = httpx.post(stack.url + "/run_echo", content=b"abcd", headers=headers, timeout=10)
+        assert r.status_code == 200 and r.json()["bytes"] == 4, (headers, r.text)
+        assert r.request.headers.get("content-type") == headers.get("Content-Type")
+    photo_png, _ = with_text("chelsea.png")
+    labelled = httpx.post(stack.url + "/run_textmask", content=photo_png, headers={"Content-Type": "image/png"}, timeout=60)
+    bare = httpx.post(stack.url + "/run_textmask", content=photo_png, timeout=60)
+    assert bare.status_code == labelled.status_code == 200 and bare.content == labelled.content and codecs.decode_packbits(bare.content).sum() > 500
+    assert "x-model-untrained" not in bare.headers  # the pretrained PP-OCRv4 det
+    # /run_<a name we do not serve>: the documented 404 unknown_model, whatever the method; the service answers afterwards
+    for method in ("POST", "GET"):
+        r = httpx.request(method, stack.url + "/run_unicorn", content=b"abc", timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model" and "'unicorn'" in r.json()["error"]["message"], r.text
+    r = httpx.post(stack.url + "/run_sam3", content=b"abc", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model" and "/run_textmask" in r.json()["error"]["message"]
+    assert httpx.post(stack.url + "/run_echo", content=b"abc", timeout=10).json()["bytes"] == 3
     fmt = httpx.post(stack.url + "/run_textmask?format=bmp", content=b"abc", headers={"Content-Type": "image/png"}, timeout=10)
     assert fmt.status_code == 400 and "bmp" in fmt.json()["error"]["message"]
     g = httpx.get(stack.url + "/run_echo", timeout=10)
@@ -209,14 +291,16 @@ def test_models_info_lists_source_revision_devices_size_batching_warm(stack) -> 
     info = httpx.get(stack.url + "/models/info", timeout=5).json()["models"]
     tm = info["textmask"]
     assert tm["live_workers"] == 1 and tm["devices"] == ["cpu"] and tm["warm"] is True
-    assert tm["family"] == "onnxseg" and tm["max_batch_size"] == 4 and tm["batch_timeout_ms"] == 4
+    assert tm["family"] == "textdet" and tm["input_size"] == 736 and tm["max_batch_size"] == 4 and tm["batch_timeout_ms"] == 4
     assert isinstance(tm["source"], str) and tm["source"] and isinstance(tm["input_size"], int) and tm["input_size"] > 0
     assert "revision" in tm and tm["queue_depth"] == 0
+    assert tm["trained"] is True and tm["workers"][0]["trained"] is True  # the PP-OCRv4 det: its SOURCE.json says pretrained
     assert tm["workers"][0]["device"] == "cpu" and tm["workers"][0]["processed"] >= 0
     echo = info["echo"]
     assert echo["live_workers"] == 1 and echo["warm"] is True and echo["source"] == "builtin" and echo["max_batch_size"] == 1
+    assert echo["trained"] is None  # not a model
     seg = info["segmentation"]
-    assert seg["live_workers"] == 0 and seg["devices"] == [] and seg["warm"] is False and seg["source"] is None
+    assert seg["live_workers"] == 0 and seg["devices"] == [] and seg["warm"] is False and seg["source"] is None and seg["trained"] is None
 
 
 # ---------------------------------------------------------------- result lifetime

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -22,8 +24,12 @@ OVERLAY = np.array([255, 0, 80], np.float32)
 
 
 @pytest.fixture(scope="module")
-def stack(make_stack):
-    return make_stack(models=["textmask"])
+def stack(make_stack, tmp_path_factory: pytest.TempPathFactory):
+    # the pretrained textmask, and next to it an untrained (random-init) SegFormer written by the project's own command
+    root = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, "-m", "client.cli", "models", "tiny", "segmentation", str(root / "segmentation")], check=True, capture_output=True)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "textmask", root / "textmask")
+    return make_stack(models=["textmask", "segmentation"], env={"MODEL_DIR": str(root)})
 
 
 def test_browser_gets_the_page_and_clients_get_json(stack) -> None:
@@ -107,3 +113,44 @@ def test_person_uploads_a_photo_and_sees_the_mask_over_it(stack, browser, tmp_pa
     assert 0 <= queue_ms < 30_000 and 0 < model_ms < 30_000
     assert t.find_element(By.CSS_SELECTOR, ".t-worker").text.startswith("textmask-")
     browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def test_untrained_model_is_never_the_default_and_its_result_is_flagged(stack, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    info = httpx.get(stack.url + "/models/info", timeout=5).json()["models"]
+    assert info["segmentation"]["trained"] is False and info["textmask"]["trained"] is True and info["segmentation"]["live_workers"] == 1
+    data, _ = with_text("coffee.png")
+    img = tmp_path / "coffee-text.png"
+    img.write_bytes(data)
+    want = codecs.decode_png(httpx.post(stack.url + "/run_segmentation?format=png", content=data, headers={"Content-Type": "image/png"}, timeout=60).content)
+
+    browser.get(stack.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: any(o.get_attribute("value") == "segmentation" and o.is_enabled() for o in d.find_elements(By.CSS_SELECTOR, "#model option")))
+    sel = Select(browser.find_element(By.ID, "model"))
+    # segmentation is listed first (model order) and is live, yet the page starts on the trained textmask
+    assert sel.first_selected_option.get_attribute("value") == "textmask"
+    seg = next(o for o in sel.options if o.get_attribute("value") == "segmentation")
+    assert seg.text == "segmentation (untrained)"
+    warning = browser.find_element(By.ID, "untrained")
+    assert not warning.is_displayed()
+
+    sel.select_by_value("segmentation")
+    assert "UNTRAINED" in browser.find_element(By.ID, "model-hint").text
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    wait.until(ec.element_to_be_clickable((By.ID, "run"))).click()
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+    status = browser.find_element(By.ID, "status")
+    assert status.text == f"segmentation: mask: {int(want.sum())} of {want.size} pixels", status.text
+    assert warning.is_displayed() and "segmentation is UNTRAINED" in warning.text and "meaningless" in warning.text
+    # the warning sits over the result: above the canvas on the page
+    assert warning.location["y"] < browser.find_element(By.ID, "view").location["y"]
+
+    # a trained model's result carries no warning
+    sel.select_by_value("textmask")
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("textmask: mask:"))
+    assert not browser.find_element(By.ID, "untrained").is_displayed()

@@ -104,7 +104,7 @@ def test_facemask_204_until_served_and_health_fields(make_stack) -> None:
     assert h["status"] == "healthy" and h["ready"] is True and h["model_loaded"] is True and h["gpu_available"] is False
     assert h["queues"]["textmask"]["workers"] == [st.workers[0].name]
     info = httpx.get(st.url + "/models/info").json()["models"]["textmask"]
-    assert info["warm"] is True and info["input_size"] == 640 and info["devices"] == ["cpu"]
+    assert info["warm"] is True and info["input_size"] == 736 and info["devices"] == ["cpu"]
     assert "PP-OCRv4" in info["source"] and info["max_batch_size"] == 4
     r = httpx.post(st.url + "/run_segmentation", content=data, headers=PNG)
     assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"

@@ -14,7 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import av
 import httpx
 import numpy as np
 import pytest
@@ -22,33 +21,14 @@ from websockets.sync.client import connect as ws_connect
 
 from tasks.errors import Unprocessable
 from tasks.sam3_video import check_frame, check_session_id, session_key
+from tests.helpers.videos import FPS, H, N, W, write_video
 
-W, H, FPS, N = 64, 48, 12, 12
 B = 60.0
-
-
-def write_video(path: Path, frames: int = N, w: int = W, h: int = H) -> Path:
-    """Moving shapes: a bright square crossing left to right and a disc going down."""
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=FPS)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        yy, xx = np.mgrid[0:h, 0:w]
-        for i in range(frames):
-            im = np.full((h, w, 3), 30, np.uint8)
-            x = 4 + i * (w - 20) // max(1, frames - 1)
-            im[10:26, x : x + 16] = (240, 40, 40)
-            cy = 8 + i * (h - 16) // max(1, frames - 1)
-            im[(yy - cy) ** 2 + (xx - w // 2) ** 2 < 36] = (40, 220, 60)
-            for p in s.encode(av.VideoFrame.from_ndarray(im, format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    return path
 
 
 # ---------------------------------------------------------------- pure parts
 def test_session_ids_and_frame_bounds() -> None:
-    assert check_session_id("abc-1_2.x") == "abc-1_2.x" and session_key("s1") == "tf:session:s1"
+    assert check_session_id("abc-1_2.x") == "abc-1_2.x" and session_key("default", "s1") == "tf:session:default:s1"
     for bad in ("", "a/b", "x" * 65, 3, None, "../x y"):
         with pytest.raises(Unprocessable):
             check_session_id(bad)
@@ -106,7 +86,7 @@ def test_start_status_affinity_and_least_loaded(stack, videos: Path) -> None:
     assert info["fps"] == pytest.approx(FPS) and info["duration_seconds"] == pytest.approx(N / FPS)
     first = body["worker"]
     assert first in workers
-    assert stack.redis.hget(session_key("s-one"), "queue").decode() == f"echo.{first}"
+    assert stack.redis.hget(session_key("default", "s-one"), "queue").decode() == f"echo.{first}"
     for _ in range(3):  # every call lands on the session's worker
         st = httpx.get(f"{stack.url}/api/v1/video/session/s-one/status", timeout=B)
         assert st.status_code == 200, st.text
@@ -202,7 +182,7 @@ def test_upload_capacity_and_close_frees_slot(stack, videos: Path) -> None:
 def _expected(stack, sids: list[str]) -> dict[str, int]:
     counts = {w.name: 0 for w in stack.workers}
     for sid in sids:
-        counts[stack.redis.hget(session_key(sid), "worker").decode()] += 1
+        counts[stack.redis.hget(session_key("default", sid), "worker").decode()] += 1
     return counts
 
 
@@ -254,12 +234,12 @@ def test_idle_sessions_are_reaped(redis_server, tmp_path: Path) -> None:
     frames = [np.zeros((H, W, 3), np.uint8)] * 3
     for sid, used in ((f"idle-{uuid.uuid4().hex}", 100.0), (f"busy-{uuid.uuid4().hex}", 104.0)):
         store.put(f"default/videos/{sid}/video.mp4", b"x")
-        r.hset(session_key(sid), mapping={"worker": "w-reap"})
-        mgr.sessions[sid] = Session(sid, "default", "key:x", frames, 12.0, upload=f"default/videos/{sid}/", last_used=used)
-    idle, busy = sorted(mgr.sessions)[1], sorted(mgr.sessions)[0]
-    assert mgr.count == 2 and mgr.sessions[busy].info()["total_frames"] == 3
+        r.hset(session_key("default", sid), mapping={"worker": "w-reap"})
+        mgr.sessions[("default", sid)] = Session(sid, "default", "key:x", frames, 12.0, upload=f"default/videos/{sid}/", last_used=used)
+    idle, busy = sorted(sid for _, sid in mgr.sessions)[1], sorted(sid for _, sid in mgr.sessions)[0]
+    assert mgr.count == 2 and mgr.sessions[("default", busy)].info()["total_frames"] == 3
     assert mgr.reap(now=106.0) == [idle]  # 6 s idle > 5 s; the other 2 s
-    assert mgr.count == 1 and busy in mgr.sessions and beats == [1]
+    assert mgr.count == 1 and ("default", busy) in mgr.sessions and beats == [1]
     assert not store.list(f"default/videos/{idle}/") and store.list(f"default/videos/{busy}/")
-    assert not r.exists(session_key(idle)) and r.exists(session_key(busy))
+    assert not r.exists(session_key("default", idle)) and r.exists(session_key("default", busy))
     assert mgr.reap(now=110.0) == [busy] and mgr.count == 0 and mgr.closed_idle == 2

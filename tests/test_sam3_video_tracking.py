@@ -27,7 +27,7 @@ from websockets.sync.client import connect as ws_connect
 from storage import codecs
 from tasks.sam3_video import session_key
 from tests.conftest import ROOT, wait_job
-from tests.test_sam3_video import FPS, H, N, W, write_video
+from tests.helpers.videos import FPS, H, N, W, write_video
 
 B = 120.0
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="SAM3's video processor needs torchvision")
@@ -244,7 +244,7 @@ def test_box_and_point_prompts_track_through_the_video(sam3_stack, videos: Path)
 )
 def test_bad_prompts_are_422(sam3_stack, videos: Path, prompts, message: str) -> None:
     sid = "s-bad"
-    if not sam3_stack.redis.exists(session_key(sid)):
+    if not sam3_stack.redis.exists(session_key("default", sid)):
         _start(sam3_stack, videos, sid)
     r = _prompt(sam3_stack, sid, {"frame_index": 1, "prompts": prompts})
     assert r.status_code == 422 and message in r.json()["error"]["message"], r.text

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.sdk import AsyncClient, Client, TrifectaClientError
-from tests.test_sam3_video import write_video
+from tests.helpers.videos import write_video
 
 
 @pytest.fixture(scope="module")

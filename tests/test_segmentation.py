@@ -4,10 +4,13 @@ huggingface_hub (HF_REPO_ID, from a local hub cache: no network here)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -17,7 +20,7 @@ import pytest
 from PIL import Image
 
 from storage import codecs
-from tests.conftest import photo, png_bytes
+from tests.conftest import photo, png_bytes, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,23 @@ def test_segmentation_worker_masks_equal_direct_model(make_stack, seg_dir: Path)
         assert m.shape == (im.size[1], im.size[0])
         exp = _expected(seg_dir, im)
         assert (m == exp).mean() > 0.995
+        # random-init weights: the answer says so, on the sync path and in a job's result
+        assert r.headers["x-model-untrained"] == "true"
+    info = httpx.get(st.url + "/models/info", timeout=5).json()["models"]
+    assert info["segmentation"]["trained"] is False and info["segmentation"]["workers"][0]["trained"] is False
+    assert info["echo"]["trained"] is None and info["textmask"]["trained"] is None  # not served here: nothing to say
+    acc = httpx.post(st.url + "/v1/jobs", json={"model": "segmentation", "input": {"image": base64.b64encode(png_bytes(photo("coffee.png"))).decode()}}, timeout=10).json()
+    job = wait_job(st.url, acc["job_id"])
+    assert job["status"] == "succeeded" and job["result"]["trained"] is False
+    # a tar batch through the sync endpoint: flagged as well
+    bio = io.BytesIO()
+    with tarfile.open(fileobj=bio, mode="w") as tf:
+        data = png_bytes(photo("coffee.png"))
+        ti = tarfile.TarInfo("a.png")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    r = httpx.post(st.url + "/run_segmentation", content=bio.getvalue(), headers={"Content-Type": "application/x-tar"}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-batch-size"] == "1" and r.headers["x-model-untrained"] == "true"
 
 
 def test_loading_through_huggingface_hub_cache(make_stack, seg_dir: Path, tmp_path: Path) -> None:
@@ -75,9 +95,11 @@ def test_loading_through_huggingface_hub_cache(make_stack, seg_dir: Path, tmp_pa
     st = make_stack(models=["segmentation"], env={"HF_REPO_ID": "acme/seg", "HF_LOCAL_FILES_ONLY": "true", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "MODEL_DIR": str(empty)})
     info = httpx.get(st.url + "/models/info").json()["models"]["segmentation"]
     assert info["source"] == "hf://acme/seg/segmentation.onnx" and info["revision"] == "main"
+    assert info["trained"] is True  # a hub checkpoint with no SOURCE.json saying otherwise is taken as trained
     im = photo("coffee.png")
     r = httpx.post(st.url + "/run_segmentation?format=png", content=png_bytes(im), headers={"Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 200 and (codecs.decode_png(r.content) == _expected(seg_dir, im)).mean() > 0.995
+    assert "x-model-untrained" not in r.headers
 
 
 def test_input_size_overrides_config(make_stack, seg_dir: Path) -> None:

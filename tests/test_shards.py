@@ -101,7 +101,7 @@ def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def stack(make_stack, shard_dir: Path):
     env = {
-        "ALLOWED_INPUT_ROOTS": str(shard_dir), "VISIBILITY_TIMEOUT_S": "5", "INPUT_SIZE": "320", "MAX_SYNC_BATCH": "4",
+        "ALLOWED_INPUT_ROOTS": str(shard_dir), "VISIBILITY_TIMEOUT_S": "5", "TEXTMASK_LIMIT_SIDE_LEN": "320", "MAX_SYNC_BATCH": "4",
         "MAX_SAMPLE_BYTES": str(BIG), "MAX_SAMPLES_PER_SHARD": "120",
     }
     return make_stack(models=["textmask", "textmask"], env=env)
@@ -318,7 +318,7 @@ def test_idempotency_key_and_cancel_stop_remaining_shards(stack, shard_dir: Path
 def s3_stack(make_stack, moto_s3: str):
     make_bucket(moto_s3, "masks")
     make_bucket(moto_s3, "inbucket")
-    env = {"S3_ENDPOINT_URL": moto_s3, "INPUT_URI_ALLOWLIST": "s3://inbucket/data", "MAX_BODY_BYTES": "300000", "INPUT_SIZE": "320"}
+    env = {"S3_ENDPOINT_URL": moto_s3, "INPUT_URI_ALLOWLIST": "s3://inbucket/data", "MAX_BODY_BYTES": "300000", "TEXTMASK_LIMIT_SIDE_LEN": "320"}
     return make_stack(models=["textmask"], env=env, storage="s3://masks/trifecta")
 
 

@@ -139,3 +139,22 @@ def test_keep_big_buffers_sets_glibc_thresholds() -> None:
 
     ok = keep_big_buffers()
     assert ok is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_fetch_textmask_rewrites_an_older_config_and_keeps_the_model(model_dir, tmp_path) -> None:
+    import shutil
+
+    from workers.modelfiles import TEXTMASK_CONFIG, fetch_textmask
+
+    d = tmp_path / "textmask"
+    d.mkdir()
+    shutil.copy(model_dir / "textmask" / "textmask.onnx", d / "textmask.onnx")
+    old = {"input_size": 640, "head": "sigmoid", "threshold": 0.3, "resize": "letterbox", "channel_order": "BGR"}  # the onnxseg-era config
+    (d / "textmask_config.json").write_text(json.dumps(old))
+    before = (d / "textmask.onnx").stat().st_mtime_ns
+    assert fetch_textmask(str(tmp_path)) == d / "textmask.onnx"
+    assert json.loads((d / "textmask_config.json").read_text()) == TEXTMASK_CONFIG and TEXTMASK_CONFIG["family"] == "textdet"
+    assert (d / "textmask.onnx").stat().st_mtime_ns == before  # the model file is not fetched again
+    (d / "textmask_config.json").unlink()  # a missing config is written too
+    fetch_textmask(str(tmp_path))
+    assert json.loads((d / "textmask_config.json").read_text()) == TEXTMASK_CONFIG

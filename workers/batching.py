@@ -11,6 +11,10 @@ it a model batcher rather than a periodic one:
   device never idles while work waits), and with BATCH_TIMEOUT_MS=0 a request that finds
   a free slot runs immediately (lowest latency).
 
+When the worker stops (SIGTERM), `stop_taking()` ends the flushing: the running batches
+finish, and what waits in the buffer stays unacked, so kombu gives it back to its queue
+when the channel closes (workers.broker).
+
 `take_batch` is the pure decision (a LitServe-style collector), tested without a broker.
 """
 
@@ -44,6 +48,12 @@ class AdaptiveBatches(Batches):
         self._lock = threading.Lock()
         self._waiting: deque[tuple[float, Any]] = deque()
         self._in_flight = 0
+        self._taking = True
+
+    def stop_taking(self) -> None:
+        """No new batch from now on (the worker is leaving); running ones finish."""
+        with self._lock:
+            self._taking = False
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Callable[..., None]:
         handler = super().Strategy(task, app, consumer)
@@ -81,7 +91,7 @@ class AdaptiveBatches(Batches):
                 if release:
                     self._in_flight -= 1
                     release = False
-                n = take_batch([t for t, _ in self._waiting], time.monotonic(), self.flush_every, self.flush_interval, self.max_in_flight - self._in_flight, force)
+                n = take_batch([t for t, _ in self._waiting], time.monotonic(), self.flush_every, self.flush_interval, self.max_in_flight - self._in_flight, force) if self._taking else 0
                 if not n:
                     return
                 batch = [self._waiting.popleft()[1] for _ in range(n)]

@@ -12,6 +12,9 @@ bare Celery task:
 - `QoS.ack` skips its ZREM + HDEL for a message whose ack already rode in the batch's
   FINISH pipeline (the one that records the results and publishes them).
 
+And once, at shutdown: before kombu gives back the messages the worker received but never
+ran (`QoS.restore_unacked`, when the channel closes), the hook undoes their START.
+
 At Redis's maxmemory (noeviction) the unacked record of a message kombu has just popped is
 refused; kombu would raise and the message, held only in this process, would be lost. The
 append is retried instead until Redis has room (the API refuses new work meanwhile, so room
@@ -44,6 +47,9 @@ class Hook(Protocol):
 
     def acked_already(self, delivery_tag: str) -> bool:
         """True when the batch's FINISH pipeline already removed this message's unacked records."""
+
+    def on_give_back(self, delivery_tags: list[str]) -> None:
+        """These messages are about to go back to their queues unrun (the worker is stopping)."""
 
 
 _hook: Hook | None = None
@@ -94,6 +100,16 @@ class QoS(kredis.QoS):
             vbase.QoS.ack(self, delivery_tag)  # local bookkeeping only: Redis already has it
             return
         super().ack(delivery_tag)
+
+
+    def restore_unacked(self, client: Any = None) -> None:
+        hook = _hook
+        if hook is not None and self._delivered:
+            try:
+                hook.on_give_back(list(self._delivered))
+            except Exception as e:  # noqa: BLE001 - the messages go back all the same
+                log.warning("giving back %d messages: %s", len(self._delivered), e)
+        super().restore_unacked(client)
 
 
 class Channel(kredis.Channel):

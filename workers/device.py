@@ -97,20 +97,90 @@ def keep_big_buffers(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 
         return False
 
 
-def onnx_providers(dev: Device, available: list[str]) -> list[str | tuple[str, dict]]:
-    """ONNX Runtime providers for a pinned device: CUDA first on a GPU, CPU otherwise."""
-    if dev.kind == "cuda":
-        if "CUDAExecutionProvider" in available:
-            return [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+@dataclass(frozen=True)
+class OrtPlan:
+    """How an ONNX model runs on a device: the providers (with their options) handed to
+    `InferenceSession`, and how calls are made (workers/onnxrun.py)."""
+
+    providers: list[str | tuple[str, dict]]
+    io_binding: bool  # inputs bound from host memory, outputs kept on the device until copied once
+    cuda_graph: bool  # one captured CUDA graph per input shape (fixed shapes only), replayed per call
+
+
+def onnx_providers(
+    dev: Device,
+    available: list[str],
+    *,
+    cuda_graph: bool = False,
+    tensorrt: bool = False,
+    trt_fp16: bool = True,
+    trt_cache_dir: str | None = None,
+) -> list[str | tuple[str, dict]]:
+    """ONNX Runtime providers for a pinned device, most preferred first.
+
+    CPU device: CPU only. CUDA device: TensorRT (when asked for and onnxruntime-gpu has it;
+    fp16 engines with ORT_TRT_FP16, engines cached in `trt_cache_dir` because building one
+    takes minutes), then CUDA (nodes TensorRT cannot take), then CPU. A CUDA provider that is
+    missing (the CPU build of onnxruntime) falls back to CPU with a warning."""
+    if dev.kind != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
         log.warning("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); running on CPU")
-    return ["CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    cuda: dict[str, object] = {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
+    if cuda_graph:
+        cuda["enable_cuda_graph"] = True
+    out: list[str | tuple[str, dict]] = []
+    if tensorrt:
+        if "TensorrtExecutionProvider" in available:
+            trt: dict[str, object] = {"device_id": 0, "trt_fp16_enable": bool(trt_fp16)}
+            if trt_cache_dir:
+                trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=trt_cache_dir, trt_timing_cache_enable=True, trt_timing_cache_path=trt_cache_dir)
+            if cuda_graph:
+                trt["trt_cuda_graph_enable"] = True
+            out.append(("TensorrtExecutionProvider", trt))
+        else:
+            log.warning("ORT_TENSORRT is on but onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu with TensorRT libraries); using CUDA")
+    return [*out, ("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
-def torch_dtype_name(dev: Device, prefer_bf16: bool = False) -> str:
-    """fp16 (or bf16) on a GPU, fp32 on a CPU."""
-    if dev.kind == "cuda":
-        return "bfloat16" if prefer_bf16 else "float16"
-    return "float32"
+def ort_plan(dev: Device, available: list[str], settings: object, fixed_shapes: bool = True) -> OrtPlan:
+    """The providers and the call mode from settings (ORT_IO_BINDING, ORT_CUDA_GRAPH,
+    ORT_TENSORRT, ORT_TRT_FP16): IO binding and CUDA graphs only where a CUDA provider runs,
+    CUDA graphs only with IO binding and for a model whose input shapes repeat."""
+    g = lambda name, default: getattr(settings, name, default)  # noqa: E731
+    on_cuda = dev.kind == "cuda" and "CUDAExecutionProvider" in available
+    io_binding = on_cuda and bool(g("ort_io_binding", True))
+    cuda_graph = io_binding and fixed_shapes and bool(g("ort_cuda_graph", False))
+    if g("ort_cuda_graph", False) and on_cuda and not cuda_graph:
+        log.warning("ORT_CUDA_GRAPH needs ORT_IO_BINDING and a model with fixed input shapes; running without CUDA graphs")
+    cache = g("ort_trt_cache_dir", None) or os.path.join(str(g("model_dir", ".")), ".trt-cache")
+    providers = onnx_providers(dev, available, cuda_graph=cuda_graph, tensorrt=bool(g("ort_tensorrt", False)), trt_fp16=bool(g("ort_trt_fp16", True)), trt_cache_dir=cache)
+    return OrtPlan(providers, io_binding, cuda_graph)
+
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype_name(dev: Device, prefer_bf16: bool = False, setting: str = "auto", bf16_supported: bool = True) -> str:
+    """The torch dtype of a family's weights and activations (TORCH_DTYPE).
+
+    auto: fp32 on a CPU; on a GPU bf16 for families that prefer it (where the GPU has bf16),
+    fp16 otherwise. fp32 / fp16 / bf16: as asked, except bf16 on a GPU without it (fp16,
+    with a warning)."""
+    s = (setting or "auto").strip().lower()
+    if s not in ("auto", *TORCH_DTYPES):
+        raise ValueError(f"TORCH_DTYPE must be auto, fp32, fp16 or bf16, got {setting!r}")
+    if s == "auto":
+        if dev.kind != "cuda":
+            return "float32"
+        return "bfloat16" if prefer_bf16 and bf16_supported else "float16"
+    if s == "bf16" and dev.kind == "cuda" and not bf16_supported:
+        log.warning("TORCH_DTYPE=bf16 but this GPU has no bf16: using fp16")
+        return "float16"
+    if s == "fp16" and dev.kind != "cuda":
+        log.warning("TORCH_DTYPE=fp16 on a CPU: few CPU kernels are fast in fp16 (bf16 or fp32 usually are)")
+    return TORCH_DTYPES[s]
 
 
 def plan_workers(models: list[str], gpu_ids: list[int], use_cuda: bool, has_gpu: bool) -> list[tuple[str, str]]:

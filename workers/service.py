@@ -15,6 +15,14 @@ writes every result and publishes it to the waiting API. Outputs are written to 
 under the job's own prefix at fixed keys, so a redelivered message rewrites the same
 objects: publishing is idempotent.
 
+Leaving (SIGTERM: a scale-in, a rolling update): the worker deregisters at once (the API
+stops routing to it and sends its sessions' calls 410), stops taking batches and stops
+consuming; the running batches finish; kombu gives back what it received but never ran
+(its START undone: not counted as a delivery); the messages waiting on its private queue
+are handed over (`tasks.handoff`: moved to the shared queue, session calls answered 410);
+it exits. Still busy after WORKER_SHUTDOWN_GRACE_S, it gives back its running work too and
+exits anyway (a redelivery costs nothing: outputs are idempotent).
+
 Lifetimes: a sync request answered in time keeps its record SYNC_RESULT_TTL_S (FINISH
 shortens it, unless the API detached it with a 504) and its stored outputs are put in the
 expiry index for the same time; with STORE_SYNC_RESULTS=false its outputs travel in the
@@ -40,7 +48,7 @@ from redis.exceptions import OutOfMemoryError
 
 from storage import codecs
 from storage.blob import BlobStore, open_store
-from tasks import jobstore, keys, wire
+from tasks import handoff, jobstore, keys, wire
 from tasks.errors import DeadLettered, TrifectaError, translate
 from tasks.inputs import read_input
 from tasks.models import MODELS
@@ -56,6 +64,10 @@ FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; old
 # pub/sub message of many MB can get the API's subscriber cut off by Redis's pubsub output
 # buffer limit (8 MB for 60 s / 32 MB by default); stored ones expire with the record
 INLINE_REPLY_MAX = 4 << 20
+# Task events are published every EVENTS_FLUSH_S (or at EVENTS_MAX_PENDING), not per batch: kombu's
+# publish costs ~200 µs of worker CPU, about a third of a whole echo request (`trifecta bench --only events`)
+EVENTS_FLUSH_S = 0.5
+EVENTS_MAX_PENDING = 3000
 
 
 class WorkerService:
@@ -68,6 +80,7 @@ class WorkerService:
         self._start = self.r.register_script(jobstore.START_LUA)
         self._finish = self.r.register_script(jobstore.FINISH_LUA)
         self._drain = self.r.register_script(wire.DRAIN_LUA)
+        self._unstart = self.r.register_script(jobstore.UNSTART_LUA)
         self.drained_tags: set[str] = set()
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         self.processed = 0
@@ -78,12 +91,19 @@ class WorkerService:
         self.consumer: Any = None  # set on worker_ready; its channel's QoS holds our unacked tags
         self.nodename = ""
         self.stopping = False
+        self.leaving = False  # deregistered, taking no more work: the heartbeat keeps only the visibility of held messages
+        self.left = threading.Event()
+        self.on_leave: list[Any] = []  # called once when leaving starts (the batcher's stop_taking)
         self.metrics = WorkerMetrics(model, str(device), worker_id)  # histograms for /metrics (registration hash, WORKER_METRICS_PORT)
+        self.memory_limit = memory_limit_bytes(settings.worker_max_memory_mb)  # for the near-the-limit alert (deploy/prometheus)
         self.reg_fields: dict[str, Any] = {}  # extra registration fields from runners' tasks: name -> () -> str (e.g. video `sessions`)
         # started at receive (workers.broker: START in kombu's unacked-record round trip):
         # job id -> (START state, shared queue length then, monotonic time, kombu delivery tag)
         self.received: dict[str, tuple[Any, int, float, str]] = {}
         self.acked: dict[str, float] = {}  # kombu tag -> when: its unacked records went with the FINISH pipeline
+        self.events: Any = None  # Celery event dispatcher for per-request task events (TASK_EVENTS), set once the worker is ready
+        self._events_lock = threading.Lock()
+        self._events_pending = 0
 
     # -- hooks into kombu's round trips (workers.broker) ------------------------
     def on_receive(self, pipe: Any, message: Any, delivery_tag: str) -> Any:
@@ -107,6 +127,20 @@ class WorkerService:
     def acked_already(self, delivery_tag: str) -> bool:
         with self._lock:
             return self.acked.pop(delivery_tag, None) is not None
+
+    def on_give_back(self, delivery_tags: list[str]) -> None:
+        """kombu is about to give these messages back unrun (shutdown): undo their START."""
+        tags = set(delivery_tags)
+        with self._lock:
+            jids = [jid for jid, v in self.received.items() if v[3] in tags]
+            for jid in jids:
+                del self.received[jid]
+        if jids:
+            pipe = self.r.pipeline(transaction=False)
+            for jid in jids:
+                _queue_script(pipe, self._unstart, [keys.job(jid)], [self.worker_id])
+            pipe.execute()
+            log.info("worker %s gives back %d requests it received but never ran", self.worker_id, len(jids))
 
     # -- the batch ----------------------------------------------------------
     def handle(self, raw: list[dict[str, Any]], received: list[float] | None = None) -> bool:
@@ -278,18 +312,67 @@ class WorkerService:
                 "timing": {"queue_ms": round((t_start - q.created) * 1000, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
                 "worker": self.worker_id,
                 "device": str(self.device),
+                "trained": self.runner.trained,  # false: a random-init model answered (X-Model-Untrained on sync answers)
             }
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
         self._finish_all(done, tags, kombu_tags)
         self.metrics.observe(done, t_start, model_ms, len(items))
+        self._task_events(done, t_start)
         for q, status, _body in done:
+            queue_ms = (t_start - q.created) * 1000
             log.info(
                 "job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d",
-                q.id, q.model, self.device, status, (t_start - q.created) * 1000, model_ms, len(items),
+                q.id, q.model, self.device, status, queue_ms, model_ms, len(items),
+                extra={"job_id": q.id, "tenant": q.tenant, "kind": q.kind, "status": status, "queue_ms": round(queue_ms, 2), "model_ms": round(model_ms, 2), "batch_size": len(items)},
             )
         return True
+
+    def _task_events(self, done: list[tuple[InferRequest, str, dict[str, Any]]], t_start: float) -> None:
+        """Per request, the task events Flower counts (received, started, succeeded or failed),
+        buffered after the replies are out and published by `flush_events`. Celery sends none for
+        these: batches run through celery-batches (which only fires signals) and BULK_DRAIN takes
+        messages past kombu's consumer. Received and started both carry the batch's start."""
+        ev = self.events
+        if ev is None or not done:
+            return
+        t_end = time.time()
+        with self._events_lock:
+            for q, status, body in done:
+                kw = f"{{'model': {q.model!r}, 'kind': {q.kind!r}, 'format': {q.format!r}}}"
+                ev.send("task-received", uuid=q.id, timestamp=t_start, name=keys.TASK_INFER, args="()", kwargs=kw, retries=0, root_id=q.id, parent_id=None, eta=None, expires=None)
+                ev.send("task-started", uuid=q.id, timestamp=t_start)
+                if status == "succeeded":
+                    ev.send("task-succeeded", uuid=q.id, timestamp=t_end, runtime=t_end - t_start, result="")
+                else:
+                    ev.send("task-failed", uuid=q.id, timestamp=t_end, exception=f"{body.get('code')}: {body.get('message')}", traceback="")
+            self._events_pending += 3 * len(done)
+            if self._events_pending >= EVENTS_MAX_PENDING:
+                self._flush_events_locked(ev)
+
+    def flush_events(self) -> None:
+        """Publish the buffered task events, all in one message (the `events` thread, every EVENTS_FLUSH_S)."""
+        ev = self.events
+        if ev is None:
+            return
+        with self._events_lock:
+            self._flush_events_locked(ev)
+
+    def _flush_events_locked(self, ev: Any) -> None:
+        if not self._events_pending:
+            return
+        try:
+            ev.flush(errors=False)
+        except Exception as e:  # noqa: BLE001 - the dashboard never fails the worker; these events are lost
+            log.warning("%d task events not sent (%s)", self._events_pending, e)
+            for buf in getattr(ev, "_group_buffer", {}).values():  # celery's own buffer: not resent next time
+                buf.clear()
+        self._events_pending = 0
+
+    def events_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(EVENTS_FLUSH_S):
+            self.flush_events()
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
         # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply
@@ -392,6 +475,7 @@ class WorkerService:
 
     def _shutdown_soon(self) -> None:
         time.sleep(0.5)  # let this batch's acks go out
+        self.leave("WORKER_MAX_MEMORY_MB")
         from celery import current_app
 
         current_app.control.shutdown(destination=[self.nodename])
@@ -413,6 +497,7 @@ class WorkerService:
             "failed": str(self.failed),
             "batches": str(self.batches),
             "rss_mb": f"{rss_mb():.1f}",
+            "memory_limit_mb": f"{self.memory_limit / 1e6:.1f}",
             "gpu_memory_mb": str(gpu_memory_mb(self.device)),
             "metrics": self.metrics.registration_field(),
             **{k: f() for k, f in self.reg_fields.items()},
@@ -439,25 +524,27 @@ class WorkerService:
         self._prune()
         hb = self.settings.worker_heartbeat_s
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
-        pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
-        pipe.sadd(keys.WORKERS, self.worker_id)
+        if not self.leaving:
+            pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
+            pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
+            pipe.sadd(keys.WORKERS, self.worker_id)
         tags = self.held_tags()
         with self._lock:
             tags += list(self.drained_tags)
         if tags:
             # keep the messages we hold invisible to kombu's restore while we are alive
             pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
-        try:
-            pipe.execute()
-        except OutOfMemoryError:
-            # at maxmemory the same (fixed-size) writes go through a script allowed to write
-            # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
-            reg = self.registration()
-            self.r.eval(
-                _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, "unacked_index",
-                max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
-            )
+        if len(pipe):
+            try:
+                pipe.execute()
+            except OutOfMemoryError:
+                # at maxmemory the same (fixed-size) writes go through a script allowed to write
+                # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
+                reg = {} if self.leaving else self.registration()
+                self.r.eval(
+                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, "unacked_index",
+                    max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
+                )
 
     def heartbeat_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.worker_heartbeat_s):
@@ -473,6 +560,52 @@ class WorkerService:
         except redis.RedisError:
             pass
 
+    # -- leaving (SIGTERM, memory guard) ---------------------------------------
+    def leave(self, why: str) -> None:
+        """Start leaving: no new batches, deregistered now, and a deadline (WORKER_SHUTDOWN_GRACE_S).
+        Celery itself stops consuming and waits for the running tasks; `hand_over` ends it.
+        Takes no lock here: this runs in Celery's signal handler, which must not wait on a lock
+        the code it interrupted holds; the rest runs in a thread of its own."""
+        if self.leaving:
+            return
+        self.leaving = True
+        threading.Thread(target=self._leave, args=(why, self.settings.worker_shutdown_grace_s), daemon=True, name="leaving").start()
+
+    def _leave(self, why: str, grace: float) -> None:
+        t_end = time.monotonic() + grace
+        for f in self.on_leave:
+            f()
+        self.deregister()
+        log.info("worker %s leaving (%s): deregistered; finishing %d requests in flight, then exiting (within %.0f s)", self.worker_id, why, self.in_flight, grace)
+        if self.left.wait(grace):  # handed over; the process exits on its own (this thread is a daemon)
+            time.sleep(max(0.0, t_end - time.monotonic()))
+            log.warning("worker %s handed over its work but did not exit within WORKER_SHUTDOWN_GRACE_S; exiting now", self.worker_id)
+            logging.shutdown()
+            os._exit(0)
+        tags = self.held_tags()
+        with self._lock:
+            tags += list(self.drained_tags)
+        log.error("worker %s still busy %.0f s after it began leaving (WORKER_SHUTDOWN_GRACE_S): giving back the %d messages it holds and exiting", self.worker_id, grace, len(tags))
+        try:
+            qos = self.consumer.task_consumer.channel.qos
+            for t in tags:
+                qos.restore_by_tag(t, client=self.r)  # kombu's own restore, as at its visibility timeout
+        except Exception as e:  # noqa: BLE001 - kombu restores them after VISIBILITY_TIMEOUT_S anyway
+            log.warning("giving back held messages failed (%s); kombu restores them after VISIBILITY_TIMEOUT_S", e)
+        self.hand_over()
+        logging.shutdown()
+        os._exit(1)
+
+    def hand_over(self) -> None:
+        """The last step: deregistered, and the private queue handed over (tasks.handoff)."""
+        self.leaving = True
+        self.deregister()
+        try:
+            handoff.hand_over(self.r, self.model, self.worker_id)
+        except redis.RedisError as e:  # the API hands it over when Redis is back (api.hub)
+            log.warning("private queue not handed over (%s)", e)
+        self.left.set()
+
 
 _RECORD_RETRY_S = (0.25, 0.5, 1, 2, 2, 4, 4, 8)  # through a Redis restart
 
@@ -481,9 +614,11 @@ _RECORD_RETRY_S = (0.25, 0.5, 1, 2, 2, 4, 4, 8)  # through a Redis restart
 # KEYS: worker hash, workers set, unacked_index  ARGV: ttl, worker id, now, 2n, n field/value pairs, tags...
 _BEAT_OOM_LUA = """#!lua flags=allow-oom
 local n = tonumber(ARGV[4])
-for i = 5, 4 + n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
+if n > 0 then
+  for i = 5, 4 + n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
 for i = 5 + n, #ARGV do redis.call('ZADD', KEYS[3], 'XX', ARGV[3], ARGV[i]) end
 return 1
 """
@@ -526,6 +661,21 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_limit_bytes(max_memory_mb: int) -> float:
+    """The memory this worker may use: the smaller of WORKER_MAX_MEMORY_MB (where it exits to be
+    restarted) and its cgroup's limit (a container's, where the kernel kills it); 0 = none."""
+    limits = [max_memory_mb * 1e6] if max_memory_mb else []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            v = open(path).read().strip()
+        except OSError:
+            continue
+        if v.isdigit() and int(v) < 1 << 60:  # "max" (v2) or a huge number (v1): no limit
+            limits.append(float(v))
+        break
+    return min(limits, default=0.0)
+
+
 def gpu_memory_mb(device: Device) -> float:
     if device.kind != "cuda" or "torch" not in sys.modules:
         return 0.0
@@ -552,13 +702,16 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
         raise SystemExit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
     keep_big_buffers()
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from tasks import logs
+
+    logs.setup(loglevel)
     from celery import signals
 
     from tasks.celery_app import make_app
     from workers.runners.base import runner_class
 
     worker_id = name or f"{socket.gethostname()}-{os.getpid()}"
+    logs.bind_process(worker=worker_id, model=model, device=str(dev))  # on every line of this process
     runner = runner_class(MODELS[model].family)(model, settings, dev)
     t0 = time.time()
     runner.load()
@@ -567,6 +720,8 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     svc = WorkerService(settings, model, dev, worker_id, runner)
     if settings.worker_metrics_port:
         svc.metrics.gpu_memory.set_function(lambda: gpu_memory_mb(dev) * 1e6)
+        svc.metrics.rss.set_function(lambda: rss_mb() * 1e6)
+        svc.metrics.memory_limit.set(svc.memory_limit)
         svc.metrics.serve(settings.worker_metrics_port)
     app = make_app(settings)
     from workers import broker
@@ -591,7 +746,16 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     def _ready(sender: Any = None, **_: Any) -> None:
         svc.consumer = sender
         svc.nodename = sender.hostname
+        if settings.task_events:  # its own connection: the events thread publishes while kombu's consumer reads
+            svc.events = app.events.Dispatcher(app.connection_for_write(), hostname=sender.hostname, groups=["task"], buffer_group=["task"], buffer_limit=1 << 20, buffer_while_offline=False)
+            threading.Thread(target=svc.events_forever, args=(stop,), daemon=True, name="task-events").start()
         svc.beat()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _leaving(sig: str = "", how: str = "", **_: Any) -> None:  # Celery's SIGTERM/SIGINT/SIGQUIT handler
+        svc.leave(f"{sig}, {how.lower()} shutdown")
+
+    svc.on_leave.append(app.tasks[keys.TASK_INFER].stop_taking)
 
     stop = threading.Event()
     svc.beat()
@@ -607,12 +771,28 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     ]
     if settings.task_events:
         argv.append("-E")
+    if logs.is_json():
+        _quiet_celery_stdout(argv)
     log.info("worker %s consuming %s (batch %d, timeout %.1f ms, %d in flight, extra tasks: %s)", worker_id, queues, settings.max_batch_size, settings.batch_timeout_ms, conc, extra)
     try:
         app.worker_main(argv)
     finally:
         stop.set()
-        svc.deregister()
+        svc.flush_events()
+        svc.hand_over()
+
+
+def _quiet_celery_stdout(argv: list[str]) -> None:
+    """With LOG_FORMAT=json every line must be JSON: no start-up banner (`--quiet`), and the
+    notices Celery's signal handlers write straight to the terminal ("worker: Warm shutdown",
+    "Hitting Ctrl+C again ...", through `celery.apps.worker.safe_say`, celery 5.5/5.6) become
+    log records; the handlers themselves stay Celery's own."""
+    import celery.apps.worker as cw
+
+    argv.insert(0, "--quiet")  # an option of the `celery` command, before `worker`
+    if callable(getattr(cw, "safe_say", None)):
+        say = logging.getLogger("celery.apps.worker")
+        cw.safe_say = lambda msg, f=None: say.info(str(msg).strip())
 
 
 def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:

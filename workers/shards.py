@@ -9,7 +9,8 @@ besides its usual queues (`register(app, svc)`). Per shard:
    (cancelled, finished); count the delivery and give up past MAX_DELIVERIES.
 2. Stream the tar (`tasks.inputs.open_uri`; gzip inflated here under MAX_SHARD_BYTES and a
    ratio cap) through `tasks.tars.iter_members` (refuses links, devices, traversal,
-   oversize) into webdataset's own `group_by_keys`.
+   oversize, and stops at a sparse member or past MAX_SHARD_BYTES declared in all, before
+   reading it) into webdataset's own `group_by_keys`.
 3. A small pipeline keeps the model busy: a reader thread groups samples and hands them
    to a pool that decodes and preprocesses (`runner.prepare`); one model thread calls
    `runner.predict` on batches, one call at a time; the pool runs `runner.finish` and
@@ -46,7 +47,7 @@ import orjson
 
 from storage import codecs
 from tasks import jobstore, keys
-from tasks.errors import TrifectaError, translate
+from tasks.errors import ModelError, TrifectaError, internal, translate
 from tasks.inputs import open_uri
 from tasks.schemas import InferRequest
 from tasks.tars import IMAGE_EXTS, iter_members, split_key
@@ -443,7 +444,7 @@ class ShardRun:
         seen_keys: set[str] = set()
         try:
             self.source = ShardSource(raw, self.s.max_shard_bytes)
-            members = iter_members(self.source, max_member=self.s.max_sample_bytes, max_members=self.s.max_samples_per_shard)  # type: ignore[arg-type]
+            members = iter_members(self.source, max_member=self.s.max_sample_bytes, max_members=self.s.max_samples_per_shard, max_total=self.s.max_shard_bytes)  # type: ignore[arg-type]
             for n, sample in enumerate(grouped(members, self.problems)):
                 if self.stop.is_set():
                     break
@@ -601,8 +602,8 @@ def _err(e: TrifectaError) -> dict[str, Any]:
 
 
 def _model_err(e: Exception) -> dict[str, Any]:
-    te = translate(e)
-    return {"code": te.code if isinstance(e, TrifectaError) else "model_error", "message": te.message if isinstance(e, TrifectaError) else f"the model failed on this input: {type(e).__name__}: {e}"}
+    te = e if isinstance(e, TrifectaError) else internal(e, "the model failed on this input: an error", ModelError)  # logged, never its text
+    return {"code": te.code, "message": te.message}
 
 
 # ---------------------------------------------------------------- the job's end
@@ -635,6 +636,7 @@ def finish_job(svc: Any, kw: dict[str, Any]) -> None:
         "counts": {"shards": len(results), "samples": done + failed, "done": done, "failed": failed},
         "worker": svc.worker_id,
         "device": str(svc.device),
+        "trained": svc.runner.trained,
     }
     error = b""
     status = "succeeded"

@@ -48,7 +48,15 @@ async def ping() -> dict[str, bool]:
     return {"ok": True}
 
 
-@router.get("/models/info", summary="Each model: source, revision, devices, input size, batch settings, warm")
+def trained_of(ws: list) -> bool | None:
+    """A model is untrained if any live worker serves random-init weights (its answers may come from it)."""
+    flags = [w.info.get("trained") for w in ws]
+    if any(f is False for f in flags):
+        return False
+    return True if any(f is True for f in flags) else None
+
+
+@router.get("/models/info", summary="Each model: source, revision, trained, devices, input size, batch settings, warm")
 async def models_info(hub: HubDep) -> dict[str, Any]:
     out = {}
     for name, spec in MODELS.items():
@@ -61,6 +69,9 @@ async def models_info(hub: HubDep) -> dict[str, Any]:
             "warm": any(w.info.get("warm") for w in ws),
             "source": next((w.info.get("source") for w in ws), None),
             "revision": next((w.info.get("revision") for w in ws), None),
+            # true: learned weights; false: random-init or tiny (meaningless answers, X-Model-Untrained);
+            # null: not a model (echo), or no live worker to say
+            "trained": trained_of(ws),
             "input_size": next((w.info.get("input_size") for w in ws), None),
             "max_batch_size": next((w.info.get("max_batch_size") for w in ws), None),
             "batch_timeout_ms": next((w.info.get("batch_timeout_ms") for w in ws), None),

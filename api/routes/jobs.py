@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -126,6 +127,8 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, Any]:
         except orjson.JSONDecodeError:
             raise Unprocessable("the `params` part is not valid JSON") from None
         kind = str(form.get("kind") or "image")
+        if kind not in FORM_KINDS:
+            raise Unprocessable(f"kind {shown(kind)} is not one of {', '.join(FORM_KINDS)} (a multipart job uploads one image, one WebDataset shard or one video)")
         if kind == "shard" or (kind == "image" and (up.filename or "").lower().endswith((".tar", ".tar.gz", ".tgz"))):
             # a WebDataset shard: streamed to storage by api/routes/shards.py, never read whole
             return JobIn(model=str(form.get("model") or ""), input={"shards": [], "upload": up.filename or "shard.tar"}, params=params, callback_url=form.get("callback_url") or None), up
@@ -133,8 +136,6 @@ async def _parse(request: Request, settings: Settings) -> tuple[JobIn, Any]:
             return JobIn(model=str(form.get("model") or ""), input={"video": True, "filename": up.filename}, params=params, callback_url=form.get("callback_url") or None), up
         data = await up.read(settings.max_body_bytes + 1)
         if len(data) > settings.max_body_bytes:
-            from tasks.errors import PayloadTooLarge
-
             raise PayloadTooLarge(f"the file is over {settings.max_body_bytes} bytes")
         return JobIn(model=str(form.get("model") or ""), input={kind: True, "filename": up.filename}, params=params, callback_url=form.get("callback_url") or None), data
     raise UnsupportedMediaType("POST /v1/jobs takes application/json or multipart/form-data")
@@ -147,8 +148,28 @@ def _replay(request: Request, body: bytes) -> Request:
     return Request(request.scope, receive)
 
 
+FORM_KINDS = ("image", "shard", "video")
+
+
+def _non_finite(v: Any, path: str, depth: int = 0) -> str | None:
+    """The path of the first NaN or infinite number in `v` (JSON's NaN, Infinity, 1e309), or None."""
+    if isinstance(v, float):
+        return None if math.isfinite(v) else path
+    if depth > 64:
+        return None  # orjson refuses deeper nesting below
+    if isinstance(v, dict):
+        return next((p for k, x in v.items() if (p := _non_finite(x, f"{path}.{k}", depth + 1))), None)
+    if isinstance(v, list):
+        return next((p for i, x in enumerate(v) if (p := _non_finite(x, f"{path}[{i}]", depth + 1))), None)
+    return None
+
+
 def check_params(params: dict[str, Any], settings: Settings) -> None:
-    """413 over MAX_PARAMS_BYTES; 422 for what the queue message cannot carry (integers past 64 bits)."""
+    """413 over MAX_PARAMS_BYTES; 422 for what the queue message cannot carry (integers past 64 bits)
+    or would change: NaN and infinities (JSON has neither; orjson would store them as null)."""
+    bad = _non_finite(params, "params")
+    if bad:
+        raise Unprocessable(f"{shown(bad)} is not a finite number (NaN, Infinity and numbers past 1.8e308 are refused: they would be stored as null)")
     try:
         n = len(orjson.dumps(params))
     except TypeError as e:

@@ -22,10 +22,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from api.body import read_body
+from api.body import raw_body_type, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub, new_job_id
-from api.routes.sync import fetch_output, inline_or_staged, mask_format, raise_failed, sync_timeout
+from api.routes.sync import fetch_output, inline_or_staged, mask_format, raise_failed, sync_timeout, untrained_headers
 from storage import codecs
 from storage.blob import BlobStore
 from tasks import seglabels
@@ -72,7 +72,7 @@ def model_labels(hub: Hub, model: str) -> list[str] | None:
 async def _segment(request: Request, settings: Settings, hub: Hub, store: BlobStore, tenant: str, asked: list[str] | str, fmt: str) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], dict[str, str]]:
     """Run one inference for `asked`; (result, [(name, output)], headers)."""
     model = pick_model(request)
-    ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    ctype = raw_body_type(request)
     if ctype not in IMAGE_CONTENT_TYPES:
         raise UnsupportedMediaType(f"Content-Type {ctype!r} is not accepted; send the image bytes as image/jpeg, image/png, image/webp, image/heic or application/octet-stream")
     timeout = sync_timeout(request, settings)
@@ -95,7 +95,7 @@ async def _segment(request: Request, settings: Settings, hub: Hub, store: BlobSt
     by_key = {o["key"]: o for o in res["outputs"]}
     pairs = [(c["name"], by_key[c["key"]]) for c in res["meta"]["classes"]]
     t = res.get("timing", {})
-    headers = {"X-Job-Id": job_id, "X-Model": model, "X-Queue-Ms": str(t.get("queue_ms", "")), "X-Model-Ms": str(t.get("model_ms", "")), "X-Worker": str(res.get("worker", "")), "X-Image-Size": f"{res['meta']['size'][1]}x{res['meta']['size'][0]}"}
+    headers = {"X-Job-Id": job_id, "X-Model": model, "X-Queue-Ms": str(t.get("queue_ms", "")), "X-Model-Ms": str(t.get("model_ms", "")), "X-Worker": str(res.get("worker", "")), "X-Image-Size": f"{res['meta']['size'][1]}x{res['meta']['size'][0]}", **untrained_headers(res)}
     return res, pairs, headers
 
 

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 
 from api.body import counted_request, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
-from api.routes.sync import fetch_output, inline_or_staged, raise_failed, sync_timeout
+from api.routes.sync import fetch_output, inline_or_staged, raise_failed, sync_timeout, untrained_headers
 from storage.blob import BlobStore
 from tasks.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType, translate
 from tasks.images import probe
@@ -176,6 +176,7 @@ async def run_sam3(request: Request, data: bytes, params: Sam3Params, settings: 
         "X-Queue": queue,
         "X-Cache-Hit": "true" if meta.get("cache_hit") else "false",
         "X-Queue-Ms": str(result.get("timing", {}).get("queue_ms", "")),
+        **untrained_headers(result),
     }
     return doc, meta, headers
 

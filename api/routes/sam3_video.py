@@ -12,8 +12,11 @@
     DELETE /api/v1/video/session/{id}
     GET    /api/v1/video/sessions
 
+Session ids are per tenant (`tf:session:<tenant>:<id>`): another tenant's id is simply free,
+and a tenant holds at most MAX_SESSIONS_PER_TENANT sessions (429 `quota_exceeded` past it).
+
 Affinity: a session is started on the live worker of VIDEO_SESSION_MODEL holding the
-fewest sessions (its registration hash's `sessions`); `tf:session:<id>` records that
+fewest sessions (its registration hash's `sessions`); `tf:session:<tenant>:<id>` records that
 worker's private queue (TTL SESSION_TTL_SECONDS, renewed by every call) and every later
 call is a `trifecta.video` task on that queue, answered on this API's reply channel.
 A session whose worker is gone answers 410.
@@ -42,9 +45,25 @@ from api.hub import Hub, new_job_id
 from api.routes.jobs import links
 from storage.blob import BlobStore, open_store
 from tasks import jobstore, keys
-from tasks.errors import BadRequest, Conflict, Gone, NotFound, NoWorker, Overloaded, PayloadTooLarge, SyncTimeout, TrifectaError, Unprocessable, UnsupportedMediaType, from_code, shown, translate
+from tasks.errors import (
+    BadRequest,
+    Conflict,
+    Gone,
+    NotFound,
+    NoWorker,
+    Overloaded,
+    PayloadTooLarge,
+    QuotaExceeded,
+    SyncTimeout,
+    TrifectaError,
+    Unprocessable,
+    UnsupportedMediaType,
+    from_code,
+    shown,
+    translate,
+)
 from tasks.inputs import STAGED, local_path
-from tasks.sam3_video import DIRECTIONS, JOB_KIND, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, parse_prompts, session_key
+from tasks.sam3_video import CLAIM_LUA, DIRECTIONS, JOB_KIND, TASK_VIDEO, VIDEO_EXTENSIONS, check_session_id, int_field, parse_prompts, session_key, tenant_sessions_key
 from tasks.settings import Settings
 from tasks.webhooks import check_callback_url
 from tasks.wire import build_message
@@ -110,15 +129,16 @@ async def _call(hub: Hub, queue: str, op: str, sid: str, tenant: str, args: dict
 
 
 async def _record(hub: Hub, sid: str, tenant: str) -> dict[str, str]:
-    raw = await hub.redis.hgetall(session_key(check_session_id(sid)))
+    raw = await hub.redis.hgetall(session_key(tenant, check_session_id(sid)))
     rec = {k.decode(): v.decode() for k, v in raw.items()}
     if not rec or rec.get("tenant") != tenant:
         raise NotFound(f"no session {sid} (never started, closed, or expired after SESSION_TTL_SECONDS idle)")
     return rec
 
 
-async def _forget(hub: Hub, store: BlobStore, sid: str, rec: dict[str, str]) -> None:
-    await hub.redis.delete(session_key(sid))
+async def _forget(hub: Hub, store: BlobStore, tenant: str, sid: str, rec: dict[str, str]) -> None:
+    await hub.redis.delete(session_key(tenant, sid))
+    await hub.redis.srem(tenant_sessions_key(tenant), sid)
     if rec.get("job"):  # a propagate job of this session that never finished (its worker died): fail it, don't leave it running
         err = orjson.dumps({"code": "gone", "message": f"session {sid} was closed or its worker {rec.get('worker')} is gone before this propagate job finished"})
         await hub.redis.eval(jobstore.FINISH_LUA, 1, keys.job(rec["job"]), "failed", jobstore.now(), "error", err, "", "")
@@ -132,7 +152,7 @@ async def _live_record(hub: Hub, settings: Settings, store: BlobStore, tenant: s
     alive = {w.id: w for w in hub.live(settings.video_session_model)}
     w = alive.get(rec["worker"])
     if w is None or time.time() - w.heartbeat > _stale_after(settings):
-        await _forget(hub, store, sid, rec)
+        await _forget(hub, store, tenant, sid, rec)
         raise Gone(f"session {sid} lived on worker {rec['worker']}, which is gone; its frames and tracking state are lost — start a new session")
     return rec
 
@@ -140,11 +160,11 @@ async def _live_record(hub: Hub, settings: Settings, store: BlobStore, tenant: s
 async def _session_call(hub: Hub, settings: Settings, store: BlobStore, tenant: str, sid: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
     """A call on an open session, on its own worker; 410 when that worker is gone."""
     rec = await _live_record(hub, settings, store, tenant, sid)
-    await hub.redis.expire(session_key(sid), int(settings.session_ttl_seconds) + 5)
+    await hub.redis.expire(session_key(tenant, sid), int(settings.session_ttl_seconds) + 5)
     try:
         return await _call(hub, rec["queue"], op, sid, tenant, args, settings.session_call_timeout_s)
     except Gone:
-        await _forget(hub, store, sid, rec)
+        await _forget(hub, store, tenant, sid, rec)
         raise
 
 
@@ -154,9 +174,12 @@ async def _start(hub: Hub, settings: Settings, store: BlobStore, tenant: str, si
     rec = {"worker": w.id, "queue": w.queues[1], "tenant": tenant, "created": str(time.time()), "source": uri}
     if upload:
         rec["upload"] = upload
-    k = session_key(sid)
-    if not await hub.redis.hsetnx(k, "worker", w.id):
+    k = session_key(tenant, sid)
+    claimed = await hub.redis.eval(CLAIM_LUA, 2, tenant_sessions_key(tenant), k, sid, settings.max_sessions_per_tenant, w.id, session_key(tenant, ""), int(settings.session_ttl_seconds) * 2 + 60)
+    if claimed == -1:
         raise Conflict(f"session {sid} already exists")
+    if claimed == -2:
+        raise _over_quota(tenant, settings)
     pipe = hub.redis.pipeline(transaction=True)
     pipe.hset(k, mapping=rec)
     pipe.expire(k, int(settings.session_ttl_seconds) + 5)
@@ -164,9 +187,26 @@ async def _start(hub: Hub, settings: Settings, store: BlobStore, tenant: str, si
     try:
         res = await _call(hub, w.queues[1], "start", sid, tenant, {"uri": uri, "upload": upload}, settings.session_call_timeout_s)
     except BaseException:
-        await _forget(hub, store, sid, {"upload": upload or ""})
+        await _forget(hub, store, tenant, sid, {"upload": upload or ""})
         raise
     return {"session_id": sid, "video_info": res["video_info"], "status": res.get("status", "ready"), "worker": res.get("worker", w.id)}
+
+
+def _over_quota(tenant: str, settings: Settings) -> QuotaExceeded:
+    n = settings.max_sessions_per_tenant
+    return QuotaExceeded(f"tenant {tenant!r} holds its MAX_SESSIONS_PER_TENANT={n} open video sessions; close one (DELETE /api/v1/video/session/{{id}}) or retry later", headers={"Retry-After": "10"})
+
+
+async def _check_quota(hub: Hub, settings: Settings, tenant: str) -> None:
+    """429 before an upload is read when the tenant already holds its quota (`_start` checks again, atomically)."""
+    sids = [x.decode() for x in await hub.redis.smembers(tenant_sessions_key(tenant))]
+    if len(sids) < settings.max_sessions_per_tenant:
+        return
+    pipe = hub.redis.pipeline(transaction=False)
+    for sid in sids:
+        pipe.exists(session_key(tenant, sid))
+    if sum(await pipe.execute()) >= settings.max_sessions_per_tenant:
+        raise _over_quota(tenant, settings)
 
 
 def _new_sid(body: dict[str, Any]) -> str:
@@ -196,6 +236,7 @@ async def upload_session(request: Request, settings: SettingsDep, hub: HubDep, s
         raise UnsupportedMediaType("POST /api/v1/video/session/upload takes multipart/form-data with a `file` part")
     limit = settings.max_video_bytes
     _pick_worker(hub, settings)  # 503 before reading a large body
+    await _check_quota(hub, settings, tenant)  # 429 too
     form = await counted_request(request, limit, limit).form(max_files=1, max_fields=8)
     up = form.get("file")
     if up is None or isinstance(up, str):
@@ -207,7 +248,7 @@ async def upload_session(request: Request, settings: SettingsDep, hub: HubDep, s
     raw_sid = form.get("session_id")
     sid = _new_sid({"session_id": raw_sid if isinstance(raw_sid, str) else None})
     prefix = f"{tenant}/videos/{sid}/"
-    if await hub.redis.exists(session_key(sid)):
+    if await hub.redis.exists(session_key(tenant, sid)):
         raise Conflict(f"session {sid} already exists")
     key = f"{prefix}video{ext}"
     try:
@@ -244,7 +285,7 @@ async def close_session(session_id: str, settings: SettingsDep, hub: HubDep, sto
         res = await _session_call(hub, settings, store, tenant, session_id, "close", {})
     except Gone:
         res = {"session_id": session_id, "closed": True, "worker": rec["worker"], "note": "its worker was already gone"}
-    await _forget(hub, store, session_id, rec)
+    await _forget(hub, store, tenant, session_id, rec)
     return JSONResponse({**res, "upload_deleted": bool(rec.get("upload"))})
 
 
@@ -252,12 +293,14 @@ async def close_session(session_id: str, settings: SettingsDep, hub: HubDep, sto
 async def list_sessions(settings: SettingsDep, hub: HubDep, tenant: TenantDep) -> JSONResponse:
     out = []
     alive = {w.id for w in hub.live(settings.video_session_model)}
-    async for k in hub.redis.scan_iter(match=session_key("*"), count=500):
-        raw = await hub.redis.hgetall(k)
+    sids = sorted(x.decode() for x in await hub.redis.smembers(tenant_sessions_key(tenant)))
+    pipe = hub.redis.pipeline(transaction=False)
+    for sid in sids:
+        pipe.hgetall(session_key(tenant, sid))
+    for sid, raw in zip(sids, await pipe.execute() if sids else [], strict=True):
         rec = {a.decode(): b.decode() for a, b in raw.items()}
-        if rec.get("tenant") != tenant:
+        if rec.get("tenant") != tenant:  # expired (the set is pruned at the next start)
             continue
-        sid = k.decode().rsplit(":", 1)[1]
         out.append({"session_id": sid, "worker": rec.get("worker"), "created_at": float(rec.get("created", 0)), "uploaded": bool(rec.get("upload")), "worker_alive": rec.get("worker") in alive})
     out.sort(key=lambda s: s["created_at"])
     return JSONResponse({"sessions": out, "count": len(out)})
@@ -336,8 +379,8 @@ async def _propagate_job(hub: Hub, settings: Settings, store: BlobStore, tenant:
     pipe = hub.redis.pipeline(transaction=True)
     pipe.hset(k, mapping={**jobstore.new_record(doc), "worker": rec["worker"]})  # the session's worker: a poll finds the job orphaned if it dies
     jobstore.keep(pipe, job_id, tenant, ttl, now)
-    pipe.hset(session_key(sid), "job", job_id)
-    pipe.expire(session_key(sid), int(settings.session_ttl_seconds) + 5)
+    pipe.hset(session_key(tenant, sid), "job", job_id)
+    pipe.expire(session_key(tenant, sid), int(settings.session_ttl_seconds) + 5)
     pipe.lpush(rec["queue"], build_message(TASK_VIDEO, job_id, {"call": call}, rec["queue"]))
     await pipe.execute()
     body = {"job_id": job_id, "status": "queued", "kind": JOB_KIND, "session_id": sid, "worker": rec["worker"], "links": links(job_id)}

@@ -2,10 +2,12 @@
 
     POST /run_segmentation | /run_textmask | /run_facemask   (and /run_echo)
 
-Body: image bytes (`image/jpeg|png|webp`, `application/octet-stream`), optionally
+Body: image bytes (`image/jpeg|png|webp`, `application/octet-stream`; no Content-Type at
+all counts as `application/octet-stream`: the image is sniffed from its bytes), optionally
 `Content-Encoding: gzip`, or a small WebDataset tar (`application/x-tar`,
 `application/x-tar+gzip`) answered as a batch. The answer is packbits by default
-(`X-Mask-Format`, `X-Batch-Size` headers), PNG with `?format=png`, or COCO RLE JSON.
+(`X-Mask-Format`, `X-Batch-Size` headers), PNG with `?format=png`, or COCO RLE JSON
+(textmask's RLE answer also carries `regions`: the text quadrilaterals and their scores).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from api.body import gunzip_capped, read_body
+from api.body import gunzip_capped, raw_body_type, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from storage import codecs
 from storage.blob import BlobStore, FileStore
@@ -35,7 +37,7 @@ from tasks.tars import read_small_tar
 
 log = logging.getLogger("trifecta.api")
 router = APIRouter(tags=["sync masks"])
-SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo")
+SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo", "simulated")
 TAR_TYPES = {"application/x-tar", "application/x-tar+gzip", "application/tar", "application/x-gtar"}
 
 
@@ -124,7 +126,7 @@ def raise_failed(reply: dict[str, Any]) -> None:
 
 
 async def _run(model: str, request: Request, settings: Settings, hub: Any, store: BlobStore, tenant: str) -> Response:
-    ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    ctype = raw_body_type(request)
     is_tar = ctype in TAR_TYPES
     if not is_tar and ctype not in IMAGE_CONTENT_TYPES:
         raise UnsupportedMediaType(f"Content-Type {ctype!r} is not accepted; send image/jpeg, image/png, image/webp, application/octet-stream or application/x-tar")
@@ -150,11 +152,21 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if reply["status"] != "succeeded":
         raise_failed(reply)
     result = reply["result"]
-    headers = _timing_headers(q.id, result, 1, fmt)
+    # X-Batch-Size of one image: the images in the model call it ran in (dynamic batching), as /api/v1/infer answers
+    headers = _timing_headers(q.id, result, int(result.get("timing", {}).get("batch_size") or 1), fmt)
     if model == "echo":  # orjson: Starlette's JSONResponse runs the stdlib encoder
         return Response(orjson.dumps({"job_id": q.id, **result["meta"], "timing": result["timing"]}), media_type="application/json", headers=headers)
-    data = await fetch_output(store, result["outputs"][0])
+    out = result["outputs"][0]
+    data = await fetch_output(store, out)
+    if fmt == "rle" and "regions" in (result.get("meta") or {}):
+        data = orjson.dumps(with_regions(orjson.loads(data), result["meta"]))
     return Response(data, media_type=codecs.CONTENT_TYPES[fmt], headers=headers)
+
+
+def with_regions(rle: dict[str, Any], meta: dict[str, Any] | None) -> dict[str, Any]:
+    """An RLE answer with the model's `regions` beside `size` and `counts` (textmask: the text
+    quadrilaterals and their scores, as in a job's result.json `meta`)."""
+    return {**rle, "regions": meta["regions"]} if meta and "regions" in meta else rle
 
 
 async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float, request: Request, settings: Settings, hub: Any, store: BlobStore, tenant: str) -> Response:
@@ -162,7 +174,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
         body = await asyncio.to_thread(gunzip_capped, body, settings.max_body_bytes)  # off the event loop
     if fmt == "png":
         raise BadRequest("png answers a single image; ask a tar batch for packbits or rle")
-    samples = read_small_tar(io.BytesIO(body), max_member=settings.max_sample_bytes, max_members=settings.max_sync_batch * 8 + 8)
+    samples = read_small_tar(io.BytesIO(body), max_member=settings.max_sample_bytes, max_members=settings.max_sync_batch * 8 + 8, max_total=settings.max_body_bytes)
     if len(samples) > settings.max_sync_batch:
         raise TooManySamples(f"the tar holds {len(samples)} samples; the sync endpoint takes at most {settings.max_sync_batch} (MAX_SYNC_BATCH). Submit it as a shard job: POST /v1/jobs with input.shards or a multipart file")
     hub.admit(model, len(samples))
@@ -192,6 +204,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
     rles: list[Any] = [None] * len(samples)
     metas: list[Any] = [None] * len(samples)
     paths = []
+    untrained = untrained_headers(*(rep.get("result") for rep in replies))
     for (i, _), rep in zip(reqs, replies, strict=True):
         if rep["status"] != "succeeded":
             err = rep.get("error") or {}
@@ -203,8 +216,8 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
     datas = await asyncio.gather(*(fetch_output(store, p) for _, p in paths))
     for (i, _), d in zip(paths, datas, strict=True):
         masks[i] = d
-        rles[i] = orjson.loads(d) if fmt == "rle" else None
-    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), **_sample_headers(order, sorted(errors.values(), key=lambda e: e["index"]))}
+        rles[i] = with_regions(orjson.loads(d), metas[i]) if fmt == "rle" else None
+    headers = {"X-Mask-Format": fmt, "X-Batch-Size": str(len(samples)), **untrained, **_sample_headers(order, sorted(errors.values(), key=lambda e: e["index"]))}
     if model == "echo":  # echo writes no mask: each sample's answer is its meta, as for one image
         return JSONResponse({"keys": order, "results": metas, "errors": sorted(errors.values(), key=lambda e: e["index"])}, headers=headers)
     if fmt == "rle":
@@ -235,9 +248,16 @@ def _number(v: str, name: str) -> float:
         raise BadRequest(f"{name} must be a number") from None
 
 
+def untrained_headers(*results: dict[str, Any] | None) -> dict[str, str]:
+    """`X-Model-Untrained: true` when a random-init or tiny model gave any of these results
+    (the worker's `trained: false`): the answer has the right shape and no meaning."""
+    return {"X-Model-Untrained": "true"} if any(r and r.get("trained") is False for r in results) else {}
+
+
 def _timing_headers(job_id: str, result: dict[str, Any], n: int, fmt: str) -> dict[str, str]:
     t = result.get("timing", {})
     return {
+        **untrained_headers(result),
         "X-Mask-Format": fmt,
         "X-Batch-Size": str(n),
         "X-Job-Id": job_id,

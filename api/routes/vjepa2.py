@@ -35,7 +35,7 @@ from api.body import read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub
 from api.routes.jobs import register_input_kind
-from api.routes.sync import inline_or_staged, raise_failed, sync_timeout
+from api.routes.sync import inline_or_staged, raise_failed, sync_timeout, untrained_headers
 from storage.blob import BlobStore
 from tasks import clips as clipc
 from tasks import keys
@@ -110,7 +110,7 @@ async def infer(request: Request, settings: SettingsDep, hub: HubDep, store: Sto
         raise_failed(reply)
     res = reply["result"]
     t = res.get("timing", {})
-    headers = {"X-Job-Id": job_id, "X-Queue-Ms": str(t.get("queue_ms", "")), "X-Model-Ms": str(t.get("model_ms", "")), "X-Batch-Size": str(t.get("batch_size", "")), "X-Worker": str(res.get("worker", ""))}
+    headers = {"X-Job-Id": job_id, "X-Queue-Ms": str(t.get("queue_ms", "")), "X-Model-Ms": str(t.get("model_ms", "")), "X-Batch-Size": str(t.get("batch_size", "")), "X-Worker": str(res.get("worker", "")), **untrained_headers(res)}
     return JSONResponse({"predictions": res["meta"]["predictions"], "clip_id": str(uuid.UUID(job_id))}, headers=headers)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import ModelError, TrifectaError, translate
+from tasks.errors import ModelError, TrifectaError, internal, translate
 from tasks.schemas import InferRequest
 from tasks.settings import Settings
 from workers.device import Device
@@ -64,6 +64,9 @@ class Runner(ABC):
         self.source = ""
         self.revision: str | None = None
         self.input_size: int | None = None
+        # learned weights (True), random-init / tiny (False: its answers are meaningless and say so,
+        # `X-Model-Untrained`), or not a model at all (None: echo). Set by `load` from the model's files.
+        self.trained: bool | None = None
         self.calls = 0  # model calls so far (tests count them)
 
     # -- hooks -------------------------------------------------------------
@@ -94,6 +97,7 @@ class Runner(ABC):
             "family": self.family,
             "source": self.source,
             "revision": self.revision,
+            "trained": self.trained,
             "input_size": self.input_size,
             "device": str(self.device),
             "warm": self.warm,
@@ -149,12 +153,14 @@ class Runner(ABC):
 def _model_error(e: Exception) -> TrifectaError:
     if isinstance(e, TrifectaError):
         return e
-    return ModelError(f"the model failed on this input: {type(e).__name__}: {e}")
+    return internal(e, "the model failed on this input: an error", ModelError)
 
 
 _FAMILIES: dict[str, str] = {
     "onnxseg": "workers.runners.onnxseg:OnnxSegRunner",
+    "textdet": "workers.runners.textdet:TextDetRunner",
     "echo": "workers.runners.echo:EchoRunner",
+    "simulated": "workers.runners.simulated:SimulatedRunner",
     "sam3": "workers.runners.sam3:Sam3Runner",
     "vjepa2": "workers.runners.vjepa2:VJEPA2Runner",
     "mask2former": "workers.runners.mask2former:Mask2FormerRunner",

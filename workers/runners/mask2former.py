@@ -6,17 +6,23 @@ original image size, so `/segment-batch` costs one inference where the source se
 client made four `/segment` calls. With `classes="all"` the answer is one mask per class
 present plus a label-map PNG (`labels.png`, pixel = class id).
 
-Preprocessing follows the checkpoint's image processor config (`Mask2FormerImageProcessorPil`:
-mean, std, rescale factor, size divisor), with the source service's resize: EXIF orientation
-applied, the long side scaled down to M2F_LONG_SIDE, padded to a multiple of 32.
+The label map is the one transformers' own recipe gives on the same input, pixel for pixel
+(`tests/test_parity_torch.py` checks it over HTTP):
 
-Post-processing is the processor's semantic recipe (softmax class scores without the null
-class x sigmoid mask scores, summed over queries) with two changes that keep large images
-safe: the class scores are upsampled to the original size in bands of rows with
-`grid_sample` (exactly the bilinear resize `post_process_semantic_segmentation` does, but
-never a whole C x H x W tensor: the source service died allocating 13.67 GiB for a 24 MP
-HEIC), and only for classes present at the model's resolution plus the ones asked for.
-Images over M2F_MAX_PIXELS are refused with 422 before any work.
+1. EXIF orientation applied; an image whose long side is over M2F_LONG_SIDE is scaled down
+   to it first (Pillow bilinear), as the source service did: the one deliberate step before
+   the reference recipe, bounding decode-to-model work on phone photos.
+2. The checkpoint's own image processor (`AutoImageProcessor`: its resize rule, size divisor,
+   rescale and normalisation), called on that image exactly as a user would.
+3. The model; then the processor's `post_process_semantic_segmentation` scores (mask logits at
+   384 x 384, softmax class scores without the null class x sigmoid masks, summed over queries).
+4. Those scores resized (bilinear) to the ORIGINAL image size and argmax: what
+   `post_process_semantic_segmentation(target_sizes=[(H, W)])` does, computed without its
+   C x H x W tensor (150 x 24 MP in float32 is the 13.67 GiB the source service died
+   allocating): see `upsample_labels`.
+
+Images of one processed shape share one forward; images over M2F_MAX_PIXELS are refused with
+422 before any work.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from tasks import seglabels
 from tasks.errors import Unprocessable
 from tasks.images import decode_rgb
 from tasks.settings import Settings
+from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
+from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.mask2former")
 # OpenMP threads that spin while they wait take the cores this worker's other threads (decode,
@@ -70,8 +78,9 @@ assert len(ADE20K_LABELS) == 150
 
 @dataclass
 class Prepared:
-    x: np.ndarray  # 3 x h x w float32, normalised (not yet padded)
+    x: Any  # 3 x h x w float tensor: the image processor's pixel_values for this image
     size: tuple[int, int]  # (H, W) of the original (EXIF-oriented) image
+    shrunk: tuple[int, int]  # (h, w) after the M2F_LONG_SIDE step, what the processor was given
     wanted: list[tuple[str, int]] | None  # (asked name, class id); None = all present classes
     label_map: bool
 
@@ -85,7 +94,7 @@ class Mask2FormerRunner(Runner):
 
     def load(self) -> None:
         import torch
-        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         torch.set_num_threads(max(1, self.device.threads))
         src = self.settings.m2f_checkpoint
@@ -93,29 +102,26 @@ class Mask2FormerRunner(Runner):
         from workers.runners.vjepa2 import source_of
 
         self.source, self.revision = source_of(src)
-        self.processor = Mask2FormerImageProcessorPil.from_pretrained(src, **kw)
-        self.dtype = torch.float16 if self.device.kind == "cuda" else torch.float32
+        self.trained = is_trained(src)
+        # the checkpoint's own processor, as a user loads it: its resize rule, size divisor,
+        # rescale and normalisation, and the post-processing the label map must agree with
+        self.processor = AutoImageProcessor.from_pretrained(src, **kw)
+        self.dtype = torch_dtype(self.device, self.settings)  # TORCH_DTYPE; auto: fp16 on a GPU, fp32 on a CPU
         self.net = Mask2FormerForUniversalSegmentation.from_pretrained(src, dtype=self.dtype, **kw).eval().to(self.device.local)
+        maybe_compile(self.net, self.settings, "Mask2Former")
         cfg = self.net.config
         n = int(cfg.num_labels)
         self.labels = [str(cfg.id2label.get(i, cfg.id2label.get(str(i), f"LABEL_{i}"))).strip() for i in range(n)]  # type: ignore[union-attr]
-        p = self.processor
-        mean = np.asarray(p.image_mean, np.float32)
-        std = np.asarray(p.image_std, np.float32)
-        rescale = float(p.rescale_factor) if p.do_rescale else 1.0
-        if not p.do_normalize:
-            mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
-        # x_norm = (x * rescale - mean) / std = x * scale + offset, per channel
-        self._scale = (rescale / std).reshape(3, 1, 1).astype(np.float32)
-        self._offset = (-mean / std).reshape(3, 1, 1).astype(np.float32)
-        self.divisor = int(getattr(p, "size_divisor", 32) or 32)
         self.long_side = self.settings.m2f_long_side
         self.input_size = self.long_side
-        log.info("loaded Mask2Former from %s on %s: %d classes, long side %d", self.source, self.device, n, self.long_side)
+        log.info("loaded Mask2Former from %s on %s: %d classes, long side %d, processor %s", self.source, self.device, n, self.long_side, type(self.processor).__name__)
 
     def warmup(self) -> None:
-        h = max(self.divisor, (self.long_side * 3 // 4) // self.divisor * self.divisor)
-        self._forward(np.zeros((1, 3, h, _ceil(self.long_side, self.divisor)), np.float32))
+        import torch
+
+        x = self._pixels(np.zeros((self.long_side * 3 // 4, self.long_side, 3), np.uint8))
+        with torch.inference_mode():
+            self._forward(x[None])
         self.forwards = 0  # count requests' forwards only
         self.warm = True
 
@@ -130,58 +136,45 @@ class Mask2FormerRunner(Runner):
             asked = list(seglabels.DEFAULT_CLASSES)
         wanted = None if asked == seglabels.ALL else seglabels.resolve(asked, self.labels)  # type: ignore[arg-type]
         label_map = bool(p.get("label_map", asked == seglabels.ALL))
-        rgb = decode_image(item.data, self.settings)
-        H, W = rgb.shape[:2]
-        k = min(1.0, self.long_side / max(H, W))
-        h, w = max(1, round(H * k)), max(1, round(W * k))
-        im = Image.fromarray(rgb)
-        if (h, w) != (H, W):
-            im = im.resize((w, h), Image.BILINEAR)
-        x = np.asarray(im, np.float32).transpose(2, 0, 1) * self._scale + self._offset
-        return Prepared(x.astype(np.float32, copy=False), (H, W), wanted, label_map)
+        full = decode_image(item.data, self.settings)
+        rgb = shrink(full, self.long_side)
+        return Prepared(self._pixels(rgb), full.shape[:2], rgb.shape[:2], wanted, label_map)
 
-    def _forward(self, x: np.ndarray) -> Any:
+    def _pixels(self, rgb: np.ndarray) -> Any:
+        """The image processor's `pixel_values` for one H x W x 3 uint8 image (resized, rescaled, normalised)."""
+        rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on a read-only array
+        return self.processor(images=rgb, return_tensors="pt")["pixel_values"][0]
+
+    def _forward(self, x: Any) -> Any:
         import torch
 
         self.forwards += 1
         with torch.inference_mode():
-            out = self.net(pixel_values=torch.from_numpy(x).to(self.device.local, dtype=self.dtype))
-        return out.class_queries_logits.float(), out.masks_queries_logits.float()
+            return self.net(pixel_values=x.to(self.device.local, dtype=self.dtype))
 
     def predict(self, batch: list[Prepared]) -> list[Any]:
-        """One forward per padded input shape (images of one shape batch together; padding a
-        small image up to a large one would change its answer)."""
+        """One forward per processed input shape (images of one shape batch together; padding a
+        small image up to a large one, as the processor does for a mixed batch, would change
+        its answer), then the processor's semantic scores per image (C x 384 x 384)."""
         import torch
 
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, b in enumerate(batch):
-            _, h, w = b.x.shape
-            groups.setdefault((_ceil(h, self.divisor), _ceil(w, self.divisor)), []).append(i)
+            groups.setdefault(tuple(b.x.shape), []).append(i)
         out: list[Any] = [None] * len(batch)
-        for (hp, wp), idx in groups.items():
-            x = np.zeros((len(idx), 3, hp, wp), np.float32)
+        for idx in groups.values():
+            o = self._forward(torch.stack([batch[i].x for i in idx]))
+            cls, masks = o.class_queries_logits.float(), o.masks_queries_logits.float()
             for j, i in enumerate(idx):
-                _, h, w = batch[i].x.shape
-                x[j, :, :h, :w] = batch[i].x
-            cls, masks = self._forward(x)
-            # the processor's semantic scores: P(class | query) without the null class x P(pixel | query)
-            scores = torch.einsum("bqc,bqhw->bchw", cls.softmax(-1)[..., :-1], masks.sigmoid())
-            for j, i in enumerate(idx):
-                out[i] = (scores[j].cpu(), (hp, wp))
+                one = _Outputs(class_queries_logits=cls[j : j + 1], masks_queries_logits=masks[j : j + 1])
+                out[i] = self.processor.post_process_semantic_segmentation(one, return_segmentation_scores=True)[0].segmentation_scores.cpu()
         return out
 
     def finish(self, item: Item, prepared: Prepared, pred: Any) -> Produced:
-        scores, (hp, wp) = pred
+        scores = pred
         H, W = prepared.size
-        _, h, w = prepared.x.shape
-        hm, wm = scores.shape[-2:]
-        # classes present at the model's resolution (inside the image, not its padding)
-        low = scores[:, : max(1, -(-h * hm // hp)), : max(1, -(-w * wm // wp))].argmax(0)
-        present = sorted({int(c) for c in low.unique().tolist()})
-        wanted_ids = [cid for _, cid in prepared.wanted] if prepared.wanted is not None else []
-        cand = sorted(set(present) | set(wanted_ids))
         try:
-            labels = upsample_labels(scores[cand], cand, (H, W), (h, w), (hp, wp))
+            labels = upsample_labels(scores, (H, W))
         except (RuntimeError, MemoryError) as e:
             raise Unprocessable(f"the image ({W}x{H}) is too large to segment on this worker ({type(e).__name__}); downscale it and retry") from None
         masks: dict[str, np.ndarray] = {}
@@ -202,7 +195,28 @@ class Mask2FormerRunner(Runner):
                 classes.append({"name": name, "label": self.labels[cid], "id": cid, "key": key, "pixels": int(np.count_nonzero(m))})
         if prepared.label_map:
             blobs["labels.png"] = (codecs.encode_label_map(labels), "png", "image/png")
-        return Produced(masks=masks, blobs=blobs, meta={"classes": classes, "size": [H, W], "model_input": [h, w], "present": [seglabels.norm(self.labels[c]) for c in present]})
+        present = sorted({int(c) for c in np.unique(labels).tolist()})
+        meta = {"classes": classes, "size": [H, W], "model_input": list(prepared.x.shape[-2:]), "present": [seglabels.norm(self.labels[c]) for c in present]}
+        return Produced(masks=masks, blobs=blobs, meta=meta)
+
+
+@dataclass
+class _Outputs:
+    """The two fields of the model's output `post_process_semantic_segmentation` reads."""
+
+    class_queries_logits: Any
+    masks_queries_logits: Any
+
+
+def shrink(rgb: np.ndarray, long_side: int) -> np.ndarray:
+    """The source service's step before the processor: a long side over `long_side` scaled
+    down to it (Pillow bilinear, sizes rounded); a smaller image is left as it is."""
+    H, W = rgb.shape[:2]
+    k = long_side / max(H, W)
+    if k >= 1:
+        return rgb
+    h, w = max(1, round(H * k)), max(1, round(W * k))
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
 
 
 def decode_image(data: bytes, settings: Settings) -> np.ndarray:
@@ -215,38 +229,70 @@ def decode_image(data: bytes, settings: Settings) -> np.ndarray:
     return decode_rgb(data, settings.max_image_pixels)
 
 
-def upsample_labels(scores: Any, ids: list[int], size: tuple[int, int], content: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
-    """Class scores at the model's mask resolution (K x hm x wm over the padded input) → the
-    original image's H x W class-id map, as a bilinear resize of the scores to H x W over the
-    image's content followed by argmax, computed in bands of rows so memory stays bounded."""
+def upsample_labels(scores: Any, size: tuple[int, int]) -> np.ndarray:
+    """Class scores C x h x w (the processor's 384 x 384 semantic scores) → the H x W class-id map
+    `post_process_semantic_segmentation(target_sizes=[(H, W)])` gives, identical pixel for pixel,
+    without its C x H x W float tensor.
+
+    Why not that call: at 24 MP it allocates 150 x 24 M floats (13.67 GiB). Rows cannot be
+    banded exactly (a band's own resize maps its pixel centres differently), so this works per
+    class instead: torch's bilinear resize computes every output element from its own four
+    neighbours with the same arithmetic whatever the channel count (its generic CPU kernel; the
+    exceptions are handled below), so resizing a subset of the classes gives those classes'
+    exact values, and a running argmax over them in class order picks what argmax over all
+    picks (ties go to the lower id, as torch's argmax). Classes that cannot win anywhere are
+    skipped: a bilinear value lies between the smallest and largest of its four neighbours, so
+    a class whose largest value in every 2 x 2 cell of the grid is below the best smallest value
+    of some class there never wins (with a margin for float rounding). Memory: one chunk of
+    classes at full size (BAND_BYTES, at least one class), the running best and the map. Time:
+    like the reference's own resize for the classes kept; a trained model's scores leave a few
+    classes per image, a random-init model's nearly flat scores keep all of them."""
     import torch
     import torch.nn.functional as F
 
     H, W = size
-    h, w = content
-    hp, wp = padded
-    dtype = np.uint8 if max(ids) < 256 else np.uint16
-    if len(ids) == 1:
-        return np.full((H, W), ids[0], dtype)
-    lut = torch.tensor(ids, dtype=torch.int32)
-    k = scores.shape[0]
-    # the centre of output pixel x lies at input x_in = (x + 0.5) * w / W; over the padded
-    # input [0, wp) grid_sample's normalised coordinate is x_in / wp * 2 - 1 (align_corners=False)
-    gx = ((torch.arange(W, dtype=torch.float32) + 0.5) * (w / W)) / wp * 2 - 1
-    rows = max(1, BAND_BYTES // max(1, W * (4 * k + 12)))
-    out = np.empty((H, W), dtype)
-    src = scores[None].float()
-    for r0 in range(0, H, rows):
-        r1 = min(H, r0 + rows)
-        gy = ((torch.arange(r0, r1, dtype=torch.float32) + 0.5) * (h / H)) / hp * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
-        band = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-        out[r0:r1] = lut[band.argmax(0)].numpy().astype(dtype)
-    return out
+    scores = scores.float()
+    C = scores.shape[0]
+    dtype = np.uint8 if C <= 256 else np.uint16
+    if H + W <= 128 or C <= 4 or C * H * W * 4 <= BAND_BYTES:
+        # small: the reference call itself (torch picks a channels-last kernel, whose values
+        # depend on the channel count, for outputs with H + W <= 128 and for exactly 3 channels
+        # on one thread: subsets of such a call would not match it)
+        up = F.interpolate(scores[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        return up.argmax(0).numpy().astype(dtype)
+    ids = _candidates(scores)
+    per = max(1, BAND_BYTES // (H * W * 4))
+    chunks = [ids[i : i + per] for i in range(0, len(ids), per)]
+    # torch resizes exactly 3 channels with another kernel on one thread: never ask for 3
+    chunks = [part for c in chunks for part in ((c[:2], c[2:]) if len(c) == 3 else (c,))]
+    best: Any = None
+    label: Any = None
+    for chunk in chunks:
+        up = F.interpolate(scores[None, chunk], size=(H, W), mode="bilinear", align_corners=False)[0]
+        vals, idx = up.max(0)  # the first of equal maxima: the lowest id of the chunk
+        del up
+        ids_t = torch.tensor(chunk, dtype=torch.int16)
+        if best is None:
+            best, label = vals, ids_t[idx]
+            continue
+        better = vals > best  # strict: on a tie the lower id (an earlier chunk) stays, as argmax
+        torch.maximum(best, vals, out=best)
+        label = torch.where(better, ids_t[idx], label)
+    return label.numpy().astype(dtype, copy=False)
 
 
-def _ceil(v: int, d: int) -> int:
-    return -(-v // d) * d
+def _candidates(scores: Any) -> list[int]:
+    """Classes that can win somewhere in a bilinear resize of `scores` (C x h x w), in id order."""
+    import torch
+    import torch.nn.functional as F
+
+    s = scores[None]
+    hi = F.max_pool2d(s, 2, stride=1, ceil_mode=True)[0] if min(s.shape[-2:]) > 1 else s[0]
+    lo = -F.max_pool2d(-s, 2, stride=1, ceil_mode=True)[0] if min(s.shape[-2:]) > 1 else s[0]
+    margin = 1e-4 * (1.0 + float(scores.abs().max()))
+    floor = lo.max(0).values  # per cell: the best class's smallest corner
+    can = (hi >= floor[None] - margin).flatten(1).any(1)
+    return [int(c) for c in torch.nonzero(can).flatten().tolist()]
 
 
 Runner = Mask2FormerRunner  # the family registry's naming convention
@@ -266,7 +312,7 @@ TINY = {
 def write_random(out: str, arch: dict[str, Any] | None = None, labels: list[str] | None = None, long_side: int = 768, source: str | None = None) -> str:
     """A random-init Mask2Former (+ image processor config) written with `save_pretrained`."""
     import torch
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil, SwinConfig
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
 
     arch = arch or TINY
     labels = labels or ADE20K_LABELS
@@ -280,7 +326,9 @@ def write_random(out: str, arch: dict[str, Any] | None = None, labels: list[str]
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(d))
-    Mask2FormerImageProcessorPil(size={"shortest_edge": long_side, "longest_edge": long_side * 4}, size_divisor=32).save_pretrained(str(d))
+    # the processor scales an image's long side to `long_side` (then up to a multiple of 32), so
+    # with M2F_LONG_SIDE at the same value the model sees the shrunk image at its own size
+    Mask2FormerImageProcessor(size={"shortest_edge": long_side, "longest_edge": long_side}, size_divisor=32).save_pretrained(str(d))
     n_params = sum(p.numel() for p in model.parameters())
     desc = source or f"random-init Mask2Former (Swin embed {arch['backbone']['embed_dim']}, depths {arch['backbone']['depths']}, {n_params / 1e6:.1f} M parameters; UNTRAINED: masks are meaningless)"
     (d / "SOURCE.json").write_text(json.dumps({"source": desc, "revision": None, "pretrained": False}, indent=2))
@@ -314,8 +362,11 @@ def _favour_defaults(model: Any) -> None:
     lin.bias.data = lin.bias.data[perm].clone()
 
 
+TINY_LONG_SIDE = 256  # the tiny checkpoint's processor: long side 256 (tests run M2F_LONG_SIDE=256)
+
+
 def write_tiny(out: str) -> str:
-    return write_random(out)
+    return write_random(out, long_side=TINY_LONG_SIDE)
 
 
 def ensure(settings: Settings) -> str:

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from tasks.images import decode_fitted
-from workers.device import onnx_providers
+from workers.modelfiles import is_trained
+from workers.onnxrun import OrtModel
 from workers.runners.base import Item, Produced, Runner
 
 log = logging.getLogger("trifecta.onnxseg")
@@ -93,6 +94,7 @@ class OnnxSegRunner(Runner):
         import onnxruntime as ort
 
         onnx_path, cfg_path, self.source, self.revision = locate_files(self.model, self.settings)
+        self.trained = is_trained(onnx_path.parent)  # a hub download has no SOURCE.json beside it: trained
         self.cfg = SegConfig.load(cfg_path)
         size = self.settings.input_size or self.cfg.input_size
         m = max(1, self.cfg.multiple_of)
@@ -106,12 +108,11 @@ class OnnxSegRunner(Runner):
             # idle intra-op threads would spin on the very cores that decode and encode the
             # next images; they sleep instead (measured: decode+preprocess 5x faster next to the model)
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = onnx_providers(self.device, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
-        names_in = [i.name for i in self.session.get_inputs()]
-        names_out = [o.name for o in self.session.get_outputs()]
-        self.input_name = self.cfg.input_name if self.cfg.input_name in names_in else names_in[0]
-        self.output_name = self.cfg.output_name if self.cfg.output_name in names_out else names_out[0]
+        # providers, IO binding and CUDA graphs per device and settings (workers/onnxrun.py); the
+        # input is always S x S, so CUDA graphs (ORT_CUDA_GRAPH) hold one graph per batch size
+        self.model_call = OrtModel(str(onnx_path), self.device, self.settings, so, fixed_shapes=True, input_name=self.cfg.input_name, output_name=self.cfg.output_name)
+        self.session = self.model_call.session
+        self.input_name, self.output_name = self.model_call.input_name, self.model_call.output_name
         mean = np.asarray(self.cfg.mean, np.float32)
         std = np.asarray(self.cfg.std, np.float32)
         # x_norm = (x/255 - mean)/std = x * scale + offset, per channel, in one fused pass
@@ -121,7 +122,7 @@ class OnnxSegRunner(Runner):
 
     def warmup(self) -> None:
         x = np.zeros((1, 3, self.input_size, self.input_size), np.float32)
-        self.session.run([self.output_name], {self.input_name: x})
+        self.raw_call(x)
         self.warm = True
 
     def content_size(self, h: int, w: int) -> tuple[int, int]:
@@ -173,7 +174,7 @@ class OnnxSegRunner(Runner):
         return x, content, (h, w)
 
     def raw_call(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        return self.model_call.run(x)
 
     def predict(self, batch: list[tuple[np.ndarray, tuple[int, int], tuple[int, int]]]) -> list[np.ndarray]:
         x = np.stack([b[0] for b in batch]) if len(batch) > 1 else batch[0][0][None]

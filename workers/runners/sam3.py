@@ -41,7 +41,9 @@ from tasks.routing import image_key
 from tasks.sam3 import MODEL, RESULT_KEY, Query, Sam3Params, parse_params
 from tasks.settings import Settings
 from workers.featcache import FeatureCache
+from workers.modelfiles import is_trained
 from workers.runners.base import Item, Produced, Runner
+from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.sam3")
 
@@ -103,18 +105,17 @@ class Sam3Runner(Runner):
         if not Path(src).is_dir():
             kw = {"token": self.settings.hf_token, "local_files_only": self.settings.hf_local_files_only}
         self.source, self.revision = source_of(src)
+        self.trained = is_trained(src)
         cfg = detector_config(AutoConfig.from_pretrained(src, **kw))
         patch = int(cfg.vision_config.backbone_config.patch_size)
         res = self.settings.image_model_resolution
         if res:
             cfg.image_size = max(patch, res // patch * patch)  # global-attention positions follow the config's size
         self.input_size = int(cfg.image_size)
-        if self.device.kind == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.float32
+        self.dtype = torch_dtype(self.device, self.settings, prefer_bf16=True)  # TORCH_DTYPE; auto: bf16 (fp16 without it) on a GPU, fp32 on a CPU
         self.torch_device = torch.device(self.device.local)
         self.net = Sam3Model.from_pretrained(src, config=cfg, dtype=self.dtype, **kw).to(self.torch_device).eval()
+        maybe_compile(self.net.vision_encoder, self.settings, "SAM3's vision encoder")  # IMAGE_MODEL_COMPILE: the encoder is most of an image's cost
         self.processor = Sam3Processor.from_pretrained(src, **kw)
         self.processor.image_processor.size = {"height": self.input_size, "width": self.input_size}
         self.processor.target_size = self.input_size
@@ -437,7 +438,7 @@ def write_tiny(out: str) -> str:
     wake_random_heads(model)
     model.save_pretrained(str(path))
     write_processors(path, tok, TINY_RESOLUTION)
-    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (tiny)", "revision": None}))
+    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (tiny)", "revision": None, "pretrained": False}))
     return str(path)
 
 
@@ -456,7 +457,7 @@ def write_random_full(out: str) -> str:
     torch.manual_seed(0)
     Sam3Model(cfg).save_pretrained(str(path))
     write_processors(path, tok, int(cfg.image_size))
-    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (full size)", "revision": None}))
+    (path / "SOURCE.json").write_text(json.dumps({"source": "random-init (full size)", "revision": None, "pretrained": False}))
     return str(path)
 
 

@@ -47,7 +47,7 @@ from storage import codecs
 from tasks import jobstore, keys
 from tasks.errors import Conflict, Gone, NoWorker, Overloaded, TrifectaError, Unprocessable, translate
 from tasks.inputs import STAGED
-from tasks.sam3_video import DIRECTIONS, FRAME_OUTPUT, JOB_KIND, TASK_VIDEO, VideoPrompt, check_frame, parse_prompts, session_key
+from tasks.sam3_video import DIRECTIONS, FRAME_OUTPUT, JOB_KIND, TASK_VIDEO, VideoPrompt, check_frame, parse_prompts, session_key, tenant_sessions_key
 from tasks.settings import Settings
 from workers.video import forget_local, local_video, open_video
 
@@ -350,7 +350,7 @@ class Session:
 class SessionManager:
     def __init__(self, settings: Settings, svc: Any, tracker: Any | None) -> None:
         self.settings, self.svc, self.tracker = settings, svc, tracker
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[tuple[str, str], Session] = {}  # (tenant, session id): ids are per tenant
         self._lock = threading.Lock()
         self._starting = 0
         self.closed_idle = 0
@@ -369,7 +369,7 @@ class SessionManager:
             return fn(call)
         s = self._get(call)
         with s.lock:
-            if s.id not in self.sessions:  # closed while this call waited for the lock
+            if (s.tenant, s.id) not in self.sessions:  # closed while this call waited for the lock
                 raise Gone(f"session {s.id} was closed")
             s.last_used = time.time()
             out = fn(s, call.get("args") or {})
@@ -378,8 +378,8 @@ class SessionManager:
 
     def _get(self, call: dict[str, Any]) -> Session:
         sid = call.get("session_id", "")
-        s = self.sessions.get(sid)
-        if s is None or s.tenant != call.get("tenant"):
+        s = self.sessions.get((str(call.get("tenant")), sid))
+        if s is None:
             raise Gone(f"session {sid} is not open on worker {self.svc.worker_id} (closed after SESSION_TTL_SECONDS idle, or the worker restarted); start a new session")
         return s
 
@@ -392,8 +392,9 @@ class SessionManager:
     # -- ops -----------------------------------------------------------------------
     def op_start(self, call: dict[str, Any]) -> dict[str, Any]:
         sid, args = call["session_id"], call.get("args") or {}
+        tenant = call.get("tenant", "default")
         with self._lock:
-            if sid in self.sessions:
+            if (tenant, sid) in self.sessions:
                 raise Conflict(f"session {sid} already exists")
             if self.count >= self.settings.max_sessions_per_worker:
                 raise Overloaded(f"worker {self.svc.worker_id} holds {self.count} sessions (MAX_SESSIONS_PER_WORKER={self.settings.max_sessions_per_worker}); close one or retry later")
@@ -411,9 +412,9 @@ class SessionManager:
                 from tasks.errors import UnreadableVideo
 
                 raise UnreadableVideo("the video has no decodable frames")
-            s = Session(sid, call.get("tenant", "default"), uri, frames, fps or 25.0, upload=args.get("upload"))
+            s = Session(sid, tenant, uri, frames, fps or 25.0, upload=args.get("upload"))
             with self._lock:
-                self.sessions[sid] = s
+                self.sessions[(tenant, sid)] = s
         finally:
             with self._lock:
                 self._starting -= 1
@@ -593,7 +594,7 @@ class SessionManager:
 
     def _drop(self, s: Session) -> None:
         with self._lock:
-            self.sessions.pop(s.id, None)
+            self.sessions.pop((s.tenant, s.id), None)
         s.state = s.gstate = None
         s.pixels.clear()
         s.frames = s.frames[:1]  # keep info() answerable for a waiter; free the rest now
@@ -603,7 +604,8 @@ class SessionManager:
             except Exception as e:  # noqa: BLE001
                 log.warning("session %s: upload %s not deleted: %s", s.id, s.upload, e)
         try:
-            self.svc.r.delete(session_key(s.id))
+            self.svc.r.delete(session_key(s.tenant, s.id))
+            self.svc.r.srem(tenant_sessions_key(s.tenant), s.id)
         except Exception:  # noqa: BLE001
             pass
         self._publish_count()
@@ -695,7 +697,7 @@ class PropagateJob:
         pipe = self.svc.r.pipeline(transaction=False)
         pipe.hset(self.key, "progress", orjson.dumps(prog))
         pipe.hget(self.key, "status")
-        pipe.expire(session_key(self.session.id), int(self.svc.settings.session_ttl_seconds) + 5)  # a long job keeps its session alive
+        pipe.expire(session_key(self.session.tenant, self.session.id), int(self.svc.settings.session_ttl_seconds) + 5)  # a long job keeps its session alive
         _, st, _ = pipe.execute()
         if st is not None and orjson.loads(st) == "cancelled":
             self.status = "cancelled"
@@ -715,6 +717,7 @@ class PropagateJob:
             "timing": {"model_ms": meta.get("processing_time_ms")},
             "worker": self.svc.worker_id,
             "device": str(self.svc.device),
+            "trained": self.svc.runner.trained,
         }
         self._end("succeeded", "result", result)
 

@@ -42,7 +42,9 @@ from tasks.images import decode_rgb
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
 from tasks.wire import build_message
+from workers.modelfiles import is_trained
 from workers.runners.base import BatchStats, Item, Produced, Runner
+from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.vjepa2")
 # OpenMP threads that spin while they wait take the cores this worker's other threads (decode,
@@ -89,8 +91,10 @@ class VJEPA2Runner(Runner):
         torch.set_num_threads(max(1, self.device.threads))
         src = self.settings.vjepa2_checkpoint
         self.source, self.revision = source_of(src)
-        dtype = torch.float16 if self.device.kind == "cuda" else torch.float32
+        self.trained = is_trained(src)
+        dtype = torch_dtype(self.device, self.settings)  # TORCH_DTYPE; auto: fp16 on a GPU, fp32 on a CPU
         self.net = VJEPA2ForVideoClassification.from_pretrained(src, dtype=dtype, **_hf_kwargs(self.settings)).eval().to(self.device.local)
+        maybe_compile(self.net, self.settings, "V-JEPA 2")
         self.processor = VJEPA2VideoProcessor.from_pretrained(src, **_hf_kwargs(self.settings))
         cfg = self.net.config
         self.labels = [str(cfg.id2label.get(i, cfg.id2label.get(str(i), f"LABEL_{i}"))) for i in range(cfg.num_labels)]  # type: ignore[union-attr]
@@ -366,6 +370,7 @@ class ClipJobs:
                 "timing": {"wall_ms": round((time.time() - float(doc.get("created_at") or time.time())) * 1000, 2), "clips": len(entries)},
                 "worker": self.svc.worker_id,
                 "device": str(self.svc.device),
+                "trained": self.svc.runner.trained,
             }
             self.store.put(f"{prefix}/result.json", orjson.dumps({"job_id": job_id, "model": doc.get("model", MODEL), **body}), "application/json")
         landed = self._finish(keys=[keys.job(job_id)], args=[status, now, field, orjson.dumps(body), "", ""])
