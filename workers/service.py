@@ -217,10 +217,14 @@ class WorkerService:
             res = pipe.execute(raise_on_error=False)
             raws = res.pop(0) if drain else []
             for r in res:
-                if isinstance(r, Exception):
+                if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError):
                     raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
             for i in start_here:
                 states[i] = res.pop(0)
+            refused = [i for i in start_here if isinstance(states[i], OutOfMemoryError)]
+            if refused:  # at maxmemory: wait for room rather than hand the messages back (that write is refused too)
+                for i, st in zip(refused, self._start_all([reqs[i] for i in refused], now), strict=True):
+                    states[i] = st
             for i in recheck:
                 raw_status = res.pop(0)
                 status = orjson.loads(raw_status) if raw_status else "missing"
@@ -241,17 +245,40 @@ class WorkerService:
         with self._lock:
             self.drained_tags.update(tags)
         if added:
-            pipe = self.r.pipeline(transaction=False)
-            for q in added:
-                _queue_script(pipe, self._start, [keys.job(q.id)], [now, self.settings.max_deliveries, self.worker_id])
             try:
-                states += pipe.execute()
+                states += self._start_all(added, now)
             except redis.RedisError:
                 with self._lock:  # not ours to hold any more: kombu's visibility timeout restores them
                     self.drained_tags.difference_update(tags)
                 raise
             reqs += added
         return tags, states, kombu_tags
+
+    def _start_all(self, reqs: list[InferRequest], now: float) -> list[Any]:
+        """START each request in one pipeline. At Redis's maxmemory a START is refused before it
+        writes anything; those are tried again after a pause until there is room (the API refuses
+        new work meanwhile): handing the messages back would need a write Redis refuses too."""
+        out: list[Any] = [None] * len(reqs)
+        todo = list(range(len(reqs)))
+        attempt = 0
+        while True:
+            pipe = self.r.pipeline(transaction=False)
+            for i in todo:
+                _queue_script(pipe, self._start, [keys.job(reqs[i].id)], [now, self.settings.max_deliveries, self.worker_id])
+            again = []
+            for i, r in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(r, OutOfMemoryError):
+                    again.append(i)
+                elif isinstance(r, Exception):
+                    raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
+                else:
+                    out[i] = r
+            if not again:
+                return out
+            if attempt % 20 == 0:
+                log.warning("Redis is at its maxmemory: %d request(s) wait to be started (retrying)", len(again))
+            time.sleep(min(2.0, 0.1 * (attempt + 1)))
+            todo, attempt = again, attempt + 1
 
     def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any], kombu_tags: list[str]) -> bool:
         now = jobstore.now()
