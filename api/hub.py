@@ -1,13 +1,17 @@
 """The API's only link to the workers: enqueue by name, wait asynchronously, know who is alive.
 
-- Submitting is one Redis pipeline: the job record, its tombstone, the tenant's job index
-  and the Celery message (built by `tasks.wire`) go out in a single round trip.
+- Submitting is one Redis transaction (MULTI/EXEC, one round trip): the job record, its
+  lifetime (a job: TTL, tombstone, expiry index, the tenant's job list; a sync request: no
+  tombstone, its record is shortened to SYNC_RESULT_TTL_S when it finishes in time) and the
+  Celery message (built by `tasks.wire`). At Redis's maxmemory all of it is refused: 503
+  `redis_full`, nothing half-written.
 - Waiting holds no thread: one shared pub/sub subscription per API process feeds a dict
   of futures keyed by job id. If the subscription drops (Redis restart), waiters are
   re-checked against their job records when it comes back, so none hangs past its deadline.
 - Admission (503) is decided from memory: a poller refreshes queue depths (a model's shared
   queue plus its live workers' private queues, each private queue also on its own) and live
-  workers every POLL_S; between polls every local enqueue counts at once.
+  workers every POLL_S, and Redis's used memory every MEMORY_POLL_S (503 `redis_full` past
+  REDIS_MEMORY_ADMIT_RATIO of its maxmemory); between polls every local enqueue counts at once.
 - A worker that left (deregistered on SIGTERM, or its registration expired: killed, host
   lost) leaves its private queue behind: the poller watches that queue for a while (past
   the visibility timeout, when kombu may still restore a dead worker's messages into it)
@@ -30,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tasks import handoff, jobstore, keys
-from tasks.errors import BrokerUnavailable, NoWorker, Overloaded, SyncTimeout, TrifectaError
+from tasks.errors import BrokerUnavailable, NoWorker, Overloaded, SyncTimeout, TrifectaError, is_redis_oom, redis_full
 from tasks.models import MODEL_NAMES
 from tasks.schemas import InferRequest
 from tasks.settings import Settings
@@ -38,6 +42,7 @@ from tasks.wire import build_message
 
 log = logging.getLogger("trifecta.api")
 POLL_S = 0.1
+MEMORY_POLL_S = 1.0  # INFO memory: cheap, but no need to ask it ten times a second
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Hub:
         self.subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._cancel_lua = self.redis.register_script(jobstore.CANCEL_LUA)
+        self.memory: dict[str, Any] = {"used": 0, "max": 0, "policy": "", "at": 0.0}  # Redis's INFO memory, every MEMORY_POLL_S
         self.counters: dict[str, int] = {"rejected_503": 0, "timeouts_504": 0}
         self.orphans: dict[str, tuple[str, str, float]] = {}  # private queue of a worker that left -> (model, worker id, watched until)
         self._handing: dict[str, asyncio.Task[None]] = {}
@@ -84,6 +90,7 @@ class Hub:
         try:
             await asyncio.wait_for(self.subscribed.wait(), 2)
             await self.refresh()
+            await self.refresh_memory()
         except (TimeoutError, RedisError, OSError):
             log.warning("Redis at %s is not answering yet; the API answers 503 until it does", self.settings.redis_url)
 
@@ -137,6 +144,8 @@ class Hub:
         while True:
             try:
                 await self.refresh()
+                if time.monotonic() - self.memory["at"] >= MEMORY_POLL_S:
+                    await self.refresh_memory()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as e:
@@ -203,6 +212,25 @@ class Hub:
         self.workers = workers
         self.redis_ok = True
 
+    async def refresh_memory(self) -> None:
+        """Redis's used memory against its maxmemory (0 = no limit), for admission, /health and /metrics."""
+        info = await self.redis.info("memory")
+        policy = str(info.get("maxmemory_policy", ""))
+        if info.get("maxmemory") and policy != "noeviction" and policy != self.memory["policy"]:
+            log.warning("Redis evicts keys at maxmemory (maxmemory-policy %s): queued work and job records can be lost; set noeviction", policy)
+        self.memory = {"used": int(info.get("used_memory", 0)), "max": int(info.get("maxmemory", 0) or 0), "policy": policy, "at": time.monotonic()}
+
+    def memory_ratio(self) -> float:
+        """Used memory / maxmemory (0 without a limit)."""
+        return self.memory["used"] / self.memory["max"] if self.memory["max"] else 0.0
+
+    def redis_failed(self, e: Exception) -> TrifectaError:
+        """The 503 for a failed write: Redis full (it answered, refusing) or unreachable."""
+        if is_redis_oom(e):
+            self.memory["used"] = max(self.memory["used"], self.memory["max"])  # refuse at once, not at the next poll
+            return redis_full("it refused a write at its maxmemory")
+        self.redis_ok = False
+        return BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"})
     def _watch_left(self, private: dict[str, str], gone: list[str], waiting: dict[str, int]) -> None:
         """Private queues of workers that left (since the last poll, or found expired) are watched
         for `2 × VISIBILITY_TIMEOUT_S + 10` s; whatever waits on one is handed over."""
@@ -248,6 +276,9 @@ class Hub:
         """503 while the poller cannot reach Redis."""
         if not self.redis_ok:
             raise BrokerUnavailable("the queue (Redis) is unreachable; retry shortly", headers={"Retry-After": "2"})
+        ratio = self.memory_ratio()
+        if ratio >= self.settings.redis_memory_admit_ratio and ratio > 0:
+            raise redis_full(f"{self.memory['used'] / 1e6:.1f} of its {self.memory['max'] / 1e6:.1f} MB maxmemory used, REDIS_MEMORY_ADMIT_RATIO={self.settings.redis_memory_admit_ratio:g}")
 
     def check(self, model: str, n: int = 1, queue: str | None = None) -> None:
         """The 503 decision alone, from memory: Redis reachable, a live worker, room in the queue.
@@ -294,23 +325,34 @@ class Hub:
         )
 
     async def submit(self, reqs: list[InferRequest], *, docs: list[dict[str, Any]] | None = None, queue: str | None = None, idem_key: str | None = None) -> None:
-        """Write the job records and enqueue the messages, in one round trip."""
-        ttl = self.settings.result_ttl_seconds
-        pipe = self.redis.pipeline(transaction=False)
+        """Write the job records and enqueue the messages, in one round trip (all or nothing).
+
+        A job gets its full lifetime (`jobstore.keep`). A sync request's record gets
+        RESULT_TTL_SECONDS for now and no tombstone: FINISH shortens it to SYNC_RESULT_TTL_S
+        when answered in time, a 504 detaches it into a job (`run_sync`)."""
+        s = self.settings
+        ttl = s.result_ttl_seconds
+        pipe = self.redis.pipeline(transaction=True)
+        added = 0
         for i, q in enumerate(reqs):
             doc = docs[i] if docs else {"id": q.id, "model": q.model, "kind": q.kind, "tenant": q.tenant, "created_at": q.created, "params": q.params}
             k = keys.job(q.id)
             pipe.hset(k, mapping=jobstore.new_record(doc))
-            pipe.expire(k, ttl)
-            pipe.set(keys.tomb(q.id), q.tenant, ex=ttl + keys.TOMBSTONE_S)
             if q.kind == "job":
-                pipe.zadd(keys.jobs_index(q.tenant), {q.id: q.created})
-            pipe.lpush(queue or keys.shared_queue(q.model), build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue or keys.shared_queue(q.model)))
+                jobstore.keep(pipe, q.id, q.tenant, ttl, q.created)
+            else:
+                pipe.expire(k, ttl)
+                if q.input.uri and q.input.uri.startswith("key:"):  # a staged input: the janitor's, should the API die before deleting it
+                    pipe.zadd(keys.EXPIRY, {q.out_prefix: q.created + s.sync_result_ttl_s})
+            msg = build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue or keys.shared_queue(q.model))
+            added += len(msg) + 600  # the message and about what its record takes
+            pipe.lpush(queue or keys.shared_queue(q.model), msg)
         try:
             await pipe.execute()
         except (RedisError, OSError) as e:
-            self.redis_ok = False
-            raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
+            raise self.redis_failed(e) from None
+        if self.memory["max"]:  # counted until the next INFO poll, so a burst cannot run far past REDIS_MEMORY_ADMIT_RATIO
+            self.memory["used"] += added
         for q in reqs:  # a job's first state change; a sync request's at DEBUG (the worker logs each one it answers)
             level = logging.INFO if q.kind == "job" else logging.DEBUG
             if log.isEnabledFor(level):
@@ -334,6 +376,8 @@ class Hub:
                         f"the queue (Redis) became unreachable while this request waited; poll /v1/jobs/{ids[0]} once it is back",
                         headers={"Retry-After": "2"}, extra={"job_id": ids[0], "status_url": f"/v1/jobs/{ids[0]}"},
                     )
+                if not await self._detach(reqs, futs):  # every one finished as we gave up: answer them
+                    return await self._late_replies(reqs, futs)
                 self.counters["timeouts_504"] += 1
                 raise SyncTimeout(
                     f"no result within {timeout_s:g} s; the work goes on — poll its status URL",
@@ -343,6 +387,48 @@ class Hub:
         finally:
             for q in reqs:
                 self.waiters.pop(q.id, None)
+
+    async def _detach(self, reqs: list[InferRequest], futs: list[asyncio.Future[dict[str, Any]]]) -> bool:
+        """The wait ran out: turn the call's requests into jobs (RESULT_TTL_SECONDS, tombstone)
+        before answering 504. DETACH_LUA and the worker's FINISH_LUA decide on the same record,
+        so a request finishing right now lands with one lifetime or the other, never neither.
+        False when every unanswered request turned out finished: the caller answers instead."""
+        s = self.settings
+        pending = [q for q, f in zip(reqs, futs, strict=True) if not f.done()]
+        try:
+            states = await self._detach_all(pending, force=False)
+            if all(st in keys.TERMINAL for st in states):
+                return False
+            rest = [q for q, f in zip(reqs, futs, strict=True) if f.done()] + [q for q, st in zip(pending, states, strict=True) if st in keys.TERMINAL]
+            if rest:  # the call's other requests (a tar's samples) are polled as jobs too
+                await self._detach_all(rest, force=True)
+        except (RedisError, OSError) as e:  # at worst the record keeps the sync lifetime: it can still be polled for SYNC_RESULT_TTL_S
+            log.warning("could not mark %d timed-out sync request(s) as jobs (%s); they keep SYNC_RESULT_TTL_S=%d", len(pending), e, s.sync_result_ttl_s)
+        return True
+
+    async def _detach_all(self, reqs: list[InferRequest], force: bool) -> list[str]:
+        ttl = self.settings.result_ttl_seconds
+        pipe = self.redis.pipeline(transaction=False)
+        for q in reqs:
+            pipe.eval(jobstore.DETACH_LUA, 2, keys.job(q.id), keys.tomb(q.id), ttl, ttl + keys.TOMBSTONE_S, q.tenant, "1" if force else "")
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in await pipe.execute()]
+
+    async def _late_replies(self, reqs: list[InferRequest], futs: list[asyncio.Future[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Replies of requests found finished just after the wait ran out: published already, so the
+        subscription brings them at once; their records stand in should it not (outputs sent inline
+        only are then missing: sync.output_bytes answers 503)."""
+        await asyncio.wait(futs, timeout=1.0)
+        missing = [q.id for q, f in zip(reqs, futs, strict=True) if not f.done()]
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                pipe.hmget(keys.job(i), ["status", "result", "error"])
+            for i, (st, res, err) in zip(missing, await pipe.execute(), strict=True):
+                fut = self.waiters.get(i)
+                if fut is not None and not fut.done():
+                    gone = {"code": "internal", "message": "the request's record vanished before its reply was read; retry"}
+                    fut.set_result({"id": i, "status": orjson.loads(st) if st else "failed", "result": orjson.loads(res) if res else None, "error": orjson.loads(err) if err else (None if st else gone)})
+        return [f.result() for f in futs]
 
     # -- job records -------------------------------------------------------------
     async def get_job(self, job_id: str) -> dict[str, Any] | None:

@@ -7,7 +7,8 @@ Two kinds of figures:
   Histograms in `REGISTRY`. With PROMETHEUS_MULTIPROC_DIR set (several API processes,
   `trifecta api --workers N`) prometheus-client keeps them in files there and a scrape
   of any process adds up all of them (MultiProcessCollector).
-- The state of the whole service — queue depth per queue, live workers, active sessions,
+- The state of the whole service — Redis's used memory, maxmemory and keys, the expiry
+  index's length, queue depth per queue, live workers, active sessions,
   and every worker's own figures (time in queue and in the model, batch sizes, dropped
   expired requests, cache hits, device memory) — is read from Redis at scrape time: the
   queues' lengths and the registration hash each worker rewrites on every heartbeat
@@ -128,19 +129,28 @@ async def snapshot(hub: Any) -> dict[str, Any]:
     queues = sorted({q for w in workers for q in w.queues if q} | {keys.shared_queue(m) for m in hub.depth} | {keys.shard_queue(m) for m in hub.depth})
     depths: dict[str, int] = {}
     webhook = {"queued": 0, "scheduled": 0}
+    redis: dict[str, Any] = {}
     try:
         pipe = hub.redis.pipeline(transaction=False)
         for q in queues:
             pipe.llen(q)
         pipe.llen(keys.WEBHOOK_QUEUE)
         pipe.zcard(keys.WEBHOOK_SCHEDULE)
+        pipe.zcard(keys.EXPIRY)
+        pipe.info("memory")
+        pipe.info("keyspace")
         res = await pipe.execute()
         depths = dict(zip(queues, (int(x) for x in res[: len(queues)]), strict=True))
-        webhook = {"queued": int(res[-2]), "scheduled": int(res[-1])}
+        webhook = {"queued": int(res[-5]), "scheduled": int(res[-4])}
+        mem, space = res[-2], res[-1]
+        redis = {
+            "used": int(mem.get("used_memory", 0)), "max": int(mem.get("maxmemory", 0) or 0), "expiry_index": int(res[-3]),
+            "keys": {db: (int(v.get("keys", 0)), int(v.get("expires", 0))) for db, v in space.items() if isinstance(v, dict)},
+        }
         redis_up = True
     except Exception:  # noqa: BLE001 - a scrape while Redis is down still answers, with redis_up 0
         redis_up = False
-    return {"workers": workers, "depths": depths, "webhook": webhook, "redis_up": redis_up and hub.redis_ok, "models": list(hub.depth)}
+    return {"workers": workers, "depths": depths, "webhook": webhook, "redis_up": redis_up and hub.redis_ok, "models": list(hub.depth), "redis": redis}
 
 
 class LiveCollector(Collector):
@@ -152,6 +162,7 @@ class LiveCollector(Collector):
         g = GaugeMetricFamily("trifecta_redis_up", "1 when the API reaches Redis (broker and job store).")
         g.add_metric([], 1.0 if s["redis_up"] else 0.0)
         yield g
+        yield from _redis_metrics(s.get("redis") or {})
         g = GaugeMetricFamily("trifecta_queue_depth", "Messages waiting in each queue (shared <model>, private <model>.<worker>, shard jobs <model>:shards).", labels=["queue"])
         for q, n in sorted(s["depths"].items()):
             g.add_metric([q], n)
@@ -170,6 +181,27 @@ class LiveCollector(Collector):
         g.add_metric(["scheduled"], s["webhook"]["scheduled"])
         yield g
         yield from _worker_metrics(workers)
+
+
+def _redis_metrics(r: dict[str, Any]) -> Iterable[Metric]:
+    if not r:
+        return
+    g = GaugeMetricFamily("trifecta_redis_used_memory_bytes", "Memory Redis has allocated (INFO memory used_memory).")
+    g.add_metric([], r["used"])
+    yield g
+    g = GaugeMetricFamily("trifecta_redis_maxmemory_bytes", "Redis's maxmemory (0 = no limit); new work gets 503 past REDIS_MEMORY_ADMIT_RATIO of it.")
+    g.add_metric([], r["max"])
+    yield g
+    keys_ = GaugeMetricFamily("trifecta_redis_keys", "Keys in each Redis database.", labels=["db"])
+    exp = GaugeMetricFamily("trifecta_redis_expiring_keys", "Keys with a TTL in each Redis database.", labels=["db"])
+    for db, (n, e) in sorted(r["keys"].items()):
+        keys_.add_metric([db], n)
+        exp.add_metric([db], e)
+    yield keys_
+    yield exp
+    g = GaugeMetricFamily("trifecta_expiry_index_entries", "Storage prefixes waiting in the expiry index (tf:expiry) for their record to expire and the janitor to delete them.")
+    g.add_metric([], r["expiry_index"])
+    yield g
 
 
 def _int(v: Any) -> int:

@@ -274,6 +274,12 @@ def cmd_cancel(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_storage(a: argparse.Namespace) -> int:
+    from client.storage_cmd import main as storage_main
+
+    return storage_main(a)
+
+
 def cmd_overlay(a: argparse.Namespace) -> int:
     from client.overlay import overlay_files
 
@@ -332,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="device of the in-process torch section (cpu or cuda:N)")
     s.add_argument("--note", default=None, help="a line saying how this run was made, kept in bench.json and shown above the docs' table")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("storage", help="storage upkeep: `lifecycle [--apply]` prints (sets) the S3 lifecycle rule backing the janitor; `sweep [--all]` runs one janitor pass")
+    s.add_argument("action", choices=["lifecycle", "sweep"])
+    s.add_argument("--apply", action="store_true", help="lifecycle: set the rule on the bucket (other rules kept)")
+    s.add_argument("--days", type=int, default=None, help="lifecycle: expire job objects after this many days (default: RESULT_TTL_SECONDS in days + 1)")
+    s.add_argument("--all", action="store_true", help="sweep: list the whole store and delete every job prefix without a record (one-off; costs what is stored)")
+    s.set_defaults(fn=cmd_storage)
 
     s = sub.add_parser("settings", help="print every setting as a Markdown table")
     s.set_defaults(fn=cmd_settings)

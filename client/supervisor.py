@@ -66,11 +66,11 @@ def up(api_host: str = "127.0.0.1", api_port: int | None = None, no_flower: bool
     procs: dict[str, tuple[list[str], dict[str, str], subprocess.Popen[bytes]]] = {}
     redis_srv = None
     if not answers(s.redis_url):
-        redis_srv = EmbeddedRedis(Path(s.run_dir) / "redis").start()
+        redis_srv = EmbeddedRedis(Path(s.run_dir) / "redis", maxmemory=s.redis_maxmemory).start()
         os.environ["REDIS_URL"] = redis_srv.url
         reset_settings()
         s = get_settings()
-        log.info("REDIS_URL did not answer: started %s on %s (append-only in %s)", Path(redis_srv.binary).name, redis_srv.url, redis_srv.dir)
+        log.info("REDIS_URL did not answer: started %s on %s (append-only in %s, maxmemory %s, noeviction)", Path(redis_srv.binary).name, redis_srv.url, redis_srv.dir, s.redis_maxmemory)
     from client.cli import main as cli_main
 
     if logs.is_json():  # the paths `models fetch` prints, as one JSON record

@@ -4,6 +4,10 @@ Writes are atomic: a reader never sees half an object. The file store writes a t
 and renames it; S3 objects appear only when their PUT (or multipart upload) completes.
 S3 calls retry with backoff (botocore's standard mode) under bounded timeouts; after the
 last attempt they raise `StorageError`.
+
+On S3, objects under a job prefix (`<tenant>/jobs/<id>/`) are tagged `trifecta=job`, so a
+bucket lifecycle rule can expire them (`lifecycle_rule`) without touching anything else a
+tenant keeps under its prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import urlparse
+
+JOB_TAG_KEY, JOB_TAG_VALUE = "trifecta", "job"
+JOB_TAG = f"{JOB_TAG_KEY}={JOB_TAG_VALUE}"
+LIFECYCLE_RULE_ID = "trifecta-job-objects"
 
 
 class StorageFailure(Exception):
@@ -42,6 +50,7 @@ class BlobStore(Protocol):
     def open(self, key: str) -> IO[bytes]: ...
     def exists(self, key: str) -> bool: ...
     def delete_prefix(self, prefix: str) -> int: ...
+    def delete_prefixes(self, prefixes: list[str]) -> int: ...
     def list(self, prefix: str) -> list[str]: ...
     def uri(self, key: str) -> str: ...
     def presign(self, key: str, expires_s: int) -> str | None: ...
@@ -117,6 +126,10 @@ class FileStore:
             return 1
         return 0
 
+    def delete_prefixes(self, prefixes: list[str]) -> int:
+        """Delete several prefixes; the number of objects deleted."""
+        return sum(self.delete_prefix(p) for p in prefixes)
+
     def list(self, prefix: str) -> list[str]:
         p = self._path(prefix)
         if not p.is_dir():
@@ -165,9 +178,16 @@ class S3Store:
     def _fail(self, what: str, key: str, exc: Exception) -> StorageFailure:
         return StorageFailure(f"storage {what} of {key!r} failed after retries: {exc}")
 
+    def _extra(self, key: str, content_type: str) -> dict[str, str]:
+        extra = {"ContentType": content_type}
+        parts = _clean_key(key).split("/", 2)
+        if len(parts) == 3 and parts[1] == "jobs":  # a job's own object: the lifecycle rule may expire it
+            extra["Tagging"] = JOB_TAG
+        return extra
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, ContentType=content_type)
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **self._extra(key, content_type))
         except self._errors as e:
             raise self._fail("write", key, e) from e
 
@@ -175,7 +195,7 @@ class S3Store:
         counter = _CountingReader(stream)
         try:
             # upload_fileobj streams in parts (multipart above 8 MiB); the object appears only on completion
-            self.client.upload_fileobj(counter, self.bucket, self._k(key), ExtraArgs={"ContentType": content_type})
+            self.client.upload_fileobj(counter, self.bucket, self._k(key), ExtraArgs=self._extra(key, content_type))
         except self._errors as e:
             raise self._fail("write", key, e) from e
         return counter.n
@@ -206,10 +226,43 @@ class S3Store:
             raise self._fail("lookup", key, e) from e
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = [{"Key": self._k(k)} for k in self.list(prefix)]
+        return self.delete_prefixes([prefix])
+
+    def delete_prefixes(self, prefixes: list[str]) -> int:
+        """One LIST per prefix (a job's few objects fit one page), then DeleteObjects in batches
+        of 1,000 keys (the API's limit) across all of them; the number of objects deleted."""
+        keys = [self._k(k) for p in prefixes for k in self.list(p)]
         for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+            try:
+                resp = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+            except self._errors as e:
+                raise self._fail("delete", prefixes[0], e) from e
+            if resp.get("Errors"):
+                e0 = resp["Errors"][0]
+                raise StorageFailure(f"storage delete of {e0.get('Key')!r} failed: {e0.get('Code')} {e0.get('Message')} ({len(resp['Errors'])} key(s))")
         return len(keys)
+
+    def lifecycle_rule(self, days: int) -> dict[str, object]:
+        """The bucket lifecycle rule that backs the janitor up: objects under job prefixes
+        (tagged `trifecta=job`) below this store's prefix expire `days` after they were written."""
+        tag = {"Key": JOB_TAG_KEY, "Value": JOB_TAG_VALUE}
+        flt: dict[str, object] = {"And": {"Prefix": f"{self.prefix}/", "Tags": [tag]}} if self.prefix else {"Tag": tag}
+        return {"ID": LIFECYCLE_RULE_ID, "Status": "Enabled", "Filter": flt, "Expiration": {"Days": days}}
+
+    def apply_lifecycle(self, days: int) -> list[dict[str, object]]:
+        """Set `lifecycle_rule(days)` on the bucket, keeping its other rules; the rules now set."""
+        try:
+            rules = [r for r in self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket).get("Rules", []) if r.get("ID") != LIFECYCLE_RULE_ID]
+        except self._errors as e:
+            if getattr(e, "response", {}).get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+                raise self._fail("lifecycle read", self.bucket, e) from e
+            rules = []
+        rules.append(self.lifecycle_rule(days))
+        try:
+            self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket, LifecycleConfiguration={"Rules": rules})
+        except self._errors as e:
+            raise self._fail("lifecycle write", self.bucket, e) from e
+        return rules
 
     def list(self, prefix: str) -> list[str]:
         out: list[str] = []

@@ -200,9 +200,7 @@ def queue_parent(pipe: Any, doc: dict[str, Any], state: dict[str, Any], ttl: int
     """Add the parent job record (listed among the tenant's jobs) and its state to a pipeline."""
     k = keys.job(doc["id"])
     pipe.hset(k, mapping=jobstore.new_record(doc))
-    pipe.expire(k, ttl)
-    pipe.set(keys.tomb(doc["id"]), doc["tenant"], ex=ttl + keys.TOMBSTONE_S)
-    pipe.zadd(keys.jobs_index(doc["tenant"]), {doc["id"]: doc["created_at"]})
+    jobstore.keep(pipe, doc["id"], doc["tenant"], ttl, doc["created_at"])
     pipe.hset(state_key(doc["id"]), mapping={k2: orjson.dumps(v) if isinstance(v, (dict, list)) else str(v) for k2, v in state.items()})
     pipe.expire(state_key(doc["id"]), ttl)
 

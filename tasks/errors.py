@@ -27,7 +27,8 @@ so a worker-side 422 reaches the client as a 422.
     ├── DeadLettered (500 dead_lettered)
     ├── Overloaded (503 overloaded)
     │   ├── NoWorker (503 no_worker)
-    │   └── BrokerUnavailable (503 broker_unavailable)
+    │   ├── BrokerUnavailable (503 broker_unavailable)
+    │   └── RedisFull (503 redis_full)
     ├── StorageError (503 storage_error)
     └── SyncTimeout (504 timeout)
 
@@ -203,6 +204,12 @@ class BrokerUnavailable(Overloaded):
     code = "broker_unavailable"
 
 
+class RedisFull(Overloaded):
+    """Redis is near or at its maxmemory; new work waits until records expire and queues drain."""
+
+    code = "redis_full"
+
+
 class StorageError(TrifectaError):
     """Storage failed after retries."""
 
@@ -229,6 +236,22 @@ def shown(value: Any, limit: int = 100) -> str:
     except Exception:  # noqa: BLE001 - an int past Python's digit limit, a broken __repr__
         s = f"<{type(value).__name__}>"
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def is_redis_oom(exc: BaseException) -> bool:
+    """Redis refused a write at its maxmemory (noeviction): `OOM command not allowed ...`."""
+    try:
+        from redis.exceptions import OutOfMemoryError
+    except ImportError:  # pragma: no cover - redis is a dependency of every process
+        return False
+    return isinstance(exc, OutOfMemoryError)
+
+
+def redis_full(detail: str = "") -> RedisFull:
+    return RedisFull(
+        "the job store (Redis) is full" + (f" ({detail})" if detail else "") + "; new work is refused until results expire and queues drain — retry after a moment",
+        headers={"Retry-After": "5"},
+    )
 
 
 _BY_CODE: dict[str, type[TrifectaError]] = {}
@@ -261,6 +284,8 @@ def translate(exc: BaseException) -> TrifectaError:
         return Forbidden(str(exc))
     if isinstance(exc, StorageFailure):
         return StorageError(str(exc))
+    if is_redis_oom(exc):
+        return redis_full()
     status = getattr(exc, "status_code", None)  # Starlette's HTTPException (e.g. a form over max_fields) keeps its 4xx
     if isinstance(status, int) and 400 <= status < 500:
         cls = next((c for c in _BY_CODE.values() if c.status == status and c.__base__ is TrifectaError), BadRequest)

@@ -64,15 +64,46 @@ return {'running', n}
 
 # KEYS[1]=job  ARGV[1]=status ARGV[2]=now ARGV[3]=field(result|error) ARGV[4]=json
 # ARGV[5]=reply channel or '' ARGV[6]=reply message
-FINISH_LUA = """
+# ARGV[7]=SYNC_RESULT_TTL_S for a sync request ('' or absent: the record keeps its TTL)
+# ARGV[8]='1' when the result's outputs travel in the reply only (STORE_SYNC_RESULTS=false)
+# returns 1 landed, 0 refused (already terminal, or no record), -1 not landed because the API
+# gave up waiting (detached, a 504) and the outputs must be stored first: store them, finish again.
+#
+# A sync request answered in time keeps its record SYNC_RESULT_TTL_S and gets no tombstone;
+# one the API detached (DETACH_LUA, on its 504) keeps the job lifetime set at submit. Both
+# sides decide inside one script on the same record, so either order of the race lands right.
+# The shebang makes Redis refuse the whole script up front at maxmemory (noeviction) instead of
+# failing at its first write, so a worker's MULTI (results + acks) aborts as a whole: a result
+# Redis could not record is never acked (workers/service.py retries it).
+FINISH_LUA = """#!lua
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 0 end
 st = cjson.decode(st)
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return 0 end
+local detached = redis.call('HEXISTS', KEYS[1], 'detached') == 1
+if detached and ARGV[8] == '1' then return -1 end
 redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'finished_at', ARGV[2], ARGV[3], ARGV[4])
+if ARGV[7] and ARGV[7] ~= '' and not detached then redis.call('EXPIRE', KEYS[1], ARGV[7]) end
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 """ + _NOTIFY_LUA + """
 return 1
+"""
+
+# The API gave up waiting on a sync request (504): from now on it is a job like any other.
+# KEYS[1]=job KEYS[2]=tombstone  ARGV[1]=RESULT_TTL_SECONDS ARGV[2]=tombstone TTL ARGV[3]=tenant
+# ARGV[4]='1' to detach a finished one too (the other samples of a tar call that timed out)
+# returns the status: a finished record is left as it is unless forced (the API answers it
+# instead of 504), 'detached' when it now has the job lifetime and a tombstone, 'missing'.
+DETACH_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+st = cjson.decode(st)
+local done = st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired'
+if done and ARGV[4] ~= '1' then return st end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], 'detached', '1')
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
+return 'detached'
 """
 
 # KEYS[1]=job ARGV[1]=worker id
@@ -100,6 +131,17 @@ redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
 """ + _NOTIFY_LUA + """
 return 'cancelled'
 """
+
+
+def keep(pipe: Any, job_id: str, tenant: str, ttl: int, now: float) -> None:
+    """A job's lifetime on a submit pipeline (its record already HSET): the record's TTL, the
+    tombstone that makes an expired id answer `expired`, the expiry index entry of its storage
+    prefix (the janitor's work list), and the tenant's job list trimmed of ids past their tombstone."""
+    pipe.expire(keys.job(job_id), ttl)
+    pipe.set(keys.tomb(job_id), tenant, ex=ttl + keys.TOMBSTONE_S)
+    pipe.zadd(keys.EXPIRY, {keys.job_prefix(tenant, job_id): now + ttl})
+    pipe.zadd(keys.jobs_index(tenant), {job_id: now})
+    pipe.zremrangebyscore(keys.jobs_index(tenant), "-inf", now - ttl - keys.TOMBSTONE_S)
 
 
 def new_record(doc: dict[str, Any]) -> dict[str, bytes]:

@@ -45,6 +45,17 @@ def tomb(job_id: str) -> str:
     return f"{PREFIX}:tomb:{job_id}"
 
 
+def job_prefix(tenant: str, job_id: str) -> str:
+    """A job's storage prefix: its outputs, staged inputs and result.json live under it."""
+    return f"{tenant}/jobs/{job_id}"
+
+
+# The expiry index: a sorted set of storage prefixes (`job_prefix`) scored by the earliest time
+# their job record can have expired. The janitor reads only the due entries: a pass costs what
+# expired, not what is stored. A due entry whose record still lives is re-scored to its TTL.
+EXPIRY = f"{PREFIX}:expiry"
+
+
 def jobs_index(tenant: str) -> str:
     return f"{PREFIX}:jobs:{tenant}"
 
@@ -59,6 +70,7 @@ def worker(worker_id: str) -> str:
 
 WORKERS = f"{PREFIX}:workers"
 DEADLETTER = f"{PREFIX}:deadletter"
+DEADLETTER_KEEP = 10_000  # the list is trimmed to the newest entries: it must not grow with traffic
 
 
 def reply_channel(api_id: str) -> str:

@@ -39,6 +39,10 @@ class Output(BaseModel):
     key: str
     format: str
     shape: list[int] = Field(default_factory=list)
-    path: str  # storage key
+    path: str  # storage key (where it is, or would be when `inline`)
     bytes: int = 0
     content_type: str = "application/octet-stream"
+    # STORE_SYNC_RESULTS=false: not stored; the bytes travel base64 in `data` of the worker's
+    # reply only (the job record keeps `inline: true` and no data)
+    inline: bool = False
+    data: str | None = None

@@ -126,7 +126,9 @@ class Settings(BaseSettings):
     storage_url: str = Field("file://./data", description="`file://DIR` or `s3://bucket/prefix` for masks, staged inputs and results.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")
     inline_input_bytes: int = Field(64 << 10, ge=0, description="Inputs up to this size travel inside the queue message; larger ones are staged in storage (an inline input is base64-encoded twice and copied through Redis three times).")
-    result_ttl_seconds: int = Field(86_400, ge=1, description="Lifetime of job records and stored masks; an expired job answers `expired` for 7 more days, and the API's janitor deletes its stored outputs.")
+    result_ttl_seconds: int = Field(86_400, ge=1, description="Lifetime of job records and stored masks (jobs, and sync requests that timed out with 504); an expired job answers `expired` for 7 more days, and the API's janitor deletes its stored outputs.")
+    sync_result_ttl_s: int = Field(300, ge=1, description="Lifetime of the record (and stored outputs) of a sync request answered in time: `GET /v1/jobs/{X-Job-Id}` works this long, then answers 404. No tombstone is kept for it.")
+    store_sync_results: bool = Field(True, description="Sync requests write their masks to storage (kept SYNC_RESULT_TTL_S). false: an answered sync request's mask travels in the worker's reply only and nothing is stored (a 504 still stores it, as a job).")
     allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local directories that `file://` inputs may be read from (comma separated); empty = none. Checked by the API and again by the workers, so set it on both.")
 
     # --- API limits ---
@@ -174,7 +176,10 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(5.0, gt=0, le=3600, description="Delay before the first webhook retry; each further retry waits twice as long (at most 1 h), with jitter.")
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest wait for a webhook receiver to answer one POST.")
     log_format: Literal["text", "json"] = Field("text", description="`text`, or `json`: one JSON object per line (time, level, logger, message, and job_id, model, tenant, worker, device, trace_id where known) from the API, the workers and `trifecta up`.")
-    janitor_interval_s: float = Field(300.0, ge=0, description="How often the API deletes the stored outputs of jobs whose record expired (RESULT_TTL_SECONDS); 0 = off.")
+    janitor_interval_s: float = Field(60.0, ge=0, description="How often the API deletes the stored outputs of jobs and sync requests whose record expired (from the expiry index `tf:expiry`: a pass costs what expired, not what is stored); 0 = off.")
+    redis_maxmemory: str = Field("1gb", description="`maxmemory` of the Redis `trifecta up` starts (with `maxmemory-policy noeviction`: queued work is never evicted); `0` = no limit. A Redis you run yourself: set both in its own config.")
+    redis_memory_warn_ratio: float = Field(0.8, gt=0, le=1, description="`/health` reports `degraded` once Redis's used memory passes this share of its `maxmemory`.")
+    redis_memory_admit_ratio: float = Field(0.9, gt=0, le=1, description="New work gets 503 `redis_full` (with Retry-After) once Redis's used memory passes this share of its `maxmemory`, keeping the rest for work already queued to finish; 1 = only Redis's own OOM refusals.")
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod

@@ -348,7 +348,7 @@ def test_janitor_sweeps_expired_prefixes_on_s3(moto_s3: str, redis_server) -> No
 
     import redis.asyncio as aioredis
 
-    from api.janitor import job_prefixes, sweep
+    from api.janitor import job_prefixes, sweep, sweep_all
     from storage.blob import S3Store
     from tasks import keys
     from tests.conftest import make_bucket
@@ -362,22 +362,29 @@ def test_janitor_sweeps_expired_prefixes_on_s3(moto_s3: str, redis_server) -> No
     store.put("default/uploads/keep.bin", b"x")  # not a job prefix: never touched
     assert sorted(job_prefixes(store)) == sorted([("default", ids["expired"]), ("default", ids["live"]), ("default", ids["orphan"]), ("acme", ids["other"])])
 
-    async def go() -> int:
+    async def go(full: bool = False) -> int:
         r = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/14")
-        await r.flushdb()
-        await r.set(keys.tomb(ids["expired"]), "default")  # record gone, tombstone kept: expired
-        await r.set(keys.tomb(ids["other"]), "acme")
-        await r.hset(keys.job(ids["live"]), "status", '"succeeded"')  # still alive
-        await r.set(keys.tomb(ids["live"]), "default")
         try:
-            return await sweep(r, store)  # the orphan (neither record nor tombstone) is left to the lifecycle rule
-        finally:
+            if full:
+                return await sweep_all(r, store)
             await r.flushdb()
+            now = time.time()
+            # the expiry index: due entries of records gone are deleted, a due entry whose record lives is re-scored
+            await r.zadd(keys.EXPIRY, {f"default/jobs/{ids['expired']}": now - 1, f"acme/jobs/{ids['other']}": now - 1, f"default/jobs/{ids['live']}": now - 1, "../jobs/x": now - 1})
+            await r.hset(keys.job(ids["live"]), "status", '"succeeded"')
+            await r.expire(keys.job(ids["live"]), 100)
+            return await sweep(r, store)  # the orphan (no index entry) is left to the lifecycle rule or a full sweep
+        finally:
+            if full:
+                await r.flushdb()
             await r.aclose()
 
     assert asyncio.run(go()) == 6
     left = sorted(store.list("default") + store.list("acme"))
     assert left == sorted([f"default/jobs/{ids[k]}/{f}" for k in ("live", "orphan") for f in ("_in/input", "mask.png", "result.json")] + ["default/uploads/keep.bin"])
+    # `trifecta storage sweep --all`: everything listed, the orphan (no record) goes, the live job stays
+    assert asyncio.run(go(full=True)) == 3
+    assert sorted(store.list("default") + store.list("acme")) == sorted([f"default/jobs/{ids['live']}/{f}" for f in ("_in/input", "mask.png", "result.json")] + ["default/uploads/keep.bin"])
 
 
 def test_live_collector_reports_gpu_memory_caches_and_sessions() -> None:

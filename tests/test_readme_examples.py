@@ -494,6 +494,12 @@ def _cli_json(r: Ran) -> None:
     assert r.stdout.strip() in {"queued", "running", "succeeded"}
 
 
+@check("trifecta storage lifecycle")
+def _storage_lifecycle(r: Ran) -> None:
+    # `trifecta up` keeps its results in file://./data: no bucket, the janitor alone deletes
+    assert "is not an S3 bucket" in r.stdout and "JANITOR_INTERVAL_S" in r.stdout
+
+
 def test_generated_docs_are_current() -> None:
     """docs/settings.md and the bench table are what docs/build_docs.py writes from the code."""
     r = subprocess.run([sys.executable, "docs/build_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True)

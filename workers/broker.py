@@ -15,6 +15,11 @@ bare Celery task:
 And once, at shutdown: before kombu gives back the messages the worker received but never
 ran (`QoS.restore_unacked`, when the channel closes), the hook undoes their START.
 
+At Redis's maxmemory (noeviction) the unacked record of a message kombu has just popped is
+refused; kombu would raise and the message, held only in this process, would be lost. The
+append is retried instead until Redis has room (the API refuses new work meanwhile, so room
+comes as results expire): the consumer waits, the message stays ours.
+
 The worker installs its hook with `install(...)`; without one, this is kombu's transport.
 Selected by `broker_transport` in the worker's Celery app (tasks.celery_app.make_app), so
 the broker URL stays a plain redis:// URL.
@@ -24,12 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from time import time
+from time import sleep, time
 from typing import Any, Protocol
 
 from kombu.transport import redis as kredis
 from kombu.transport.virtual import base as vbase
 from kombu.utils.json import dumps
+from redis.exceptions import OutOfMemoryError
 
 TRANSPORT = "workers.broker:Transport"
 log = logging.getLogger("trifecta.worker")
@@ -67,11 +73,20 @@ class QoS(kredis.QoS):
         # redis.Redis per call: measured 8 % of a worker's CPU per echo request); same pool
         if self._client is None:
             self._client = self.channel._create_client()
-        pipe = self._client.pipeline()
-        # kombu's own two commands, unchanged (MULTI/EXEC as kombu sends them)
-        pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
-        take = hook.on_receive(pipe, message, delivery_tag)
-        res = pipe.execute(raise_on_error=False)
+        attempt = 0
+        while True:
+            pipe = self._client.pipeline()
+            # kombu's own two commands, unchanged (MULTI/EXEC as kombu sends them)
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
+            take = hook.on_receive(pipe, message, delivery_tag)
+            try:
+                res = pipe.execute(raise_on_error=False)
+                break
+            except OutOfMemoryError:  # MULTI refused whole at maxmemory: nothing written, the message is still only ours
+                if attempt % 20 == 0:
+                    log.warning("Redis is at its maxmemory: a received message waits for room to be recorded (retrying)")
+                sleep(min(2.0, 0.1 * (attempt + 1)))
+                attempt += 1
         for r in res[:2]:
             if isinstance(r, Exception):  # kombu's record itself failed: as kombu would, raise
                 raise r

@@ -22,10 +22,17 @@ consuming; the running batches finish; kombu gives back what it received but nev
 are handed over (`tasks.handoff`: moved to the shared queue, session calls answered 410);
 it exits. Still busy after WORKER_SHUTDOWN_GRACE_S, it gives back its running work too and
 exits anyway (a redelivery costs nothing: outputs are idempotent).
+
+Lifetimes: a sync request answered in time keeps its record SYNC_RESULT_TTL_S (FINISH
+shortens it, unless the API detached it with a 504) and its stored outputs are put in the
+expiry index for the same time; with STORE_SYNC_RESULTS=false its outputs travel in the
+reply only. The FINISH transaction (results, expiry index, acks) lands whole or not at all:
+at Redis's maxmemory it is retried until it fits, never acked unrecorded.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
@@ -37,6 +44,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.exceptions import OutOfMemoryError
 
 from storage import codecs
 from storage.blob import BlobStore, open_store
@@ -53,6 +61,10 @@ from workers.tracing import BatchTrace
 
 log = logging.getLogger("trifecta.worker")
 FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; older, the batch re-reads the status
+# STORE_SYNC_RESULTS=false: a request's outputs past this many bytes are stored anyway, since a
+# pub/sub message of many MB can get the API's subscriber cut off by Redis's pubsub output
+# buffer limit (8 MB for 60 s / 32 MB by default); stored ones expire with the record
+INLINE_REPLY_MAX = 4 << 20
 # Task events are published every EVENTS_FLUSH_S (or at EVENTS_MAX_PENDING), not per batch: kombu's
 # publish costs ~200 µs of worker CPU, about a third of a whole echo request (`trifecta bench --only events`)
 EVENTS_FLUSH_S = 0.5
@@ -211,10 +223,14 @@ class WorkerService:
             res = pipe.execute(raise_on_error=False)
             raws = res.pop(0) if drain else []
             for r in res:
-                if isinstance(r, Exception):
+                if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError):
                     raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
             for i in start_here:
                 states[i] = res.pop(0)
+            refused = [i for i in start_here if isinstance(states[i], OutOfMemoryError)]
+            if refused:  # at maxmemory: wait for room rather than hand the messages back (that write is refused too)
+                for i, st in zip(refused, self._start_all([reqs[i] for i in refused], now), strict=True):
+                    states[i] = st
             for i in recheck:
                 raw_status = res.pop(0)
                 status = orjson.loads(raw_status) if raw_status else "missing"
@@ -237,17 +253,40 @@ class WorkerService:
         with self._lock:
             self.drained_tags.update(tags)
         if added:
-            pipe = self.r.pipeline(transaction=False)
-            for q in added:
-                _queue_script(pipe, self._start, [keys.job(q.id)], [now, self.settings.max_deliveries, self.worker_id])
             try:
-                states += pipe.execute()
+                states += self._start_all(added, now)
             except redis.RedisError:
                 with self._lock:  # not ours to hold any more: kombu's visibility timeout restores them
                     self.drained_tags.difference_update(tags)
                 raise
             reqs += added
         return tags, states, kombu_tags
+
+    def _start_all(self, reqs: list[InferRequest], now: float) -> list[Any]:
+        """START each request in one pipeline. At Redis's maxmemory a START is refused before it
+        writes anything; those are tried again after a pause until there is room (the API refuses
+        new work meanwhile): handing the messages back would need a write Redis refuses too."""
+        out: list[Any] = [None] * len(reqs)
+        todo = list(range(len(reqs)))
+        attempt = 0
+        while True:
+            pipe = self.r.pipeline(transaction=False)
+            for i in todo:
+                _queue_script(pipe, self._start, [keys.job(reqs[i].id)], [now, self.settings.max_deliveries, self.worker_id])
+            again = []
+            for i, r in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(r, OutOfMemoryError):
+                    again.append(i)
+                elif isinstance(r, Exception):
+                    raise r if isinstance(r, redis.RedisError) else redis.RedisError(str(r))
+                else:
+                    out[i] = r
+            if not again:
+                return out
+            if attempt % 20 == 0:
+                log.warning("Redis is at its maxmemory: %d request(s) wait to be started (retrying)", len(again))
+            time.sleep(min(2.0, 0.1 * (attempt + 1)))
+            todo, attempt = again, attempt + 1
 
     def _handle(self, reqs: list[InferRequest], t_start: float, tags: list[str], states: list[Any], kombu_tags: list[str], bt: BatchTrace | None = None) -> bool:
         now = jobstore.now()
@@ -265,7 +304,7 @@ class WorkerService:
                     live.append(q)
             elif st == "dead":
                 log.error("job=%s model=%s dead-lettered after %s deliveries", q.id, q.model, int(n) - 1)
-                self.r.lpush(keys.DEADLETTER, orjson.dumps({"id": q.id, "model": q.model, "deliveries": int(n) - 1, "at": now}))
+                self.r.pipeline(transaction=False).lpush(keys.DEADLETTER, orjson.dumps({"id": q.id, "model": q.model, "deliveries": int(n) - 1, "at": now})).ltrim(keys.DEADLETTER, 0, keys.DEADLETTER_KEEP - 1).execute()
                 err = _err(DeadLettered(f"delivered {int(n) - 1} times without finishing (the worker died each time); not retried"))
                 self._publish_only(q, "failed", {"error": err})
                 dropped.append((q, err))
@@ -381,16 +420,19 @@ class WorkerService:
             self.flush_events()
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
+        # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply
+        budget = INLINE_REPLY_MAX if (q.kind == "sync" and q.reply and not self.settings.store_sync_results) else -1
         outs: list[Output] = []
-        for key, mask in res.masks.items():
-            data = codecs.encode(mask, q.format)
-            path = f"{q.out_prefix}/{key}.{codecs.EXTENSIONS[q.format]}"
-            self.store.put(path, data, codecs.CONTENT_TYPES[q.format])
-            outs.append(Output(key=key, format=q.format, shape=list(mask.shape), path=path, bytes=len(data), content_type=codecs.CONTENT_TYPES[q.format]))
-        for key, (data, fmt, ctype) in res.blobs.items():
-            path = f"{q.out_prefix}/{key}"
-            self.store.put(path, data, ctype)
-            outs.append(Output(key=key, format=fmt, path=path, bytes=len(data), content_type=ctype))
+        items = [(key, codecs.encode(mask, q.format), q.format, codecs.CONTENT_TYPES[q.format], list(mask.shape), f"{q.out_prefix}/{key}.{codecs.EXTENSIONS[q.format]}") for key, mask in res.masks.items()]
+        items += [(key, data, fmt, ctype, [], f"{q.out_prefix}/{key}") for key, (data, fmt, ctype) in res.blobs.items()]
+        for key, data, fmt, ctype, shape, path in items:
+            out = Output(key=key, format=fmt, shape=shape, path=path, bytes=len(data), content_type=ctype)
+            if len(data) <= budget:
+                budget -= len(data)
+                out.inline, out.data = True, base64.b64encode(data).decode("ascii")
+            else:
+                self.store.put(path, data, ctype)
+            outs.append(out)
         return outs, res.meta
 
     def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str]) -> None:
@@ -398,26 +440,31 @@ class WorkerService:
         if not done and not acks:
             return
         now = jobstore.now()
-        pipe = self.r.pipeline(transaction=False)
-        if acks:  # ack the batch's messages here, as kombu's QoS.ack would (kombu's own ack then skips Redis)
-            pipe.zrem("unacked_index", *acks)
-            pipe.hdel("unacked", *acks)
+        sync_ttl = self.settings.sync_result_ttl_s
+        calls: list[tuple[list[str], list[Any]]] = []
+        index: dict[str, float] = {}  # storage prefixes of answered sync requests: the janitor deletes them with the record
         for q, status, body in done:
             field = "result" if status == "succeeded" else "error"
-            payload = orjson.dumps(body)
+            record, inline, stored = _record_body(body)
             reply = jobstore.reply_payload(q.id, status, {field: body}) if q.reply else b""
-            _queue_script(pipe, self._finish, [keys.job(q.id)], [status, now, field, payload, q.reply or "", reply])
-        # the work is done: keep trying to record it through a Redis restart (outputs are already in storage)
-        for delay in (0, 0.25, 0.5, 1, 2, 2, 4, 4, 8):
-            if delay:
-                time.sleep(delay)
-            try:
-                pipe.execute()
-                break
-            except redis.RedisError as e:
-                log.warning("recording %d results failed (%s); retrying", len(done), e)
-        else:
-            raise redis.ConnectionError("could not record results after retries")
+            calls.append(([keys.job(q.id)], [status, now, field, orjson.dumps(record), q.reply or "", reply, sync_ttl if q.kind == "sync" else "", "1" if inline else ""]))
+            if q.kind == "sync" and stored:
+                index[q.out_prefix] = now + sync_ttl + 1
+        res = self._record(calls, index, acks)
+        # the API detached (504) requests whose outputs were meant to ride in the reply only
+        # (STORE_SYNC_RESULTS=false): they are jobs now, so store their outputs and finish them
+        late = [(q, status, body) for (q, status, body), r in zip(done, res[: len(calls)], strict=True) if r == -1]
+        if late:
+            again = []
+            for q, status, body in late:
+                for o in body.get("outputs", []):
+                    if o.get("inline"):
+                        self.store.put(o["path"], base64.b64decode(o["data"]), o.get("content_type") or "application/octet-stream")
+                        o["inline"], o["data"] = False, None
+                record, _, _ = _record_body(body)
+                again.append(([keys.job(q.id)], [status, now, "result", orjson.dumps(record), "", "", "", ""]))
+                index[q.out_prefix] = now + sync_ttl + 1
+            self._record(again, index, [])
         with self._lock:
             self.acked.update(dict.fromkeys(kombu_tags, time.monotonic()))
             for _, status, _ in done:
@@ -425,6 +472,36 @@ class WorkerService:
                     self.processed += 1
                 else:
                     self.failed += 1
+
+    def _record(self, calls: list[tuple[list[str], list[Any]]], index: dict[str, float], acks: list[str]) -> list[Any]:
+        """FINISH every call, index the stored prefixes, and ack the batch's messages (as kombu's
+        QoS.ack would; kombu's own ack then skips Redis) in ONE transaction: at maxmemory Redis
+        refuses it whole (FINISH_LUA's shebang), so a result is never acked unrecorded. The work
+        is done and its outputs are stored: keep trying through a Redis restart, and for as long
+        as Redis is full (the API refuses new work meanwhile; the heartbeat keeps these messages
+        ours). Returns the transaction's results (FINISH's first)."""
+        attempt = 0
+        while True:
+            pipe = self.r.pipeline(transaction=True)  # built anew each try: a failed execute() empties a pipeline
+            for ks, args in calls:
+                _queue_script(pipe, self._finish, ks, args)
+            if index:
+                pipe.zadd(keys.EXPIRY, index)
+            if acks:
+                pipe.zrem("unacked_index", *acks)
+                pipe.hdel("unacked", *acks)
+            try:
+                return pipe.execute()
+            except OutOfMemoryError:
+                if attempt % 20 == 0:
+                    log.warning("Redis is at its maxmemory: %d result(s) wait to be recorded (retrying)", len(calls))
+                time.sleep(min(2.0, 0.1 * (attempt + 1)))
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if attempt >= len(_RECORD_RETRY_S):
+                    raise redis.ConnectionError(f"could not record results after retries: {e}") from e
+                log.warning("recording %d results failed (%s); retrying", len(calls), e)
+                time.sleep(_RECORD_RETRY_S[attempt])
+            attempt += 1
 
     def _publish_only(self, q: InferRequest, status: str, body: dict[str, Any]) -> None:
         if q.reply:
@@ -503,7 +580,16 @@ class WorkerService:
             # keep the messages we hold invisible to kombu's restore while we are alive
             pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
         if len(pipe):
-            pipe.execute()
+            try:
+                pipe.execute()
+            except OutOfMemoryError:
+                # at maxmemory the same (fixed-size) writes go through a script allowed to write
+                # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
+                reg = {} if self.leaving else self.registration()
+                self.r.eval(
+                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, "unacked_index",
+                    max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
+                )
 
     def heartbeat_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.worker_heartbeat_s):
@@ -564,6 +650,36 @@ class WorkerService:
         except redis.RedisError as e:  # the API hands it over when Redis is back (api.hub)
             log.warning("private queue not handed over (%s)", e)
         self.left.set()
+
+
+_RECORD_RETRY_S = (0.25, 0.5, 1, 2, 2, 4, 4, 8)  # through a Redis restart
+
+# The heartbeat at Redis's maxmemory (noeviction refuses HSET/ZADD): `allow-oom` lets this script
+# rewrite the registration (the same fields, about the same size) and the visibility of held messages.
+# KEYS: worker hash, workers set, unacked_index  ARGV: ttl, worker id, now, 2n, n field/value pairs, tags...
+_BEAT_OOM_LUA = """#!lua flags=allow-oom
+local n = tonumber(ARGV[4])
+if n > 0 then
+  for i = 5, 4 + n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
+for i = 5 + n, #ARGV do redis.call('ZADD', KEYS[3], 'XX', ARGV[3], ARGV[i]) end
+return 1
+"""
+
+
+def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """The body as the job record keeps it (inline outputs' bytes left out), whether some output is
+    inline only, and whether some output is in storage."""
+    outs = body.get("outputs")
+    if not outs:
+        return body, False, False
+    inline = any(o.get("inline") for o in outs)
+    stored = any(not o.get("inline") for o in outs)
+    if not inline:
+        return body, False, stored
+    return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, True, stored
 
 
 def _now(fn: Any, *args: Any) -> Future[Any]:

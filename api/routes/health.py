@@ -23,8 +23,11 @@ async def health(hub: HubDep) -> JSONResponse:
         if hub.live(m) or hub.depth.get(m, 0)
     }
     ready = hub.redis_ok and bool(workers)
+    mem = hub.memory
+    ratio = hub.memory_ratio()
+    full = ratio >= hub.settings.redis_memory_warn_ratio
     body: dict[str, Any] = {
-        "status": "healthy" if ready else ("degraded" if hub.redis_ok else "unhealthy"),
+        "status": "healthy" if ready and not full else ("degraded" if hub.redis_ok else "unhealthy"),
         "ready": ready,
         "model_loaded": any(w.info.get("warm") for w in workers),
         "redis": hub.redis_ok,
@@ -35,6 +38,7 @@ async def health(hub: HubDep) -> JSONResponse:
         "active_sessions": sum(int(w.raw.get("sessions", 0) or 0) for w in workers),
         "workers": len(workers),
         "queues": queues,
+        "redis_memory": {"used_bytes": mem["used"], "maxmemory_bytes": mem["max"], "ratio": round(ratio, 4), "policy": mem["policy"], "warn_ratio": hub.settings.redis_memory_warn_ratio, "high": full},
     }
     return JSONResponse(body, status_code=200 if hub.redis_ok else 503)
 

@@ -225,7 +225,10 @@ async def load_job(hub: Hub, job_id: str, tenant: str) -> dict[str, Any]:
         owner = await hub.tombstone(job_id)
         if rec is None and owner == tenant:
             return {"job_id": job_id, "status": "expired", "error": None, "result": None, "expired": True}
-        raise JobNotFound(f"no job {job_id!r}")
+        raise JobNotFound(
+            f"no job {shown(job_id)}: unknown or expired (a sync request answered in time is kept {hub.settings.sync_result_ttl_s} s, SYNC_RESULT_TTL_S; "
+            f"a job {hub.settings.result_ttl_seconds} s, RESULT_TTL_SECONDS, then answers `expired` for 7 more days)"
+        )
     return rec
 
 
@@ -237,6 +240,8 @@ def render(rec: dict[str, Any], store: BlobStore, settings: Settings) -> dict[st
     res = rec.get("result")
     if res and res.get("outputs"):
         for o in res["outputs"]:
+            if o.get("inline"):  # returned to its sync call only (STORE_SYNC_RESULTS=false): nothing to fetch
+                continue
             url = store.presign(o["path"], min(settings.result_ttl_seconds, settings.result_url_ttl_s))
             o["url"] = url or f"/v1/jobs/{rec['job_id']}/result?key={o['key']}"
     if rec["status"] in ("queued", "running") and rec.get("started_at") is None:
@@ -275,6 +280,8 @@ async def get_result(job_id: str, hub: HubDep, store: StoreDep, tenant: TenantDe
     o = next((o for o in outs if key in (None, o["key"])), None)
     if o is None:
         raise NotFound(f"job {job_id} has no output {key!r}; it has {', '.join(x['key'] for x in outs)}")
+    if o.get("inline"):
+        raise Gone(f"job {job_id}'s output {o['key']!r} was returned to its sync call and not stored (STORE_SYNC_RESULTS=false)")
     f = store.open(o["path"])
     return StreamingResponse(iter_chunks(f), media_type=o.get("content_type") or "application/octet-stream", headers={"X-Mask-Format": o["format"], "Content-Disposition": f'attachment; filename="{o["path"].rsplit("/", 1)[-1]}"'})
 

@@ -69,8 +69,8 @@ def model_labels(hub: Hub, model: str) -> list[str] | None:
     return None
 
 
-async def _segment(request: Request, settings: Settings, hub: Hub, store: BlobStore, tenant: str, asked: list[str] | str, fmt: str) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, str]]:
-    """Run one inference for `asked`; (result, [(name, storage path)], headers)."""
+async def _segment(request: Request, settings: Settings, hub: Hub, store: BlobStore, tenant: str, asked: list[str] | str, fmt: str) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], dict[str, str]]:
+    """Run one inference for `asked`; (result, [(name, output)], headers)."""
     model = pick_model(request)
     ctype = raw_body_type(request)
     if ctype not in IMAGE_CONTENT_TYPES:
@@ -92,7 +92,7 @@ async def _segment(request: Request, settings: Settings, hub: Hub, store: BlobSt
     if reply["status"] != "succeeded":
         raise_failed(reply)
     res = reply["result"]
-    by_key = {o["key"]: o["path"] for o in res["outputs"]}
+    by_key = {o["key"]: o for o in res["outputs"]}
     pairs = [(c["name"], by_key[c["key"]]) for c in res["meta"]["classes"]]
     t = res.get("timing", {})
     headers = {"X-Job-Id": job_id, "X-Model": model, "X-Queue-Ms": str(t.get("queue_ms", "")), "X-Model-Ms": str(t.get("model_ms", "")), "X-Worker": str(res.get("worker", "")), "X-Image-Size": f"{res['meta']['size'][1]}x{res['meta']['size'][0]}", **untrained_headers(res)}

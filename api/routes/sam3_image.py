@@ -168,7 +168,7 @@ async def run_sam3(request: Request, data: bytes, params: Sam3Params, settings: 
     out = next((o for o in result["outputs"] if o["key"] == RESULT_KEY), None)
     if out is None:
         raise Unprocessable("the worker answered without masks")
-    doc = orjson.loads(await fetch_output(store, out["path"]))
+    doc = orjson.loads(await fetch_output(store, out))
     meta = result.get("meta") or {}
     headers = {
         "X-Job-Id": q.id,

@@ -378,9 +378,7 @@ async def _propagate_job(hub: Hub, settings: Settings, store: BlobStore, tenant:
     k = keys.job(job_id)
     pipe = hub.redis.pipeline(transaction=True)
     pipe.hset(k, mapping={**jobstore.new_record(doc), "worker": rec["worker"]})  # the session's worker: a poll finds the job orphaned if it dies
-    pipe.expire(k, ttl)
-    pipe.set(keys.tomb(job_id), tenant, ex=ttl + keys.TOMBSTONE_S)
-    pipe.zadd(keys.jobs_index(tenant), {job_id: now})
+    jobstore.keep(pipe, job_id, tenant, ttl, now)
     pipe.hset(session_key(tenant, sid), "job", job_id)
     pipe.expire(session_key(tenant, sid), int(settings.session_ttl_seconds) + 5)
     pipe.lpush(rec["queue"], build_message(TASK_VIDEO, job_id, {"call": call}, rec["queue"]))

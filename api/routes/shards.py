@@ -28,7 +28,7 @@ from api.routes.jobs import register_input_kind
 from storage import codecs
 from storage.blob import BlobStore
 from tasks import jobstore, keys
-from tasks.errors import BadRequest, BrokerUnavailable, PayloadTooLarge, Unprocessable
+from tasks.errors import BadRequest, PayloadTooLarge, Unprocessable
 from tasks.inputs import STAGED, check_input_uri, stage_key
 from tasks.models import MODELS
 from tasks.settings import Settings
@@ -122,9 +122,7 @@ async def submit_shards(
     pipe = hub.redis.pipeline(transaction=False)
     k = keys.job(job_id)
     pipe.hset(k, mapping=jobstore.new_record(doc))
-    pipe.expire(k, ttl)
-    pipe.set(keys.tomb(job_id), tenant, ex=ttl + keys.TOMBSTONE_S)
-    pipe.zadd(keys.jobs_index(tenant), {job_id: now})
+    jobstore.keep(pipe, job_id, tenant, ttl, now)
     pipe.hset(keys.shards(job_id), "n", len(uris))
     pipe.expire(keys.shards(job_id), ttl)
     for i in range(0, len(msgs), 1000):
@@ -132,8 +130,7 @@ async def submit_shards(
     try:
         await pipe.execute()
     except (RedisError, OSError) as e:
-        hub.redis_ok = False
-        raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
+        raise hub.redis_failed(e) from None
     return doc
 
 

@@ -29,7 +29,7 @@ from api.body import gunzip_capped, raw_body_type, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from storage import codecs
 from storage.blob import BlobStore, FileStore
-from tasks.errors import BadRequest, TooManySamples, UnsupportedMediaType, from_code, translate
+from tasks.errors import BadRequest, StorageError, TooManySamples, UnsupportedMediaType, from_code, translate
 from tasks.images import IMAGE_CONTENT_TYPES, probe
 from tasks.inputs import stage_key
 from tasks.settings import Settings
@@ -61,7 +61,16 @@ def sync_timeout(request: Request, settings: Settings) -> float:
     return min(v, settings.sync_timeout_s)
 
 
-async def fetch_output(store: BlobStore, path: str) -> bytes:
+async def fetch_output(store: BlobStore, out: str | dict[str, Any]) -> bytes:
+    """An output's bytes: from the worker's reply (STORE_SYNC_RESULTS=false) or from storage (a key, or an output's `path`)."""
+    if isinstance(out, dict):
+        if out.get("data") is not None:
+            return base64.b64decode(out["data"])
+        if out.get("inline"):  # sent in a reply this process missed (its subscription dropped): never stored
+            raise StorageError("the result was sent in the worker's reply only (STORE_SYNC_RESULTS=false) and that reply was missed; retry the request", headers={"Retry-After": "1"})
+        path = out["path"]
+    else:
+        path = out
     if isinstance(store, FileStore):
         return store.get(path)  # a local read is faster than a thread hop
     return await asyncio.to_thread(store.get, path)
@@ -87,9 +96,9 @@ async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None
     """A sync call's staged inputs once its replies are in (the job is finished: a redelivery
     skips it unread). Remote stores delete in the background; the janitor catches the rest."""
     if isinstance(store, FileStore):
-        for j in job_ids:  # one file and its directory (delete_prefix's rmtree walks and stats)
+        for j in job_ids:  # one file and its directories (delete_prefix's rmtree walks and stats); the job's own stays if it holds outputs
             f = store.root / stage_key(tenant, j)
-            for undo in (f.unlink, f.parent.rmdir):
+            for undo in (f.unlink, f.parent.rmdir, f.parent.parent.rmdir):
                 try:
                     undo()
                 except OSError:
@@ -148,7 +157,7 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if model == "echo":  # orjson: Starlette's JSONResponse runs the stdlib encoder
         return Response(orjson.dumps({"job_id": q.id, **result["meta"], "timing": result["timing"]}), media_type="application/json", headers=headers)
     out = result["outputs"][0]
-    data = await fetch_output(store, out["path"])
+    data = await fetch_output(store, out)
     if fmt == "rle" and "regions" in (result.get("meta") or {}):
         data = orjson.dumps(with_regions(orjson.loads(data), result["meta"]))
     return Response(data, media_type=codecs.CONTENT_TYPES[fmt], headers=headers)
@@ -203,7 +212,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
         else:
             metas[i] = rep["result"].get("meta")
             if rep["result"].get("outputs"):  # echo writes none
-                paths.append((i, rep["result"]["outputs"][0]["path"]))
+                paths.append((i, rep["result"]["outputs"][0]))
     datas = await asyncio.gather(*(fetch_output(store, p) for _, p in paths))
     for (i, _), d in zip(paths, datas, strict=True):
         masks[i] = d

@@ -39,7 +39,7 @@ from api.routes.sync import inline_or_staged, raise_failed, sync_timeout, untrai
 from storage.blob import BlobStore
 from tasks import clips as clipc
 from tasks import keys
-from tasks.errors import BrokerUnavailable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from tasks.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from tasks.inputs import check_input_uri, stage_key
 from tasks.models import MODELS
 from tasks.settings import Settings
@@ -184,8 +184,7 @@ async def _enqueue(hub: Hub, settings: Settings, doc: dict[str, Any], state: dic
     try:
         await pipe.execute()
     except (RedisError, OSError) as e:
-        hub.redis_ok = False
-        raise BrokerUnavailable(f"the queue (Redis) is unreachable: {e}", headers={"Retry-After": "2"}) from None
+        raise hub.redis_failed(e) from None
 
 
 async def _submit_video(*, hub: Hub, settings: Settings, store: BlobStore, tenant: str, job_id: str, model: str, input: dict[str, Any], params: dict[str, Any], callback_url: str | None, upload: Any = None) -> dict[str, Any]:
