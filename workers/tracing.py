@@ -152,45 +152,24 @@ def instrument(runner: Any) -> None:
     Installed once at start and only while tracing is on, on the runner object itself, so the
     runners' code and the untraced path stay as they are; calls outside a traced batch (warm-up,
     shard jobs) pass straight through."""
-    prepare, predict, finish = runner.prepare, runner.predict, runner.finish
+    def timed(fn: Any, record: Any) -> Any:
+        """`fn` as it is outside a traced batch; inside one, `record(bt, args, t0, t1, error)` after it."""
 
-    def traced_prepare(item: Any) -> Any:
-        bt = _current.get()
-        if bt is None:
-            return prepare(item)
-        t0, err = time.time_ns(), None
-        try:
-            return prepare(item)
-        except Exception as e:
-            err = type(e).__name__
-            raise
-        finally:
-            bt.mark(item.req.id, "decode", t0, time.time_ns(), err)
+        def wrapper(*args: Any) -> Any:
+            bt = _current.get()
+            if bt is None:
+                return fn(*args)
+            t0, err = time.time_ns(), None
+            try:
+                return fn(*args)
+            except Exception as e:
+                err = type(e).__name__
+                raise
+            finally:
+                record(bt, args, t0, time.time_ns(), err)
 
-    def traced_predict(batch: list[Any]) -> list[Any]:
-        bt = _current.get()
-        if bt is None:
-            return predict(batch)
-        t0, err = time.time_ns(), None
-        try:
-            return predict(batch)
-        except Exception as e:
-            err = type(e).__name__
-            raise
-        finally:
-            bt.model_marks.append(("model", t0, time.time_ns(), err, {"trifecta.samples": len(batch)}))
+        return wrapper
 
-    def traced_finish(item: Any, prepared: Any, pred: Any) -> Any:
-        bt = _current.get()
-        if bt is None:
-            return finish(item, prepared, pred)
-        t0, err = time.time_ns(), None
-        try:
-            return finish(item, prepared, pred)
-        except Exception as e:
-            err = type(e).__name__
-            raise
-        finally:
-            bt.mark(item.req.id, "encode", t0, time.time_ns(), err)
-
-    runner.prepare, runner.predict, runner.finish = traced_prepare, traced_predict, traced_finish
+    runner.prepare = timed(runner.prepare, lambda bt, a, t0, t1, err: bt.mark(a[0].req.id, "decode", t0, t1, err))
+    runner.predict = timed(runner.predict, lambda bt, a, t0, t1, err: bt.model_marks.append(("model", t0, t1, err, {"trifecta.samples": len(a[0])})))
+    runner.finish = timed(runner.finish, lambda bt, a, t0, t1, err: bt.mark(a[0].req.id, "encode", t0, t1, err))
