@@ -54,6 +54,7 @@ from tasks.inputs import read_input
 from tasks.models import MODELS
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
+from workers.broker import KombuKeys
 from workers.device import Device
 from workers.metrics import WorkerMetrics
 from workers.runners.base import BatchStats, Item, Produced, Runner
@@ -83,6 +84,7 @@ class WorkerService:
         self._drain = self.r.register_script(wire.DRAIN_LUA)
         self._unstart = self.r.register_script(jobstore.UNSTART_LUA)
         self.drained_tags: set[str] = set()
+        self.kombu_keys = KombuKeys()  # kombu's unacked key names; run_worker reads them from the app's transport options
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         self.processed = 0
         self.failed = 0
@@ -215,7 +217,7 @@ class WorkerService:
         if drain or start_here or recheck:
             pipe = self.r.pipeline(transaction=False)
             if drain:
-                _queue_script(pipe, self._drain, [keys.shared_queue(self.model), "unacked", "unacked_index"], [room, time.time(), keys.TASK_INFER])
+                _queue_script(pipe, self._drain, *self.kombu_keys.drain(keys.shared_queue(self.model), room, time.time(), keys.TASK_INFER))
             for i in start_here:
                 _queue_script(pipe, self._start, [keys.job(reqs[i].id)], [now, self.settings.max_deliveries, self.worker_id])
             for i in recheck:
@@ -488,8 +490,8 @@ class WorkerService:
             if index:
                 pipe.zadd(keys.EXPIRY, index)
             if acks:
-                pipe.zrem("unacked_index", *acks)
-                pipe.hdel("unacked", *acks)
+                pipe.zrem(self.kombu_keys.unacked_index, *acks)
+                pipe.hdel(self.kombu_keys.unacked, *acks)
             try:
                 return pipe.execute()
             except OutOfMemoryError:
@@ -578,7 +580,7 @@ class WorkerService:
             tags += list(self.drained_tags)
         if tags:
             # keep the messages we hold invisible to kombu's restore while we are alive
-            pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
+            pipe.zadd(self.kombu_keys.unacked_index, {t: time.time() for t in tags}, xx=True)
         if len(pipe):
             try:
                 pipe.execute()
@@ -587,7 +589,7 @@ class WorkerService:
                 # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
                 reg = {} if self.leaving else self.registration()
                 self.r.eval(
-                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, "unacked_index",
+                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, self.kombu_keys.unacked_index,
                     max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
                 )
 
@@ -634,7 +636,7 @@ class WorkerService:
         try:
             qos = self.consumer.task_consumer.channel.qos
             for t in tags:
-                qos.restore_by_tag(t, client=self.r)  # kombu's own restore, as at its visibility timeout
+                qos.restore_by_tag(t)  # kombu's own restore with its own (key-prefixing) client, as at its visibility timeout
         except Exception as e:  # noqa: BLE001 - kombu restores them after VISIBILITY_TIMEOUT_S anyway
             log.warning("giving back held messages failed (%s); kombu restores them after VISIBILITY_TIMEOUT_S", e)
         self.hand_over()
@@ -776,6 +778,7 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     from workers import broker
 
     app.conf.broker_transport = broker.TRANSPORT  # kombu's Redis transport carrying START and acks (workers/broker.py)
+    svc.kombu_keys = broker.KombuKeys.from_options(app.conf.broker_transport_options)
     broker.install(svc)
 
     from workers.batching import AdaptiveBatches
