@@ -49,8 +49,8 @@ from redis.exceptions import OutOfMemoryError
 from storage import codecs
 from storage.blob import BlobStore, open_store
 from tasks import handoff, jobstore, keys, tracing, wire
-from tasks.errors import DeadLettered, TrifectaError, translate
-from tasks.inputs import read_input
+from tasks.errors import DeadLettered, Gone, TrifectaError, Unprocessable, translate
+from tasks.inputs import IN_REDIS, read_input
 from tasks.models import MODELS
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
@@ -311,8 +311,12 @@ class WorkerService:
             else:  # finished, cancelled, or record gone: a redelivery costs nothing
                 log.info("job=%s skipped (status %s)", q.id, st)
         items: list[Item] = []
+        held = self._inputs_in_redis(live)
         for q in live:
             try:
+                if q.input.uri == IN_REDIS:
+                    items.append(Item(q, _held_input(held, q)))
+                    continue
                 # the tenant's own check again before reading (the API checked it too): a message
                 # put on the queue by anything else still cannot read another tenant's objects
                 items.append(Item(q, read_input(q.input, self.store, self.settings, tenant=q.tenant)))
@@ -358,7 +362,7 @@ class WorkerService:
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
-        self._finish_all(done, tags, kombu_tags)
+        self._finish_all(done, tags, kombu_tags, [keys.sync_input(i) for i in held])
         self.metrics.observe(done, t_start, model_ms, len(items))
         self._task_events(done, t_start)
         if bt is not None:
@@ -420,8 +424,11 @@ class WorkerService:
             self.flush_events()
 
     def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
-        # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply
-        budget = INLINE_REPLY_MAX if (q.kind == "sync" and q.reply and not self.settings.store_sync_results) else -1
+        # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply;
+        # with true, outputs up to SYNC_REPLY_INLINE_BYTES ride in the reply too (the API answers without a
+        # storage GET) and are stored for the record as well
+        reply_only = q.kind == "sync" and bool(q.reply) and not self.settings.store_sync_results
+        budget = INLINE_REPLY_MAX if reply_only else (self.settings.sync_reply_inline_bytes if q.kind == "sync" and q.reply else -1)
         outs: list[Output] = []
         items = [(key, codecs.encode(mask, q.format), q.format, codecs.CONTENT_TYPES[q.format], list(mask.shape), f"{q.out_prefix}/{key}.{codecs.EXTENSIONS[q.format]}") for key, mask in res.masks.items()]
         items += [(key, data, fmt, ctype, [], f"{q.out_prefix}/{key}") for key, (data, fmt, ctype) in res.blobs.items()]
@@ -429,13 +436,19 @@ class WorkerService:
             out = Output(key=key, format=fmt, shape=shape, path=path, bytes=len(data), content_type=ctype)
             if len(data) <= budget:
                 budget -= len(data)
-                out.inline, out.data = True, base64.b64encode(data).decode("ascii")
-            else:
+                out.inline, out.data = reply_only, base64.b64encode(data).decode("ascii")
+            if not out.inline:
                 self.store.put(path, data, ctype)
             outs.append(out)
         return outs, res.meta
 
-    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str]) -> None:
+    def _inputs_in_redis(self, live: list[InferRequest]) -> dict[str, bytes | None]:
+        """Sync inputs the API held in Redis (SYNC_REDIS_INPUT_MAX_BYTES), in one round trip for the
+        batch; job id -> bytes (None: expired). Deleted with the batch's FINISH (`_record`)."""
+        ids = [q.id for q in live if q.input.uri == IN_REDIS]
+        return dict(zip(ids, self.r.mget([keys.sync_input(i) for i in ids]), strict=True)) if ids else {}
+
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str], drop: list[str] | None = None) -> None:
         acks = [*tags, *kombu_tags]
         if not done and not acks:
             return
@@ -450,7 +463,7 @@ class WorkerService:
             calls.append(([keys.job(q.id)], [status, now, field, orjson.dumps(record), q.reply or "", reply, sync_ttl if q.kind == "sync" else "", "1" if inline else ""]))
             if q.kind == "sync" and stored:
                 index[q.out_prefix] = now + sync_ttl + 1
-        res = self._record(calls, index, acks)
+        res = self._record(calls, index, acks, drop or [])
         # the API detached (504) requests whose outputs were meant to ride in the reply only
         # (STORE_SYNC_RESULTS=false): they are jobs now, so store their outputs and finish them
         late = [(q, status, body) for (q, status, body), r in zip(done, res[: len(calls)], strict=True) if r == -1]
@@ -473,9 +486,10 @@ class WorkerService:
                 else:
                     self.failed += 1
 
-    def _record(self, calls: list[tuple[list[str], list[Any]]], index: dict[str, float], acks: list[str]) -> list[Any]:
-        """FINISH every call, index the stored prefixes, and ack the batch's messages (as kombu's
-        QoS.ack would; kombu's own ack then skips Redis) in ONE transaction: at maxmemory Redis
+    def _record(self, calls: list[tuple[list[str], list[Any]]], index: dict[str, float], acks: list[str], drop: list[str] | None = None) -> list[Any]:
+        """FINISH every call, index the stored prefixes, ack the batch's messages (as kombu's
+        QoS.ack would; kombu's own ack then skips Redis) and delete `drop` (inputs held in Redis,
+        read and answered) in ONE transaction: at maxmemory Redis
         refuses it whole (FINISH_LUA's shebang), so a result is never acked unrecorded. The work
         is done and its outputs are stored: keep trying through a Redis restart, and for as long
         as Redis is full (the API refuses new work meanwhile; the heartbeat keeps these messages
@@ -490,6 +504,8 @@ class WorkerService:
             if acks:
                 pipe.zrem("unacked_index", *acks)
                 pipe.hdel("unacked", *acks)
+            if drop:
+                pipe.delete(*drop)
             try:
                 return pipe.execute()
             except OutOfMemoryError:
@@ -670,16 +686,25 @@ return 1
 
 
 def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
-    """The body as the job record keeps it (inline outputs' bytes left out), whether some output is
-    inline only, and whether some output is in storage."""
+    """The body as the job record keeps it (bytes carried in the reply left out), whether some output
+    is inline only, and whether some output is in storage."""
     outs = body.get("outputs")
     if not outs:
         return body, False, False
     inline = any(o.get("inline") for o in outs)
     stored = any(not o.get("inline") for o in outs)
-    if not inline:
-        return body, False, stored
-    return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, True, stored
+    if not any(o.get("data") is not None for o in outs):
+        return body, inline, stored
+    return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, inline, stored
+
+
+def _held_input(held: dict[str, bytes | None], q: InferRequest) -> bytes:
+    data = held.get(q.id)
+    if data is None:  # its TTL (the deadline) passed, or a finished delivery deleted it
+        raise Gone("the request's input is no longer held in Redis (it expires with the request's deadline); send the request again")
+    if len(data) != q.input.size:
+        raise Unprocessable(f"the input held in Redis has {len(data)} bytes, not the {q.input.size} the request declared")
+    return data
 
 
 def _now(fn: Any, *args: Any) -> Future[Any]:
