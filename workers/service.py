@@ -33,6 +33,7 @@ at Redis's maxmemory it is retried until it fits, never acked unrecorded.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import socket
@@ -47,7 +48,7 @@ import redis
 from redis.exceptions import OutOfMemoryError
 
 from storage import codecs
-from storage.blob import BlobStore, open_store
+from storage.blob import BlobStore, FileStore, open_store
 from tasks import handoff, jobstore, keys, tracing, wire
 from tasks.errors import DeadLettered, Gone, TrifectaError, Unprocessable, translate
 from tasks.inputs import IN_REDIS, read_input
@@ -330,7 +331,9 @@ class WorkerService:
             except Exception:  # noqa: BLE001 - the requests' own records still go out below
                 log.exception("recording %d dropped requests with their jobs failed", len(dropped))
         stats = BatchStats()
-        publish = self._publish_outputs
+        # remote store: sync masks that ride in the reply are written after it is sent (`_reply_then_store`)
+        later: dict[str, list[tuple[str, bytes, str]]] | None = None if isinstance(self.store, FileStore) else {}
+        publish = self._publish_outputs if later is None else functools.partial(self._publish_outputs, later=later)
         if bt is None:
             results = self.runner.run_batch(items, stats) if items else []
         else:  # the runner's hooks and the writes timed for the batch's spans (workers/tracing.py)
@@ -362,7 +365,10 @@ class WorkerService:
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
-        self._finish_all(done, tags, kombu_tags, [keys.sync_input(i) for i in held])
+        replied: set[str] = set()
+        if later:
+            done, replied = self._reply_then_store(done, later)
+        self._finish_all(done, tags, kombu_tags, [keys.sync_input(i) for i in held], replied)
         self.metrics.observe(done, t_start, model_ms, len(items))
         self._task_events(done, t_start)
         if bt is not None:
@@ -423,7 +429,7 @@ class WorkerService:
         while not stop.wait(EVENTS_FLUSH_S):
             self.flush_events()
 
-    def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
+    def _publish_outputs(self, q: InferRequest, res: Produced, later: dict[str, list[tuple[str, bytes, str]]] | None = None) -> tuple[list[Output], dict[str, Any]]:
         # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply;
         # with true, outputs up to SYNC_REPLY_INLINE_BYTES ride in the reply too (the API answers without a
         # storage GET) and are stored for the record as well
@@ -437,10 +443,44 @@ class WorkerService:
             if len(data) <= budget:
                 budget -= len(data)
                 out.inline, out.data = reply_only, base64.b64encode(data).decode("ascii")
-            if not out.inline:
+            if later is not None and out.data is not None and not reply_only:  # stored once the reply is out
+                later.setdefault(q.id, []).append((path, data, ctype))
+            elif not out.inline:
                 self.store.put(path, data, ctype)
             outs.append(out)
         return outs, res.meta
+
+    def _reply_then_store(
+        self, done: list[tuple[InferRequest, str, dict[str, Any]]], later: dict[str, list[tuple[str, bytes, str]]]
+    ) -> tuple[list[tuple[InferRequest, str, dict[str, Any]]], set[str]]:
+        """On a remote store, sync answers whose masks ride in the reply (SYNC_REPLY_INLINE_BYTES) are
+        published first (one pipeline), then their masks are written, then FINISH records them (without
+        publishing again): the storage PUT is off the caller's critical path. The record says `running`
+        until the masks are stored, so a `succeeded` record always has its objects. A mask that cannot
+        be stored fails the record (`storage_error`) although the caller has its answer. Returns the
+        batch's outcomes and the ids already answered."""
+        early = [(q, st, body) for q, st, body in done if st == "succeeded" and q.reply and q.id in later]
+        replied: set[str] = set()
+        if early:
+            pipe = self.r.pipeline(transaction=False)
+            for q, st, body in early:
+                pipe.publish(q.reply, jobstore.reply_payload(q.id, st, {"result": body}))
+            try:
+                pipe.execute()
+                replied = {q.id for q, _, _ in early}
+            except redis.RedisError as e:  # FINISH publishes them instead, after the writes
+                log.warning("early replies of %d sync requests not sent (%s); sent with their records", len(early), e)
+        puts = {jid: self._io.submit(_put_all, self.store, objs) for jid, objs in later.items()}
+        out = []
+        for q, st, body in done:
+            f = puts.get(q.id)
+            if f is not None and st == "succeeded":
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001 - recorded as the request's failure
+                    st, body = "failed", _err(translate(e))
+            out.append((q, st, body))
+        return out, replied
 
     def _inputs_in_redis(self, live: list[InferRequest]) -> dict[str, bytes | None]:
         """Sync inputs the API held in Redis (SYNC_REDIS_INPUT_MAX_BYTES), in one round trip for the
@@ -448,7 +488,7 @@ class WorkerService:
         ids = [q.id for q in live if q.input.uri == IN_REDIS]
         return dict(zip(ids, self.r.mget([keys.sync_input(i) for i in ids]), strict=True)) if ids else {}
 
-    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str], drop: list[str] | None = None) -> None:
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str], drop: list[str] | None = None, replied: set[str] | None = None) -> None:
         acks = [*tags, *kombu_tags]
         if not done and not acks:
             return
@@ -459,8 +499,9 @@ class WorkerService:
         for q, status, body in done:
             field = "result" if status == "succeeded" else "error"
             record, inline, stored = _record_body(body)
-            reply = jobstore.reply_payload(q.id, status, {field: body}) if q.reply else b""
-            calls.append(([keys.job(q.id)], [status, now, field, orjson.dumps(record), q.reply or "", reply, sync_ttl if q.kind == "sync" else "", "1" if inline else ""]))
+            channel = "" if replied and q.id in replied else (q.reply or "")
+            reply = jobstore.reply_payload(q.id, status, {field: body}) if channel else b""
+            calls.append(([keys.job(q.id)], [status, now, field, orjson.dumps(record), channel, reply, sync_ttl if q.kind == "sync" else "", "1" if inline else ""]))
             if q.kind == "sync" and stored:
                 index[q.out_prefix] = now + sync_ttl + 1
         res = self._record(calls, index, acks, drop or [])
@@ -696,6 +737,11 @@ def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     if not any(o.get("data") is not None for o in outs):
         return body, inline, stored
     return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, inline, stored
+
+
+def _put_all(store: BlobStore, objs: list[tuple[str, bytes, str]]) -> None:
+    for path, data, ctype in objs:
+        store.put(path, data, ctype)
 
 
 def _held_input(held: dict[str, bytes | None], q: InferRequest) -> bytes:
