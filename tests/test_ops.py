@@ -233,8 +233,8 @@ def test_sync_fast_path_answers_as_the_routes_do(stack) -> None:
     assert fmt.status_code == 400 and "bmp" in fmt.json()["error"]["message"]
     g = httpx.get(stack.url + "/run_echo", timeout=10)
     assert g.status_code == 405 and g.json()["error"]["code"] == "method_not_allowed"
-    # an image over INLINE_INPUT_BYTES (64 KiB) is staged in storage, not carried in the message,
-    # and the staged copy is gone once the answer is in; the mask stays under the job
+    # an image over INLINE_INPUT_BYTES (64 KiB) waits in Redis (SYNC_REDIS_INPUT_MAX_BYTES), not in
+    # the message nor in storage; the mask stays under the job
     data, _ = with_text("coffee.png")
     assert len(data) > 64 << 10
     t = httpx.post(stack.url + "/run_textmask", content=data, headers={"Content-Type": "image/png"}, timeout=60)

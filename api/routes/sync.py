@@ -31,7 +31,7 @@ from storage import codecs
 from storage.blob import BlobStore, FileStore
 from tasks.errors import BadRequest, StorageError, TooManySamples, UnsupportedMediaType, from_code, translate
 from tasks.images import IMAGE_CONTENT_TYPES, probe
-from tasks.inputs import stage_key
+from tasks.inputs import IN_REDIS, stage_key
 from tasks.settings import Settings
 from tasks.tars import read_small_tar
 
@@ -62,7 +62,8 @@ def sync_timeout(request: Request, settings: Settings) -> float:
 
 
 async def fetch_output(store: BlobStore, out: str | dict[str, Any]) -> bytes:
-    """An output's bytes: from the worker's reply (STORE_SYNC_RESULTS=false) or from storage (a key, or an output's `path`)."""
+    """An output's bytes: from the worker's reply (up to SYNC_REPLY_INLINE_BYTES, or any size with
+    STORE_SYNC_RESULTS=false) or from storage (a key, or an output's `path`)."""
     if isinstance(out, dict):
         if out.get("data") is not None:
             return base64.b64decode(out["data"])
@@ -85,9 +86,17 @@ def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: 
     return {"uri": f"key:{key}", "size": len(data)}, True
 
 
-async def stage(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str) -> tuple[dict[str, Any], bool]:
-    """`inline_or_staged` without blocking the event loop on a remote store."""
-    if isinstance(store, FileStore) or len(data) <= settings.inline_input_bytes:
+async def stage(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str, in_redis: dict[str, bytes]) -> tuple[dict[str, Any], bool]:
+    """A sync request's `input`: inline below INLINE_INPUT_BYTES; else, up to
+    SYNC_REDIS_INPUT_MAX_BYTES, its bytes are put in `in_redis` (job id -> bytes), which the hub
+    writes in the submit transaction under a key expiring with the request's deadline: no
+    storage request and no extra Redis round trip; larger ones are staged in storage (True)."""
+    if len(data) <= settings.inline_input_bytes:
+        return inline_or_staged(data, settings, store, tenant, job_id)
+    if len(data) + sum(map(len, in_redis.values())) <= settings.sync_redis_input_max_bytes:  # per call: a tar's samples together
+        in_redis[job_id] = data
+        return {"uri": IN_REDIS, "size": len(data)}, False
+    if isinstance(store, FileStore):
         return inline_or_staged(data, settings, store, tenant, job_id)
     return await asyncio.to_thread(inline_or_staged, data, settings, store, tenant, job_id)
 
@@ -143,10 +152,11 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if model != "echo":  # echo never decodes: it measures the pipeline alone
         probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
     job_id = _job_id()
-    inp, staged = await stage(body, settings, store, tenant, job_id)
+    in_redis: dict[str, bytes] = {}
+    inp, staged = await stage(body, settings, store, tenant, job_id, in_redis)
     params = {"sleep_ms": _number(request.query_params["sleep_ms"], "sleep_ms")} if model == "echo" and "sleep_ms" in request.query_params else {}
     q = hub.new_request(model, tenant=tenant, kind="sync", params=params, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
-    (reply,) = await hub.run_sync([q], timeout)
+    (reply,) = await hub.run_sync([q], timeout, inputs=in_redis)
     if staged:
         await drop_staged(store, tenant, [job_id])
     if reply["status"] != "succeeded":
@@ -180,6 +190,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
     hub.admit(model, len(samples))
     reqs, errors, order = [], {}, []
     staged: list[str] = []
+    in_redis: dict[str, bytes] = {}
     for i, s in enumerate(samples):
         img = s.image()
         order.append(s.key)
@@ -193,11 +204,11 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
             errors[i] = {"index": i, "key": s.key, "code": te.code, "message": te.message}
             continue
         job_id = _job_id()
-        inp, was_staged = await stage(img[1], settings, store, tenant, job_id)
+        inp, was_staged = await stage(img[1], settings, store, tenant, job_id, in_redis)
         if was_staged:
             staged.append(job_id)
         reqs.append((i, hub.new_request(model, tenant=tenant, kind="sync", params={}, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)))
-    replies = await hub.run_sync([q for _, q in reqs], timeout) if reqs else []
+    replies = await hub.run_sync([q for _, q in reqs], timeout, inputs=in_redis) if reqs else []
     if staged:
         await drop_staged(store, tenant, staged)
     masks: list[bytes | None] = [None] * len(samples)
