@@ -919,9 +919,11 @@ def _quiet_celery_stdout(argv: list[str]) -> None:
 
 
 def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
-    """Model families may add tasks of their own (shards, sessions, video jobs)."""
-    hook = getattr(svc.runner, "register_tasks", None)
-    extra = list(hook(app, svc) or []) if hook else []
+    """Model families may add tasks of their own (sessions, video jobs: `Runner.extra_tasks`; shards)."""
+    extra = []
+    for t in svc.runner.extra_tasks(svc):
+        app.task(name=t.name, acks_late=t.acks_late, ignore_result=t.ignore_result)(t.fn)
+        extra.append(t.name)
     if MODELS[svc.model].takes_images:  # WebDataset shard jobs (workers/shards.py)
         from workers import shards
 

@@ -52,6 +52,13 @@ def model_named(asked: str | None) -> str | None:
     return n if n in models else None
 
 
+def gate_model(scope: Any) -> str | None:
+    """As `pick_model`, for the admission gate (an ASGI scope, before routing); an unknown name is left to the route (its 4xx)."""
+    from api.admission import header, query  # here: the gate imports this module while it builds its table
+
+    return model_named(header(scope, b"x-model") or query(scope, "model"))
+
+
 def pick_model(request: Request) -> str:
     """The model named by `X-Model` (or `?model=`): a configured segmentation model or an alias of one."""
     asked = request.headers.get("x-model") or request.query_params.get("model")

@@ -1,6 +1,7 @@
 """Synchronous mask endpoints kept from the source segmentation service.
 
-    POST /run_segmentation | /run_textmask | /run_facemask   (and /run_echo)
+    POST /run_<model>   for every model whose ModelSpec says `sync=True` (tasks/models.py):
+    /run_segmentation, /run_textmask, /run_facemask, /run_echo, /run_simulated
 
 Body: image bytes (`image/jpeg|png|webp`, `application/octet-stream`; no Content-Type at
 all counts as `application/octet-stream`: the image is sniffed from its bytes), optionally
@@ -32,12 +33,13 @@ from storage.blob import BlobStore, FileStore
 from tasks.errors import BadRequest, StorageError, TooManySamples, UnsupportedMediaType, from_code, translate
 from tasks.images import IMAGE_CONTENT_TYPES, probe
 from tasks.inputs import IN_REDIS, stage_key
+from tasks.models import MODELS, sync_models
 from tasks.settings import Settings
 from tasks.tars import read_small_tar
 
 log = logging.getLogger("trifecta.api")
 router = APIRouter(tags=["sync masks"])
-SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo", "simulated")
+SYNC_MODELS = sync_models(MODELS.values())  # from the specs: ModelSpec.sync
 TAR_TYPES = {"application/x-tar", "application/x-tar+gzip", "application/tar", "application/x-gtar"}
 
 
