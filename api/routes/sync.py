@@ -80,7 +80,8 @@ async def fetch_output(store: BlobStore, out: str | dict[str, Any]) -> bytes:
 
 
 def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str, name: str = "input") -> tuple[dict[str, Any], bool]:
-    """The `input` of a message: inline below INLINE_INPUT_BYTES, else staged in storage."""
+    """The `input` of a job's message: inline below INLINE_INPUT_BYTES, else staged in storage
+    (a sync call's input goes through `SyncInputs`)."""
     if len(data) <= settings.inline_input_bytes:
         return {"b64": base64.b64encode(data).decode("ascii"), "size": len(data)}, False
     key = stage_key(tenant, job_id, name)
@@ -88,27 +89,57 @@ def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: 
     return {"uri": f"key:{key}", "size": len(data)}, True
 
 
-async def stage(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str, in_redis: dict[str, bytes]) -> tuple[dict[str, Any], bool]:
-    """A sync request's `input`: inline below INLINE_INPUT_BYTES; else, up to
-    SYNC_REDIS_INPUT_MAX_BYTES, its bytes are put in `in_redis` (job id -> bytes), which the hub
-    writes in the submit transaction under a key expiring with the request's deadline: no
-    storage request and no extra Redis round trip; larger ones are staged in storage (True)."""
-    if len(data) <= settings.inline_input_bytes:
-        return inline_or_staged(data, settings, store, tenant, job_id)
-    if len(data) + sum(map(len, in_redis.values())) <= settings.sync_redis_input_max_bytes:  # per call: a tar's samples together
-        in_redis[job_id] = data
-        return {"uri": IN_REDIS, "size": len(data)}, False
-    if isinstance(store, FileStore):
-        return inline_or_staged(data, settings, store, tenant, job_id)
-    return await asyncio.to_thread(inline_or_staged, data, settings, store, tenant, job_id)
+class SyncInputs:
+    """The inputs of one sync call (one image, a tar's samples, a clip) on their way to its
+    workers, the one path every sync route takes (`/run_*`, `/segment`, SAM3 image, V-JEPA 2
+    `/api/v1/infer`):
+
+        ins = SyncInputs(settings, store, tenant)
+        q = hub.new_request(..., inp=await ins.add(data, job_id), reply=True)
+        replies = await ins.run(hub, [q], timeout)
+
+    An input up to INLINE_INPUT_BYTES travels inside the message. A larger one, up to
+    SYNC_REDIS_INPUT_MAX_BYTES for the call's inputs together, is held in Redis: `Hub.submit`
+    writes it in the submit transaction (no storage request, no extra round trip) under
+    `keys.sync_input`, expiring with the request's deadline, and the worker deletes it in its
+    FINISH. Only a larger one still is staged in storage (`name` names its object), and deleted
+    once the call is answered. The answers' outputs ride in the workers' replies up to
+    SYNC_REPLY_INLINE_BYTES (`fetch_output` reads them from there)."""
+
+    def __init__(self, settings: Settings, store: BlobStore, tenant: str) -> None:
+        self.settings, self.store, self.tenant = settings, store, tenant
+        self.held: dict[str, bytes] = {}  # job id -> bytes, for Hub.submit
+        self.staged: list[tuple[str, str]] = []  # (job id, name) in storage
+
+    async def add(self, data: bytes, job_id: str, name: str = "input") -> dict[str, Any]:
+        """The message's `input` for `data`."""
+        s = self.settings
+        if len(data) > s.inline_input_bytes and len(data) + sum(map(len, self.held.values())) <= s.sync_redis_input_max_bytes:
+            self.held[job_id] = data
+            return {"uri": IN_REDIS, "size": len(data)}
+        if len(data) <= s.inline_input_bytes or isinstance(self.store, FileStore):  # a local write is faster than a thread hop
+            inp, staged = inline_or_staged(data, s, self.store, self.tenant, job_id, name)
+        else:
+            inp, staged = await asyncio.to_thread(inline_or_staged, data, s, self.store, self.tenant, job_id, name)
+        if staged:
+            self.staged.append((job_id, name))
+        return inp
+
+    async def run(self, hub: Any, reqs: list[Any], timeout_s: float, queue: str | None = None) -> list[dict[str, Any]]:
+        """`hub.run_sync` with the held inputs; then the staged ones are deleted (not after a 504:
+        the request goes on as a job and its worker may still read them)."""
+        replies = await hub.run_sync(reqs, timeout_s, queue=queue, inputs=self.held or None)
+        if self.staged:
+            await drop_staged(self.store, self.tenant, self.staged)
+        return replies
 
 
-async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None:
-    """A sync call's staged inputs once its replies are in (the job is finished: a redelivery
-    skips it unread). Remote stores delete in the background; the janitor catches the rest."""
+async def drop_staged(store: BlobStore, tenant: str, staged: list[tuple[str, str]]) -> None:
+    """A sync call's staged inputs (job id, name) once its replies are in (the job is finished: a
+    redelivery skips it unread). Remote stores delete in the background; the janitor catches the rest."""
     if isinstance(store, FileStore):
-        for j in job_ids:  # one file and its directories (delete_prefix's rmtree walks and stats); the job's own stays if it holds outputs
-            f = store.root / stage_key(tenant, j)
+        for j, name in staged:  # one file and its directories (delete_prefix's rmtree walks and stats); the job's own stays if it holds outputs
+            f = store.root / stage_key(tenant, j, name)
             for undo in (f.unlink, f.parent.rmdir, f.parent.parent.rmdir):
                 try:
                     undo()
@@ -117,7 +148,7 @@ async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None
         return
 
     def _delete() -> None:
-        for p in (os.path.dirname(stage_key(tenant, j)) for j in job_ids):
+        for p in (os.path.dirname(stage_key(tenant, j, name)) for j, name in staged):
             try:
                 store.delete_prefix(p)
             except Exception:  # noqa: BLE001 - the janitor removes it with the job's prefix
@@ -154,13 +185,11 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if model != "echo":  # echo never decodes: it measures the pipeline alone
         probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
     job_id = _job_id()
-    in_redis: dict[str, bytes] = {}
-    inp, staged = await stage(body, settings, store, tenant, job_id, in_redis)
+    ins = SyncInputs(settings, store, tenant)
+    inp = await ins.add(body, job_id)
     params = {"sleep_ms": _number(request.query_params["sleep_ms"], "sleep_ms")} if model == "echo" and "sleep_ms" in request.query_params else {}
     q = hub.new_request(model, tenant=tenant, kind="sync", params=params, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
-    (reply,) = await hub.run_sync([q], timeout, inputs=in_redis)
-    if staged:
-        await drop_staged(store, tenant, [job_id])
+    (reply,) = await ins.run(hub, [q], timeout)
     if reply["status"] != "succeeded":
         raise_failed(reply)
     result = reply["result"]
@@ -191,8 +220,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
         raise TooManySamples(f"the tar holds {len(samples)} samples; the sync endpoint takes at most {settings.max_sync_batch} (MAX_SYNC_BATCH). Submit it as a shard job: POST /v1/jobs with input.shards or a multipart file")
     hub.admit(model, len(samples))
     reqs, errors, order = [], {}, []
-    staged: list[str] = []
-    in_redis: dict[str, bytes] = {}
+    ins = SyncInputs(settings, store, tenant)
     for i, s in enumerate(samples):
         img = s.image()
         order.append(s.key)
@@ -206,13 +234,9 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
             errors[i] = {"index": i, "key": s.key, "code": te.code, "message": te.message}
             continue
         job_id = _job_id()
-        inp, was_staged = await stage(img[1], settings, store, tenant, job_id, in_redis)
-        if was_staged:
-            staged.append(job_id)
+        inp = await ins.add(img[1], job_id)
         reqs.append((i, hub.new_request(model, tenant=tenant, kind="sync", params={}, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)))
-    replies = await hub.run_sync([q for _, q in reqs], timeout, inputs=in_redis) if reqs else []
-    if staged:
-        await drop_staged(store, tenant, staged)
+    replies = await ins.run(hub, [q for _, q in reqs], timeout) if reqs else []
     masks: list[bytes | None] = [None] * len(samples)
     rles: list[Any] = [None] * len(samples)
     metas: list[Any] = [None] * len(samples)
