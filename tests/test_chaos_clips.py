@@ -29,14 +29,15 @@ from tasks import keys
 from tasks.schemas import InferRequest
 from tasks.wire import build_message
 from tests.conftest import wait_job
-from tests.test_vjepa2 import _tiny, frames_rgb, png, write_video
+from tests.helpers.clips import frames_rgb, png, write_video
+from tests.helpers.stacks import tiny_checkpoint
 
 POISON = 2
 
 
 @pytest.fixture(scope="module")
 def stack(make_stack, tmp_path_factory: pytest.TempPathFactory):
-    ckpt = _tiny(tmp_path_factory.mktemp("ckpt"), "vjepa2")
+    ckpt = tiny_checkpoint("vjepa2", tmp_path_factory.mktemp("ckpt") / "vjepa2")
     env = {
         "VJEPA2_CHECKPOINT": str(ckpt),
         "VIDEO_CHUNK_CLIPS": "2",
