@@ -26,6 +26,7 @@ import pytest
 
 from tasks import clips as clipc
 from tasks import keys
+from tasks.queuekeys import QueueKeys
 from tasks.schemas import InferRequest
 from tasks.wire import build_message
 from tests.conftest import wait_job
@@ -105,7 +106,7 @@ def _enqueue_frames_job(stack, tenant: str, inputs: list[dict], deadlines: list[
     state = {"kind": "frames", "tenant": tenant, "top_k": 3, "per_clip": 16, "fps": "", "width": 64, "height": 48, "total": len(reqs), "emitted": len(reqs), "frames": 16 * len(reqs)}
     pipe = stack.redis.pipeline(transaction=False)
     clipc.queue_parent(pipe, doc, state, 600)
-    clipc.queue_children(pipe, reqs, 600)
+    clipc.queue_children(pipe, reqs, 600, QueueKeys())  # the stack runs kombu's default key names (no BROKER_GLOBAL_KEYPREFIX)
     pipe.execute()
     return jid
 
