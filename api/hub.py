@@ -33,7 +33,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tasks import handoff, jobstore, keys
+from tasks import handoff, jobstore, keys, queuekeys
 from tasks.errors import BrokerUnavailable, NoWorker, Overloaded, SyncTimeout, TrifectaError, is_redis_oom, redis_full
 from tasks.models import MODEL_NAMES
 from tasks.schemas import InferRequest
@@ -67,6 +67,7 @@ class Hub:
         self.settings = settings
         self.id = uuid.uuid4().hex[:12]
         self.channel = keys.reply_channel(self.id)
+        self.qkeys = queuekeys.for_settings(settings)  # queue name -> Redis key (kombu's global_keyprefix)
         # a bounded pool that makes a burst wait its turn for a connection (a few ms) rather than
         # fail with "too many connections": 1,000 waiting requests share these, none holds one while it waits
         pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
@@ -168,9 +169,9 @@ class Hub:
         orphans = sorted(self.orphans)
         pipe = self.redis.pipeline(transaction=False)
         for m in MODEL_NAMES:
-            pipe.llen(keys.shared_queue(m))
+            pipe.llen(self.qkeys.queue(keys.shared_queue(m)))
         for q in known + orphans:
-            pipe.llen(q)
+            pipe.llen(self.qkeys.queue(q))
         pipe.smembers(keys.WORKERS)
         res = await pipe.execute()
         depths, ids = res[: len(MODEL_NAMES)], sorted(x.decode() for x in res[-1])
@@ -200,7 +201,7 @@ class Hub:
         if new:
             pipe = self.redis.pipeline(transaction=False)
             for q in new:
-                pipe.llen(q)
+                pipe.llen(self.qkeys.queue(q))
             lengths.update(zip(new, (int(x) for x in await pipe.execute()), strict=True))
         if gone:
             await self.redis.srem(keys.WORKERS, *gone)
@@ -254,7 +255,7 @@ class Hub:
         try:
             if self._sync_redis is None:
                 self._sync_redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-            await asyncio.to_thread(handoff.hand_over, self._sync_redis, model, worker_id)
+            await asyncio.to_thread(handoff.hand_over, self._sync_redis, model, worker_id, self.qkeys)
         except (RedisError, OSError) as e:
             log.warning("handing over %s failed (%s); retried at the next poll", queue, e)
         finally:
@@ -354,7 +355,7 @@ class Hub:
                 added += len(data) + 100
             msg = build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue or keys.shared_queue(q.model))
             added += len(msg) + 600  # the message and about what its record takes
-            pipe.lpush(queue or keys.shared_queue(q.model), msg)
+            pipe.lpush(self.qkeys.queue(queue or keys.shared_queue(q.model)), msg)
         try:
             await pipe.execute()
         except (RedisError, OSError) as e:

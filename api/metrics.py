@@ -132,15 +132,18 @@ async def snapshot(hub: Any) -> dict[str, Any]:
     redis: dict[str, Any] = {}
     try:
         pipe = hub.redis.pipeline(transaction=False)
+        lists = {q: hub.qkeys.all_lists(q) for q in queues}  # a queue's Redis lists (kombu's prefix, priorities): its depth is their sum
         for q in queues:
-            pipe.llen(q)
+            for k in lists[q]:
+                pipe.llen(k)
         pipe.llen(keys.WEBHOOK_QUEUE)
         pipe.zcard(keys.WEBHOOK_SCHEDULE)
         pipe.zcard(keys.EXPIRY)
         pipe.info("memory")
         pipe.info("keyspace")
         res = await pipe.execute()
-        depths = dict(zip(queues, (int(x) for x in res[: len(queues)]), strict=True))
+        lens = iter(int(x) for x in res[: sum(len(v) for v in lists.values())])
+        depths = {q: sum(next(lens) for _ in lists[q]) for q in queues}
         webhook = {"queued": int(res[-5]), "scheduled": int(res[-4])}
         mem, space = res[-2], res[-1]
         redis = {

@@ -27,8 +27,9 @@ from kombu.transport.redis import Channel as KombuChannel
 
 from client import loadgen
 from client.benchkit import Stack
-from tasks import keys
+from tasks import keys, queuekeys
 from tasks.embedded_redis import EmbeddedRedis
+from tasks.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_TTL_S = 20
@@ -36,8 +37,10 @@ JOB_TTL_S = 60  # longer than a batch of jobs or the shard job takes
 JANITOR_S = 1.0
 TOMBSTONE_S = keys.TOMBSTONE_S
 SIZE = {"hash": "hlen", "zset": "zcard", "set": "scard", "list": "llen", "stream": "xlen", "string": "strlen"}
+# the stacks this bench starts inherit this environment: the same BROKER_GLOBAL_KEYPREFIX, the same kombu key names
+QK = queuekeys.for_settings(Settings())
 # kombu's in-flight bookkeeping and the janitor's lock come and go with the traffic of the moment
-TRANSIENT = {n.encode() for n in (KombuChannel.unacked_key, KombuChannel.unacked_index_key, KombuChannel.unacked_mutex_key, keys.JANITOR_LOCK)}
+TRANSIENT = {n.encode() for n in (QK.unacked, QK.unacked_index, QK.prefix + KombuChannel.unacked_mutex_key, keys.JANITOR_LOCK)}
 
 
 def redis_state(r: redis.Redis) -> dict[str, Any]:
@@ -88,7 +91,7 @@ def settle(r: redis.Redis, timeout: float = 60) -> None:
     """Until no job record and no expiry index entry remains (lifetimes passed, janitor ran)."""
     t_end = time.time() + timeout
     while time.time() < t_end:
-        if not any(True for _ in r.scan_iter(match="tf:job:*", count=1000)) and not r.zcard(keys.EXPIRY) and not r.llen("textmask") and not r.llen("echo"):
+        if not any(True for _ in r.scan_iter(match="tf:job:*", count=1000)) and not r.zcard(keys.EXPIRY) and not r.llen(QK.queue("textmask")) and not r.llen(QK.queue("echo")):
             time.sleep(JANITOR_S * 2)  # one more janitor pass and Redis's active expiry cycle
             return
         time.sleep(0.2)
@@ -171,8 +174,6 @@ def measure(kind: str, n: int, send: Any, r: redis.Redis, data_root: Path, wait_
 def capacity(figs: dict[str, dict[str, Any]], rates: tuple[int, ...] = (10, 100, 1000)) -> list[dict[str, Any]]:
     """Steady state at `rates` requests/s with the default lifetimes, from the measured figures:
     what a request holds while its lifetime lasts, times the requests alive at once."""
-    from tasks.settings import Settings
-
     d = Settings()
     out = []
     for kind, f in figs.items():

@@ -9,6 +9,8 @@ kombu restores it after VISIBILITY_TIMEOUT_S (checked every 2 s).
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -36,18 +38,28 @@ def make_app(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": 2,
-            "unacked_restore_throttle": 1,
-            # kombu's restore holds a mutex that expires after 300 s by default: a worker killed
-            # while holding it would stop every restore for five minutes
-            "unacked_mutex_expire": 15,
-            "socket_timeout": 10,
-            "socket_connect_timeout": 5,
-            "retry_on_timeout": True,
-            "health_check_interval": 10,
-        },
+        broker_transport_options=transport_options(settings),
         broker_heartbeat=0,
     )
     return app
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis channel options: also what tasks.queuekeys names the queue keys from."""
+    opts: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+        # kombu's restore holds a mutex that expires after 300 s by default: a worker killed
+        # while holding it would stop every restore for five minutes
+        "unacked_mutex_expire": 15,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "retry_on_timeout": True,
+        "health_check_interval": 10,
+    }
+    if settings.broker_global_keyprefix:
+        # kombu prefixes every key it writes (queues, unacked, bindings); our own scripts and
+        # pushes add it through tasks.queuekeys. Our own `tf:` keys are not kombu's: unprefixed.
+        opts["global_keyprefix"] = settings.broker_global_keyprefix
+    return opts

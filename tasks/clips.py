@@ -36,6 +36,7 @@ import orjson
 from tasks import jobstore, keys
 from tasks.errors import Unprocessable
 from tasks.images import probe
+from tasks.queuekeys import QueueKeys
 
 MAGIC = b"TFCLIP1\n"
 _LEN = struct.Struct(">I")
@@ -205,8 +206,9 @@ def queue_parent(pipe: Any, doc: dict[str, Any], state: dict[str, Any], ttl: int
     pipe.expire(state_key(doc["id"]), ttl)
 
 
-def queue_children(pipe: Any, reqs: list[Any], ttl: int) -> None:
-    """Add each clip's own record and its `trifecta.infer` message to a pipeline (sync or asyncio)."""
+def queue_children(pipe: Any, reqs: list[Any], ttl: int, qkeys: QueueKeys) -> None:
+    """Add each clip's own record and its `trifecta.infer` message to a pipeline (sync or asyncio);
+    `qkeys` names the queue's Redis key (`tasks.queuekeys.for_settings`)."""
     from tasks.wire import build_message
 
     for q in reqs:
@@ -214,4 +216,4 @@ def queue_children(pipe: Any, reqs: list[Any], ttl: int) -> None:
         pipe.hset(k, mapping=jobstore.new_record({"id": q.id, "model": q.model, "kind": "clip", "tenant": q.tenant, "created_at": q.created, "params": q.params}))
         pipe.expire(k, ttl)
         queue = keys.shared_queue(q.model)
-        pipe.lpush(queue, build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue))
+        pipe.lpush(qkeys.queue(queue), build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue))

@@ -31,6 +31,7 @@ import orjson
 
 from tasks import jobstore, keys
 from tasks.errors import Gone, NoWorker
+from tasks.queuekeys import QueueKeys
 from tasks.sam3_video import TASK_VIDEO
 
 log = logging.getLogger("trifecta.handoff")
@@ -82,17 +83,21 @@ def plan(raw: bytes, model: str, worker_id: str) -> tuple[bytes, dict[str, Any] 
     return b"", {"reply": call.get("reply") or "", "body": body, "job": str(job) if job else ""}
 
 
-def hand_over(r: Any, model: str, worker_id: str, limit: int = 100_000) -> tuple[int, int]:
-    """Empty the private queue of `worker_id` (a blocking redis.Redis): (moved, answered)."""
+def hand_over(r: Any, model: str, worker_id: str, qkeys: QueueKeys | None = None, limit: int = 100_000) -> tuple[int, int]:
+    """Empty the private queue of `worker_id` (a blocking redis.Redis): (moved, answered).
+
+    `qkeys`: the deployment's queue keys (`tasks.queuekeys.for_settings`), kombu's defaults when None."""
+    qk = qkeys or QueueKeys()
     queue, shared = keys.private_queue(model, worker_id), keys.shared_queue(model)
+    queue_key, shared_key = qk.queue(queue), qk.queue(shared)
     move = r.register_script(MOVE_LUA)
     moved = answered = 0
     for _ in range(limit):
-        raw = r.lindex(queue, 0)
+        raw = r.lindex(queue_key, 0)
         if raw is None:
             break
         push, answer = plan(raw, model, worker_id)
-        if not move(keys=[queue, shared], args=[raw, push]):
+        if not move(keys=[queue_key, shared_key], args=[raw, push]):
             continue  # someone else took it (or a new message arrived): look again
         if answer is None:
             moved += bool(push)

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # --- broker, API, client ---
     env: str = Field("local", description="`local` allows the default and empty secrets a trial needs; any other value (compose sets `production`) refuses to start with a default password in FLOWER_BASIC_AUTH, AWS_SECRET_ACCESS_KEY or WEBHOOK_SECRET, and `trifecta api` / `trifecta flower` refuse to start without API keys / FLOWER_BASIC_AUTH.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result store for every process (Redis protocol).")
+    broker_global_keyprefix: str = Field("", description="kombu's `global_keyprefix` transport option: every key Celery/kombu write in Redis (queues, `unacked`, bindings) starts with it, for sharing a Redis with other Celery apps. Every process of a deployment must use the same value. Trifecta's own keys keep their `tf:` prefix.")
     api_port: int = Field(8080, description="Port of `trifecta api` / `trifecta up`.")
     trifecta_url: str = Field("http://127.0.0.1:8080", description="Where the client CLI and SDK find the server.")
     trifecta_api_key: str | None = Field(None, description="API key the client CLI and SDK send.")

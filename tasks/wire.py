@@ -23,7 +23,7 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
 def build_message(task_name: str, task_id: str, kwargs: dict[str, Any], queue: str, origin: str = "trifecta-api") -> bytes:
-    """The JSON string LPUSHed onto the Redis list named `queue`."""
+    """The JSON string LPUSHed onto kombu's queue `queue` (its Redis key: tasks.queuekeys.QueueKeys.queue)."""
     body = orjson.dumps([[], kwargs, _EMBED])
     headers = {
         "lang": "py",
@@ -77,7 +77,7 @@ def decode_message(raw: bytes | str) -> tuple[dict[str, Any], dict[str, Any]]:
 # KEYS[1]=queue KEYS[2]=unacked hash KEYS[3]=unacked_index zset  ARGV[1]=max n ARGV[2]=now ARGV[3]=task name
 # ARGV[4]=routing key (the queue's name as kombu knows it: KEYS are the names in Redis, which
 # carry kombu's `global_keyprefix` when one is set; kombu adds it again when it restores).
-# Key names come from the worker's kombu channel (workers.broker.KombuKeys), never spelled here.
+# Key names come from the kombu channel's options (tasks.queuekeys.QueueKeys), never spelled here.
 # Pops from the same end kombu's BRPOP does, stops at the first message of another task,
 # and records each popped message in `unacked` exactly as kombu's QoS.append does
 # ([message, exchange, routing_key] keyed by delivery tag, scored by time), so a worker

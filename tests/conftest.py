@@ -28,6 +28,9 @@ from client.benchkit import Proc, Stack  # noqa: F401 - re-exported for tests
 from tasks.embedded_redis import EmbeddedRedis, free_port
 from tests.helpers.stacks import start_stack
 
+# fixtures shared by several test modules, kept as plugins in tests/helpers (no test module imports another)
+pytest_plugins = ["tests.helpers.browser"]
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "tests" / "data" / "images"  # copies of ../shared/data/images (scikit-image samples, PD/CC0)
 MODEL_DIR = ROOT / "models"

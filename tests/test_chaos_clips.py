@@ -26,17 +26,19 @@ import pytest
 
 from tasks import clips as clipc
 from tasks import keys
+from tasks.queuekeys import QueueKeys
 from tasks.schemas import InferRequest
 from tasks.wire import build_message
 from tests.conftest import wait_job
-from tests.test_vjepa2 import _tiny, frames_rgb, png, write_video
+from tests.helpers.clips import frames_rgb, png, write_video
+from tests.helpers.stacks import tiny_checkpoint
 
 POISON = 2
 
 
 @pytest.fixture(scope="module")
 def stack(make_stack, tmp_path_factory: pytest.TempPathFactory):
-    ckpt = _tiny(tmp_path_factory.mktemp("ckpt"), "vjepa2")
+    ckpt = tiny_checkpoint("vjepa2", tmp_path_factory.mktemp("ckpt") / "vjepa2")
     env = {
         "VJEPA2_CHECKPOINT": str(ckpt),
         "VIDEO_CHUNK_CLIPS": "2",
@@ -104,7 +106,7 @@ def _enqueue_frames_job(stack, tenant: str, inputs: list[dict], deadlines: list[
     state = {"kind": "frames", "tenant": tenant, "top_k": 3, "per_clip": 16, "fps": "", "width": 64, "height": 48, "total": len(reqs), "emitted": len(reqs), "frames": 16 * len(reqs)}
     pipe = stack.redis.pipeline(transaction=False)
     clipc.queue_parent(pipe, doc, state, 600)
-    clipc.queue_children(pipe, reqs, 600)
+    clipc.queue_children(pipe, reqs, 600, QueueKeys())  # the stack runs kombu's default key names (no BROKER_GLOBAL_KEYPREFIX)
     pipe.execute()
     return jid
 

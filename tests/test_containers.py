@@ -13,16 +13,11 @@ import yaml
 
 from client.cli import build_parser
 from tasks.settings import Settings
+from tests.helpers.compose import interpolate
 from tests.helpers.dockerfile import TARGETS, dockerfile_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_FOREIGN = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_REGION", "FLOWER_UNAUTHENTICATED_API"}
-_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
-
-
-def interpolate(v: str) -> str:
-    """What compose makes of `${VAR:-default}` with nothing set in the environment."""
-    return _VAR.sub(lambda m: m.group(2) or "", v)
 
 
 def test_dockerfile_targets_copies_and_entrypoint() -> None:

@@ -82,3 +82,30 @@ def test_hand_over_moves_each_message_once_in_order_and_answers_session_calls(tm
         assert handoff.hand_over(r, "sam3", "w1") == (0, 0)  # nothing left: a no-op
     finally:
         srv.stop()
+
+
+def test_hand_over_under_global_keyprefix(tmp_path) -> None:  # noqa: ANN001
+    """With kombu's `global_keyprefix` set the queues live under it in Redis: the hand-over reads
+    the prefixed private list and fills the prefixed shared one, where kombu's own consumer finds
+    the messages; the routing key stays the queue's plain name (kombu adds the prefix itself)."""
+    from kombu import Connection
+
+    from tasks.queuekeys import QueueKeys
+
+    srv = EmbeddedRedis(tmp_path, appendonly=False).start()
+    try:
+        r = redis.Redis(port=srv.port)
+        qk = QueueKeys.from_options({"global_keyprefix": "acme:"})
+        private = keys.private_queue("sam3", "w1")
+        for i in range(3):
+            r.lpush(qk.queue(private), infer_message(f"p{i}", private))
+        r.lpush(private, infer_message("unprefixed-twin", private))  # another app's list of the same name: not ours
+        assert handoff.hand_over(r, "sam3", "w1", qk) == (3, 0)
+        assert r.llen(qk.queue(private)) == 0 and r.llen(private) == 1 and not r.exists("sam3")
+        assert r.llen("acme:sam3") == 3
+        with Connection(f"redis://127.0.0.1:{srv.port}/0", transport_options={"global_keyprefix": "acme:"}) as conn:
+            got = [conn.default_channel.basic_get("sam3", no_ack=True) for _ in range(3)]
+        assert [m.headers["id"] for m in got] == ["p0", "p1", "p2"]
+        assert all(m.delivery_info["routing_key"] == "sam3" for m in got)
+    finally:
+        srv.stop()

@@ -35,8 +35,8 @@ from tasks.errors import translate
 from tasks.images import check_jpeg_scans
 from tasks.settings import Settings
 from tests.conftest import ROOT, photo, png_bytes
-from tests.test_hostile_uploads import many_scans, peak_rss_mb, post_until_answered
-from tests.test_sam3_video import write_video
+from tests.helpers.uploads import many_scans, peak_rss_mb, post_until_answered
+from tests.helpers.videos import write_video
 
 MB = 1 << 20
 BODY_LIMIT = 2 * MB
@@ -562,7 +562,7 @@ def test_bodies_held_at_once_are_capped_with_503(stack) -> None:
 
 # ---------------------------------------------------------------- 11. deployment defaults
 def _interpolate(v: str) -> str:
-    from tests.test_containers import interpolate
+    from tests.helpers.compose import interpolate
 
     return interpolate(v)
 

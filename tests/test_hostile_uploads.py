@@ -16,10 +16,7 @@ import hashlib
 import io
 import json
 import os
-import select
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -30,7 +27,9 @@ from tasks.errors import Unprocessable
 from tasks.images import MAX_JPEG_SCANS, check_jpeg_scans
 from tasks.sam3 import parse_params
 from tests.conftest import photo, png_bytes, wait_job
-from tests.test_vjepa2 import _tiny, write_video
+from tests.helpers.clips import write_video
+from tests.helpers.stacks import tiny_checkpoint
+from tests.helpers.uploads import many_scans, peak_rss_mb, post_until_answered
 
 BODY_LIMIT = 2 << 20  # MAX_BODY_BYTES: what may be held in memory
 VIDEO_LIMIT = 40 << 20  # MAX_VIDEO_BYTES: what a video upload may stream to storage
@@ -44,16 +43,9 @@ def inputs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(make_stack, tmp_path_factory: pytest.TempPathFactory, inputs_root: Path):
-    ckpt = _tiny(tmp_path_factory.mktemp("ckpt"), "vjepa2")
+    ckpt = tiny_checkpoint("vjepa2", tmp_path_factory.mktemp("ckpt") / "vjepa2")
     env = {"VJEPA2_CHECKPOINT": str(ckpt), "MAX_BODY_BYTES": str(BODY_LIMIT), "MAX_VIDEO_BYTES": str(VIDEO_LIMIT), "ALLOWED_INPUT_ROOTS": str(inputs_root)}
     return make_stack(models=["vjepa2", "textmask"], env=env)
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def multipart(fields: list[tuple[str, str]], file: bytes, filename: str = "clip.mp4", file_at: int | None = None) -> tuple[bytes, str]:
@@ -63,43 +55,6 @@ def multipart(fields: list[tuple[str, str]], file: bytes, filename: str = "clip.
     fpart = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\nContent-Type: video/mp4\r\n\r\n'.encode() + file + b"\r\n"
     parts.insert(len(parts) if file_at is None else file_at, fpart)
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def post_until_answered(url: str, path: str, ctype: str, pieces: list[bytes], chunked: bool) -> tuple[int, dict, int, int]:
-    """POST a body piece by piece over a raw socket, stopping as soon as the server answers.
-
-    (httpx writes the whole body before it reads the answer, so it cannot tell when the
-    server refused.) Returns (status, JSON body, bytes of body sent, bytes of body in all).
-    """
-    u = urlsplit(url)
-    total = sum(len(x) for x in pieces)
-    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}"
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # little in flight beyond what the server has read
-        sock.settimeout(30)
-        sock.connect((u.hostname, u.port))
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: {ctype}\r\n{framing}\r\n\r\n".encode())
-        sent = 0
-        for piece in pieces:
-            if select.select([sock], [], [], 0)[0]:  # an answer (or a close) is waiting: stop sending
-                break
-            try:
-                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
-            except OSError:
-                break
-            sent += len(piece)
-        else:
-            if chunked:
-                sock.sendall(b"0\r\n\r\n")
-        raw = b""
-        while b"\r\n\r\n" not in raw:
-            raw += sock.recv(65536)
-        head, rest = raw.split(b"\r\n\r\n", 1)
-        status = int(head.split()[1])
-        n = int(next(ln.split(b":", 1)[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")))
-        while len(rest) < n:
-            rest += sock.recv(65536)
-    return status, json.loads(rest[:n]), sent, total
 
 
 def still_serves(stack) -> None:
@@ -173,14 +128,6 @@ def _jpeg(progressive: bool, mode: str = "RGB", size: tuple[int, int] = (64, 48)
     bio = io.BytesIO()
     photo("chelsea.png").resize(size).convert(mode).save(bio, "JPEG", progressive=progressive, quality=90)
     return bio.getvalue()
-
-
-def many_scans(jpeg: bytes, copies: int) -> bytes:
-    """A progressive JPEG with its last scan repeated: libjpeg still decodes it (a repeated
-    refinement scan is only a warning), so only a scan count can stop it."""
-    last = jpeg.rindex(b"\xff\xda")  # the last SOS (entropy-coded data has no FFDA)
-    assert jpeg.endswith(b"\xff\xd9")
-    return jpeg[:-2] + jpeg[last:-2] * copies + b"\xff\xd9"
 
 
 def test_scan_count_of_ordinary_jpegs() -> None:

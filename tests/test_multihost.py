@@ -38,7 +38,7 @@ from storage import codecs
 from tasks import keys
 from tasks.embedded_redis import server_binary
 from tests.conftest import wait_job, with_text
-from tests.test_sam3_video import write_video
+from tests.helpers.videos import write_video
 
 pytestmark = pytest.mark.slow
 PNG = {"Content-Type": "image/png"}

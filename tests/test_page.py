@@ -5,7 +5,6 @@ model, upload a photo, see the mask overlaid — checked pixel by pixel on a scr
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from PIL import Image
 from storage import codecs
 from tests.conftest import with_text
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 OVERLAY = np.array([255, 0, 80], np.float32)
 
 
@@ -41,32 +39,6 @@ def test_browser_gets_the_page_and_clients_get_json(stack) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), accept
         body = r.json()
         assert body["service"] == "Trifecta" and "POST /run_textmask" in body["endpoints"] and "GET /metrics" in body["endpoints"]
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        msg = "Debian's chromium and chromium-driver are not installed (make install does it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1100", "--force-device-scale-factor=1",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(30)
-    yield drv
-    drv.quit()
 
 
 def test_person_uploads_a_photo_and_sees_the_mask_over_it(stack, browser, tmp_path: Path) -> None:

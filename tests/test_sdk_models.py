@@ -20,7 +20,6 @@ from client.benchkit import ROOT
 from client.sdk import AsyncClient, Client, TrifectaClientError
 from storage import codecs
 from tests.conftest import photo, png_bytes
-from tests.test_page import browser  # noqa: F401 - the headless Chromium fixture
 
 pytestmark = pytest.mark.slow
 W, H = 64, 48

@@ -24,21 +24,15 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, fill_queue, make_bucket, redis_paused, stopped, wait_depth, wait_drained, wait_job
+from tests.helpers.clips import FPS, N_FRAMES, H, W, frames_rgb, png, write_video
+from tests.helpers.stacks import tiny_checkpoint
 
-W, H, FPS, N_FRAMES = 64, 48, 25, 70
 SECRET = "s3cret"
-
-
-def _tiny(tmp: Path, name: str) -> Path:
-    out = tmp / name
-    subprocess.run([sys.executable, "-m", "client.cli", "models", "tiny", name, str(out)], check=True, cwd=ROOT, capture_output=True)
-    assert (out / "config.json").is_file()
-    return out
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny(tmp_path_factory.mktemp("ckpt"), "vjepa2")
+    return tiny_checkpoint("vjepa2", tmp_path_factory.mktemp("ckpt") / "vjepa2")
 
 
 @pytest.fixture(scope="module")
@@ -89,45 +83,12 @@ def oracle(ckpt: Path):
     return r
 
 
-def frames_rgb(seed: int, n: int = 16) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
-    return [np.roll(base, 3 * i, axis=1) for i in range(n)]
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def png(a: np.ndarray) -> bytes:
-    bio = io.BytesIO()
-    Image.fromarray(a).save(bio, format="PNG")
-    return bio.getvalue()
-
-
 def infer(stack, body: dict) -> httpx.Response:
     return httpx.post(stack.url + "/api/v1/infer", json=body, timeout=60)
-
-
-def write_video(path: Path, n: int = N_FRAMES) -> list[np.ndarray]:
-    """A synthetic MPEG-4 video written with PyAV; returns its frames as PyAV decodes them back."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=FPS)
-        s.width, s.height, s.pix_fmt, s.gop_size = W, H, "yuv420p", 10
-        for i in range(n):
-            a = np.zeros((H, W, 3), np.uint8)
-            a[..., 0] = (i * 7) % 256
-            a[..., 2] = 255 - (i * 3) % 256
-            a[10:30, (i % 40) : (i % 40) + 16, 1] = 250
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    with av.open(str(path)) as c:
-        return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
-
 
 
 def same_predictions(a: list[dict], b: list[dict], tol: float = 2e-4) -> None:

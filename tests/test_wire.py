@@ -175,3 +175,36 @@ def test_drain_ack_and_heartbeat_under_global_keyprefix(redis_server, tmp_path) 
         svc._record([], {}, tags[1:])
         assert r.hlen(prefix + "unacked") == 0 and r.zcard(prefix + "unacked_index") == 0
     r.delete(f"tf:worker:{svc.worker_id}")
+
+
+def test_queue_keys_are_kombus_own(redis_server) -> None:
+    """`tasks.queuekeys` names a queue's Redis key as kombu's producer writes it: the app's
+    BROKER_GLOBAL_KEYPREFIX applied, priority lists as kombu names them; and the depth read
+    from those keys is kombu's own `_size`."""
+    from tasks import queuekeys
+
+    url = _url(redis_server, 10)
+    r = redis.Redis.from_url(url)
+    for prefix in ("", "tf-test:"):
+        r.flushdb()
+        settings = Settings(redis_url=url, broker_global_keyprefix=prefix)
+        app = make_app(settings)
+        qk = queuekeys.for_settings(settings)
+        assert app.conf.broker_transport_options.get("global_keyprefix", "") == prefix
+        with app.connection_for_write() as conn:
+            assert qk == queuekeys.QueueKeys.of(conn.default_channel)
+        for pri in (0, 4, 9):
+            app.send_task(TASK, kwargs={"req": {}}, queue="echo", priority=pri, ignore_result=True)
+        app.send_task(TASK, kwargs={"req": {}}, queue="sam3.w1", ignore_result=True)
+        written = {k.decode() for k in r.scan_iter() if not k.startswith(f"{prefix}_kombu.binding".encode())}  # kombu's exchange bindings aside
+        assert written == {qk.queue("echo"), qk.queue("echo", 4), qk.queue("echo", 9), qk.queue("sam3.w1")}
+        assert qk.queue("echo", 4) == f"{prefix}echo\x06\x163" and qk.queue("echo") == f"{prefix}echo"
+        assert sum(r.llen(k) for k in qk.all_lists("echo")) == 3 and r.llen(qk.queue("sam3.w1")) == 1
+        with app.connection_for_write() as conn:
+            assert conn.default_channel._size("echo") == 3  # kombu's own count agrees
+        # our envelope, pushed where tasks.queuekeys says, is what kombu's consumer pops
+        r.delete(*qk.all_lists("echo"))
+        r.lpush(qk.queue("echo"), build_message(TASK, "c" * 32, {"req": {"n": 2}}, "echo"))
+        with app.connection_for_write() as conn:
+            m = conn.default_channel.basic_get("echo", no_ack=True)
+            assert m is not None and m.headers["id"] == "c" * 32 and m.delivery_info["routing_key"] == "echo"

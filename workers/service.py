@@ -116,7 +116,7 @@ class WorkerService:
         if headers.get("task") != keys.TASK_INFER or not isinstance(jid, str):
             return None
         _queue_script(pipe, self._start, [keys.job(jid)], [jobstore.now(), self.settings.max_deliveries, self.worker_id])
-        pipe.llen(keys.shared_queue(self.model))
+        pipe.llen(keys.shared_queue(self.model))  # kombu's pipeline: its client adds global_keyprefix itself
 
         def take(res: list[Any]) -> None:
             st, llen = res
@@ -705,7 +705,7 @@ class WorkerService:
         self.leaving = True
         self.deregister()
         try:
-            handoff.hand_over(self.r, self.model, self.worker_id)
+            handoff.hand_over(self.r, self.model, self.worker_id, self.kombu_keys)
         except redis.RedisError as e:  # the API hands it over when Redis is back (api.hub)
             log.warning("private queue not handed over (%s)", e)
         self.left.set()

@@ -703,7 +703,7 @@ def register(app: Any, svc: Any) -> list[str]:
         if not slots.acquire(timeout=0.25):
             st = svc.r.hget(keys.job(kw["job"]), "status")
             if st is not None and orjson.loads(st) in ("queued", "running"):
-                svc.r.lpush(q, build_message(keys.TASK_SHARD, f"{kw['job']}.{kw['index']}", kw, q, origin=svc.worker_id))
+                svc.r.lpush(svc.kombu_keys.queue(q), build_message(keys.TASK_SHARD, f"{kw['job']}.{kw['index']}", kw, q, origin=svc.worker_id))
             return
         try:
             ShardRun(svc, kw, pool, lua).run()

@@ -112,7 +112,7 @@ async def _call(hub: Hub, queue: str, op: str, sid: str, tenant: str, args: dict
     hub.waiters[cid] = fut
     call = {"id": cid, "op": op, "session_id": sid, "tenant": tenant, "args": args, "reply": hub.channel}
     try:
-        await hub.redis.lpush(queue, build_message(TASK_VIDEO, cid, {"call": call}, queue))
+        await hub.redis.lpush(hub.qkeys.queue(queue), build_message(TASK_VIDEO, cid, {"call": call}, queue))
         try:
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -381,7 +381,7 @@ async def _propagate_job(hub: Hub, settings: Settings, store: BlobStore, tenant:
     jobstore.keep(pipe, job_id, tenant, ttl, now)
     pipe.hset(session_key(tenant, sid), "job", job_id)
     pipe.expire(session_key(tenant, sid), int(settings.session_ttl_seconds) + 5)
-    pipe.lpush(rec["queue"], build_message(TASK_VIDEO, job_id, {"call": call}, rec["queue"]))
+    pipe.lpush(hub.qkeys.queue(rec["queue"]), build_message(TASK_VIDEO, job_id, {"call": call}, rec["queue"]))
     await pipe.execute()
     body = {"job_id": job_id, "status": "queued", "kind": JOB_KIND, "session_id": sid, "worker": rec["worker"], "links": links(job_id)}
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})

@@ -126,7 +126,7 @@ async def submit_shards(
     pipe.hset(keys.shards(job_id), "n", len(uris))
     pipe.expire(keys.shards(job_id), ttl)
     for i in range(0, len(msgs), 1000):
-        pipe.lpush(queue, *msgs[i : i + 1000])  # LPUSH + the workers' BRPOP: shards run in order
+        pipe.lpush(hub.qkeys.queue(queue), *msgs[i : i + 1000])  # LPUSH + the workers' BRPOP: shards run in order
     try:
         await pipe.execute()
     except (RedisError, OSError) as e:

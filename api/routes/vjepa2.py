@@ -178,10 +178,10 @@ async def _enqueue(hub: Hub, settings: Settings, doc: dict[str, Any], state: dic
     ttl = settings.result_ttl_seconds
     pipe = hub.redis.pipeline(transaction=False)
     clipc.queue_parent(pipe, doc, state, ttl)
-    clipc.queue_children(pipe, children, ttl)
+    clipc.queue_children(pipe, children, ttl, hub.qkeys)
     if first_chunk:
         q = keys.shared_queue(MODEL)
-        pipe.lpush(q, build_message(clipc.TASK_VIDEO, f"{doc['id']}:0", {"job_id": doc["id"], "chunk": 0, "first_clip": 0, "start_frame": 0, "start_pts": None}, q))
+        pipe.lpush(hub.qkeys.queue(q), build_message(clipc.TASK_VIDEO, f"{doc['id']}:0", {"job_id": doc["id"], "chunk": 0, "first_clip": 0, "start_frame": 0, "start_pts": None}, q))
     try:
         await pipe.execute()
     except (RedisError, OSError) as e:

@@ -36,7 +36,7 @@ import orjson
 
 from storage.blob import BlobStore
 from tasks import clips as clipc
-from tasks import jobstore, keys
+from tasks import jobstore, keys, queuekeys
 from tasks.errors import Conflict, DeadLettered, TrifectaError, Unprocessable, UnreadableVideo, translate
 from tasks.images import decode_rgb
 from tasks.schemas import InferRequest, Output
@@ -261,6 +261,7 @@ class ClipJobs:
         self.runner, self.svc = runner, svc
         self.settings: Settings = svc.settings
         self.r = svc.r
+        self.qkeys = queuekeys.for_settings(self.settings)  # queue name -> Redis key (kombu's global_keyprefix)
         self.store: BlobStore = svc.store
         self._record = self.r.register_script(clipc.RECORD_LUA)
         self._emitted = self.r.register_script(clipc.EMITTED_LUA)
@@ -493,7 +494,7 @@ class ClipJobs:
             total = made[-1][0] + 1 if made else first_clip
         reqs = [self._clip_request(job_id, state, ci, idxs, frames, times, fps) for ci, idxs in made]
         pipe = self.r.pipeline(transaction=False)
-        clipc.queue_children(pipe, reqs, s.result_ttl_seconds)
+        clipc.queue_children(pipe, reqs, s.result_ttl_seconds, self.qkeys)
         emitted = (made[-1][0] + 1) if made else first_clip
         self._emitted(keys=[keys.job(job_id), clipc.state_key(job_id), clipc.done_key(job_id)], args=[emitted, max(last_idx + 1, start_frame), total, estimated], client=pipe)
         res = pipe.execute()
@@ -508,7 +509,7 @@ class ClipJobs:
         nxt = last_clip + 1
         nstart = max(0, nxt * stride - stride)  # one stride back: the tail clip may need it
         msg = build_message(clipc.TASK_VIDEO, f"{job_id}:{chunk + 1}", {"job_id": job_id, "chunk": chunk + 1, "first_clip": nxt, "start_frame": nstart, "start_pts": pts_of.get(nstart)}, keys.shared_queue(MODEL))
-        self.r.lpush(keys.shared_queue(MODEL), msg)
+        self.r.lpush(self.qkeys.queue(keys.shared_queue(MODEL)), msg)
 
     def _clip_request(self, job_id: str, state: dict[str, Any], index: int, idxs: list[int], frames: dict[int, np.ndarray], times: dict[int, float], fps: float) -> InferRequest:
         s = self.settings
