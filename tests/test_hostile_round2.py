@@ -32,6 +32,7 @@ import yaml
 from PIL import Image
 
 from storage import codecs
+from tasks import images
 from tasks.errors import translate
 from tasks.images import _check_jpeg_scans_regex, check_jpeg_scans
 from tasks.settings import Settings
@@ -274,7 +275,7 @@ def test_scan_count_skips_junk_bytes_as_libjpeg_does() -> None:
     assert check_jpeg_scans(_jpeg(False)) == 1
 
 
-def test_vectorised_scan_count_walks_exactly_as_the_regex_walk() -> None:
+def test_vectorised_scan_count_walks_exactly_as_the_regex_walk(monkeypatch: pytest.MonkeyPatch) -> None:
     """check_jpeg_scans finds marker codes in one numpy pass and jumps between them; it must land
     where the plain regex search lands, on real files and on hostile byte soup (FF runs, stuffed
     FF00, RSTn, lengths that point anywhere, truncation), counts and refusals alike."""
@@ -291,17 +292,17 @@ def test_vectorised_scan_count_walks_exactly_as_the_regex_walk() -> None:
         for _ in range(rng.randrange(1, 6)):
             b[rng.randrange(2, len(b))] = rng.choice(alphabet)
         cases.append(bytes(b))
-    for data in cases:
-        for limit in (100, 2):
-            try:
-                want: object = _check_jpeg_scans_regex(data, limit)
-            except Exception as e:  # noqa: BLE001 - the refusal must match too
-                want = type(e)
-            try:
-                got: object = check_jpeg_scans(data, limit)
-            except Exception as e:  # noqa: BLE001
-                got = type(e)
-            assert got == want, (data[:64], limit)
+    for data, chunk, limit in [(d, c, lim) for d in cases for c in (images._SCAN_CHUNK, 5) for lim in (100, 2)]:
+        monkeypatch.setattr(images, "_SCAN_CHUNK", chunk)  # 5 bytes: every chunk boundary crossed
+        try:
+            want: object = _check_jpeg_scans_regex(data, limit)
+        except Exception as e:  # noqa: BLE001 - the refusal must match too
+            want = type(e)
+        try:
+            got: object = check_jpeg_scans(data, limit)
+        except Exception as e:  # noqa: BLE001
+            got = type(e)
+        assert got == want, (data[:64], chunk, limit)
 
 
 def test_junk_byte_scan_bomb_is_422_at_the_api_and_on_the_worker(stack, roots: Path) -> None:
