@@ -136,3 +136,22 @@ def test_io_binding_and_bound_buffers_give_session_run_values(model_dir: Path) -
         np.testing.assert_allclose(m.run(x), y, rtol=1e-5, atol=1e-6)
     assert sorted(m._graphs) == [(1, 3, 64, 96), (1, 3, 96, 64), (2, 3, 64, 96)]
     assert m._graphs[(1, 3, 64, 96)].y.shape() == list(want[0].shape)
+
+
+def test_textmask_runner_calls_the_model_through_ortmodel(model_dir: Path) -> None:
+    """textmask's runner makes its model call through OrtModel (so a CUDA worker gets IO binding
+    and TensorRT like the other ONNX families), with no CUDA graphs (its input shape follows the
+    image); the IO-bound path gives the plain call's values on a prepared image."""
+    from tests.conftest import photo
+    from workers.onnxrun import OrtModel
+    from workers.runners.textdet import TextDetRunner
+
+    r = TextDetRunner("textmask", Settings(model_dir=str(model_dir), ort_cuda_graph=True), CPU)
+    r.load()
+    assert isinstance(r.model_call, OrtModel) and r.session is r.model_call.session
+    assert r.model_call.plan.cuda_graph is False
+    x = r.preprocess(np.ascontiguousarray(np.asarray(photo("chelsea.png").convert("RGB"))[..., ::-1])).x[None]
+    plain = r.raw_call(x)
+    r.model_call.io_binding = True  # the CUDA code path, with buffers in host memory
+    np.testing.assert_array_equal(r.raw_call(x), plain)
+    assert plain.shape == (1, 1, *x.shape[2:])

@@ -16,6 +16,7 @@ import base64
 import gzip
 import io
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -31,8 +32,9 @@ import yaml
 from PIL import Image
 
 from storage import codecs
+from tasks import images
 from tasks.errors import translate
-from tasks.images import check_jpeg_scans
+from tasks.images import _check_jpeg_scans_regex, check_jpeg_scans
 from tasks.settings import Settings
 from tests.conftest import ROOT, photo, png_bytes
 from tests.helpers.uploads import many_scans, peak_rss_mb, post_until_answered
@@ -271,6 +273,36 @@ def test_scan_count_skips_junk_bytes_as_libjpeg_does() -> None:
     assert check_jpeg_scans(with_junk_after_first_segment(prog)) == 10
     assert check_jpeg_scans(prog.replace(b"\xff\xda", b"\xff\xff\xff\xda")) == 10
     assert check_jpeg_scans(_jpeg(False)) == 1
+
+
+def test_vectorised_scan_count_walks_exactly_as_the_regex_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_jpeg_scans finds marker codes in one numpy pass and jumps between them; it must land
+    where the plain regex search lands, on real files and on hostile byte soup (FF runs, stuffed
+    FF00, RSTn, lengths that point anywhere, truncation), counts and refusals alike."""
+    rng = random.Random(19)
+    prog, base = _jpeg(True), _jpeg(False)
+    cases = [prog, base, with_junk_after_first_segment(prog), many_scans(prog, 120), prog[: len(prog) // 3], b"", b"\xff", b"\xff\xd8", b"\xff\xd8\xff"]
+    alphabet = [0xFF, 0x00, 0xDA, 0xD9, 0xD0, 0xD7, 0x01, 0xC4, 0x02, 0x10, 0x7F]
+    for _ in range(3000):
+        n = rng.randrange(0, 80)
+        soup = bytes(rng.choice(alphabet) if rng.random() < 0.7 else rng.randrange(256) for _ in range(n))
+        cases.append(b"\xff\xd8" + soup)
+    for _ in range(300):  # a real file with a few bytes overwritten
+        b = bytearray(prog)
+        for _ in range(rng.randrange(1, 6)):
+            b[rng.randrange(2, len(b))] = rng.choice(alphabet)
+        cases.append(bytes(b))
+    for data, chunk, limit in [(d, c, lim) for d in cases for c in (images._SCAN_CHUNK, 5) for lim in (100, 2)]:
+        monkeypatch.setattr(images, "_SCAN_CHUNK", chunk)  # 5 bytes: every chunk boundary crossed
+        try:
+            want: object = _check_jpeg_scans_regex(data, limit)
+        except Exception as e:  # noqa: BLE001 - the refusal must match too
+            want = type(e)
+        try:
+            got: object = check_jpeg_scans(data, limit)
+        except Exception as e:  # noqa: BLE001
+            got = type(e)
+        assert got == want, (data[:64], chunk, limit)
 
 
 def test_junk_byte_scan_bomb_is_422_at_the_api_and_on_the_worker(stack, roots: Path) -> None:
