@@ -37,9 +37,9 @@ import httpx
 import numpy as np
 
 from storage import codecs
+from tasks.keys import TERMINAL  # the one terminal set (tasks/keys.py imports nothing)
 
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 ImageInput = bytes | str | Path
 
 

@@ -46,9 +46,11 @@ from typing import IO, Any
 import orjson
 
 from storage import codecs
-from tasks import jobstore, keys
+from tasks import keys
 from tasks.errors import ModelError, TrifectaError, internal, translate
 from tasks.inputs import open_uri
+from tasks.jobstore import error
+from tasks.jobstore import shards as shardjobs
 from tasks.schemas import InferRequest
 from tasks.tars import IMAGE_EXTS, iter_members, split_key
 
@@ -59,83 +61,6 @@ log = logging.getLogger("trifecta.shards")
 GZIP_RATIO_AFTER = 32 << 20
 GZIP_RATIO_LIMIT = 100
 PROGRESS_EVERY_S = 1.0
-
-_TERMINAL_LUA = "local function terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' end\n"
-
-# KEYS[1]=job KEYS[2]=shards KEYS[3]=running
-# ARGV[1]=op (start|progress|done) ARGV[2]=shard index ARGV[3]=json ARGV[4]=now ARGV[5]=max deliveries ARGV[6]=ttl
-# returns {state, n}: state run|done|complete|dead|<job status>|missing
-SHARD_LUA = _TERMINAL_LUA + """
-local function round2(x) return math.floor(x * 100 + 0.5) / 100 end
-local function progress(now)
-  local f = redis.call('HMGET', KEYS[2], 'n', 'shards_done', 'samples', 'done', 'failed', 't0')
-  local n, sd, ss = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
-  local d, fl = tonumber(f[4] or '0'), tonumber(f[5] or '0')
-  local t0 = tonumber(f[6] or now)
-  local run = redis.call('HVALS', KEYS[3])
-  local rdone, rfail, rest = 0, 0, 0
-  for _, v in ipairs(run) do
-    local p = cjson.decode(v)
-    rdone = rdone + p.done
-    rfail = rfail + p.failed
-    local e = p.seen
-    if p.size and p.size > 0 and p.read > 0 and p.read < p.size then e = math.max(p.seen, p.seen * p.size / p.read) end
-    rest = rest + e
-  end
-  local known = sd + #run
-  local total = ss + rest
-  if n > known and known > 0 then total = total + (n - known) * total / known end
-  local processed = d + fl + rdone + rfail
-  if total < processed then total = processed end
-  local out = {shards_total = n, shards_done = sd, shards_running = #run, samples_total = math.floor(total + 0.5),
-    samples_done = d + rdone, samples_failed = fl + rfail, samples_total_exact = (sd >= n), throughput = 0, eta_s = cjson.null}
-  local elapsed = now - t0
-  if processed > 0 and elapsed > 0 then
-    out.throughput = round2(processed / elapsed)
-    out.eta_s = round2((out.samples_total - processed) / (processed / elapsed))
-  end
-  redis.call('HSET', KEYS[1], 'progress', cjson.encode(out))
-end
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing', 0} end
-st = cjson.decode(st)
-local op, i, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
-local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
-if op == 'start' then
-  if terminal(st) then return {st, 0} end
-  if redis.call('HEXISTS', KEYS[2], 'r:' .. i) == 1 then
-    if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
-    return {'done', 0}
-  end
-  local a = redis.call('HINCRBY', KEYS[2], 'a:' .. i, 1)
-  if a > tonumber(ARGV[5]) then return {'dead', a} end
-  redis.call('HSETNX', KEYS[2], 't0', ARGV[4])
-  if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[4]) end
-  redis.call('HSET', KEYS[3], i, ARGV[3])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
-  progress(now)
-  return {'run', a}
-elseif op == 'progress' then
-  if terminal(st) then return {st, 0} end
-  if redis.call('HEXISTS', KEYS[2], 'r:' .. i) == 1 then return {'done', 0} end
-  redis.call('HSET', KEYS[3], i, ARGV[3])
-  progress(now)
-  return {st, 0}
-end
--- done: the shard's result is recorded once, its counts added once
-local res = cjson.decode(ARGV[3])
-if redis.call('HSETNX', KEYS[2], 'r:' .. i, ARGV[3]) == 1 then
-  redis.call('HINCRBY', KEYS[2], 'shards_done', 1)
-  redis.call('HINCRBY', KEYS[2], 'samples', res.samples)
-  redis.call('HINCRBY', KEYS[2], 'done', res.done)
-  redis.call('HINCRBY', KEYS[2], 'failed', res.failed)
-end
-redis.call('HDEL', KEYS[3], i)
-if terminal(st) then return {st, 0} end
-progress(now)
-if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
-return {st, 0}
-"""
 
 # ---------------------------------------------------------------- reading a shard
 class ShardTooLarge(Exception):
@@ -246,7 +171,7 @@ def grouped(members: Any, problems: list[dict[str, Any]]) -> Any:
         for m in members:
             name = m["fname"]
             if name is None:  # the tar ended badly: what came before stands
-                problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": m["refused"]}})
+                problems.append({"key": None, "status": "refused", "error": _refused(m["refused"])})
                 return
             key, ext = split_key(name)
             if m.get("refused") is None and ext is not None and ext.startswith("__"):
@@ -259,7 +184,7 @@ def grouped(members: Any, problems: list[dict[str, Any]]) -> Any:
 
     def handler(exn: Exception) -> bool:
         msg = (str(exn.args[0]) if exn.args else repr(exn)).split(" dict_keys(")[0]  # "x.jpg: duplicate file name in tar file jpg"
-        problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": msg}})
+        problems.append({"key": None, "status": "refused", "error": _refused(msg)})
         return True
 
     return group_by_keys(members_for_wds(), handler=handler)
@@ -338,7 +263,7 @@ class ShardRun:
         state = self.call("start", self.snapshot())
         if state == "dead":
             log.error("job=%s shard=%d dead-lettered after %d deliveries", self.job, self.index, self.s.max_deliveries)
-            err = {"code": "dead_lettered", "message": f"the shard was delivered {self.s.max_deliveries} times without finishing (its worker died each time); not retried"}
+            err = error("dead_lettered", f"the shard was delivered {self.s.max_deliveries} times without finishing (its worker died each time); not retried")
             self.record(self.result("failed", error=err, output=None, seconds=0.0), t0)
             return
         if state in ("done", "complete"):
@@ -453,14 +378,14 @@ class ShardRun:
                 refused = [v for v in sample.values() if isinstance(v, Refused)]
                 e = Entry(n, key, members=[f"{key}.{k}" for k in exts] + [r.name for r in refused])
                 if key in seen_keys:
-                    e.error = {"code": "refused", "message": f"duplicate __key__ {key!r}: its members are not next to each other in the tar"}
+                    e.error = _refused(f"duplicate __key__ {key!r}: its members are not next to each other in the tar")
                 elif refused:
-                    e.error = {"code": "refused", "message": "; ".join(r.reason for r in refused)}
+                    e.error = _refused("; ".join(r.reason for r in refused))
                 else:
                     img = next((x for x in IMAGE_EXTS if x in sample and isinstance(sample[x], bytes)), None)
                     if img is None:
                         found = ", ".join("." + x for x in exts) or "nothing"
-                        e.error = {"code": "unsupported_media_type", "message": f"no image member ({', '.join('.' + x for x in IMAGE_EXTS[:4])} ...); found {found}"}
+                        e.error = error("unsupported_media_type", f"no image member ({', '.join('.' + x for x in IMAGE_EXTS[:4])} ...); found {found}")
                     else:
                         req = self.base.model_copy(update={"id": f"{self.job}:{self.index}:{n}"})
                         from workers.runners.base import Item
@@ -472,7 +397,7 @@ class ShardRun:
                 self.seen += 1
                 to_model.put(e)
         except ShardTooLarge as ex:
-            self.problems.append({"key": None, "status": "refused", "error": {"code": ex.code, "message": str(ex)}})
+            self.problems.append({"key": None, "status": "refused", "error": error(ex.code, str(ex))})
         except Exception as ex:  # storage dropped mid-shard, or anything unforeseen: keep what was read
             te = translate(ex)
             log.warning("job=%s shard=%d reading stopped: %s", self.job, self.index, te.message)
@@ -583,7 +508,7 @@ class ShardRun:
             except Exception as ex:
                 e.error = _err(translate(ex))
         elif e.error is None:
-            e.error = {"code": "cancelled", "message": "the shard stopped before this sample ran"}
+            e.error = error("cancelled", "the shard stopped before this sample ran", status=409)
         if e.error is None:
             for suffix, data in files:
                 ti = tarfile.TarInfo(f"{e.key}.{suffix}")
@@ -598,12 +523,16 @@ class ShardRun:
 
 
 def _err(e: TrifectaError) -> dict[str, Any]:
-    return {"code": e.code, "message": e.message}
+    return error(e)
+
+
+def _refused(message: str) -> dict[str, Any]:
+    """A tar member or sample the shard reader refused (a link, a traversal, a duplicate key ...)."""
+    return error("refused", message, status=422)
 
 
 def _model_err(e: Exception) -> dict[str, Any]:
-    te = e if isinstance(e, TrifectaError) else internal(e, "the model failed on this input: an error", ModelError)  # logged, never its text
-    return {"code": te.code, "message": te.message}
+    return error(e if isinstance(e, TrifectaError) else internal(e, "the model failed on this input: an error", ModelError))  # logged, never its text
 
 
 # ---------------------------------------------------------------- the job's end
@@ -613,10 +542,8 @@ def finish_job(svc: Any, kw: dict[str, Any]) -> None:
     Any delivery that finds every shard recorded may run this; the manifest is the same
     whoever writes it, and the FINISH script lands once.
     """
-    r = svc.r
     job = kw["job"]
-    raw = r.hgetall(keys.shards(job))
-    results = sorted((orjson.loads(v) for k, v in raw.items() if k.startswith(b"r:")), key=lambda x: x["index"])
+    results = shardjobs.results(svc.r, job)
     manifest_key = f"{kw['out_prefix']}/manifest.json"
     done = sum(x["done"] for x in results)
     failed = sum(x["failed"] for x in results)
@@ -638,20 +565,8 @@ def finish_job(svc: Any, kw: dict[str, Any]) -> None:
         "device": str(svc.device),
         "trained": svc.runner.trained,
     }
-    error = b""
-    status = "succeeded"
-    if nbytes < 0:
-        status = "failed"
-        error = orjson.dumps({"code": "storage_error", "message": "the job manifest could not be written (storage failed after retries); the shard outputs and their manifests stand"})
-    elif done == 0:
-        status = "failed"
-        msg = f"every sample failed ({failed}); see the manifest" if failed else "the shards held no readable samples; see the manifest"
-        error = orjson.dumps({"code": "all_samples_failed" if failed else "no_samples", "message": msg})
-    finish = svc.r.register_script(jobstore.FINISH_LUA)
-    if error:  # a failed job keeps its outputs (the manifest says why each sample failed)
-        svc.r.hset(keys.job(job), "result", orjson.dumps(result))
-    field, payload = ("error", error) if error else ("result", orjson.dumps(result))
-    if finish(keys=[keys.job(job)], args=[status, time.time(), field, payload, "", b""]):
+    status, landed = shardjobs.finish(svc.r, job, result, done, failed, manifest_written=nbytes >= 0)
+    if landed:
         log.info("job=%s model=%s status=%s shards=%d done=%d failed=%d manifest=%s", job, kw["model"], status, len(results), done, failed, manifest_key)
 
 
@@ -687,7 +602,7 @@ def register(app: Any, svc: Any) -> list[str]:
     from tasks.wire import build_message
 
     s = svc.settings
-    lua = svc.r.register_script(SHARD_LUA)
+    lua = svc.r.register_script(shardjobs.SHARD_LUA)
     pool = ThreadPoolExecutor(max_workers=s.shard_decode_threads * s.shard_concurrency, thread_name_prefix="shard-io")
     slots = threading.BoundedSemaphore(s.shard_concurrency)
 

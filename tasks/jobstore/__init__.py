@@ -34,12 +34,38 @@ V-JEPA 2 jobs).
 
 from __future__ import annotations
 
-from tasks.jobstore.faces import AsyncJobs, Call, Jobs, cancel_call, detach_call, fail_call, finish_call, progress_call, start_call, unstart_call
+from tasks.jobstore.faces import AsyncJobs, Call, Jobs, cancel_call, detach_call, fail_call, finish_call, progress_call, queue, start_call, unstart_call
 from tasks.jobstore.lua import CANCEL_LUA, DETACH_LUA, FINISH_LUA, NOTIFY, PROGRESS_LUA, START_LUA, TERMINAL_FN, UNSTART_LUA
 from tasks.jobstore.record import LIFETIMES, create, dead_letter, error, job_key, keep, new_record, now, parse_record, reply_payload
 
 __all__ = [
-    "CANCEL_LUA", "DETACH_LUA", "FINISH_LUA", "LIFETIMES", "NOTIFY", "PROGRESS_LUA", "START_LUA", "TERMINAL_FN", "UNSTART_LUA",
-    "AsyncJobs", "Call", "Jobs", "cancel_call", "create", "dead_letter", "detach_call", "error", "fail_call", "finish_call",
-    "job_key", "keep", "new_record", "now", "parse_record", "progress_call", "reply_payload", "start_call", "unstart_call",
+    "CANCEL_LUA",
+    "DETACH_LUA",
+    "FINISH_LUA",
+    "LIFETIMES",
+    "NOTIFY",
+    "PROGRESS_LUA",
+    "START_LUA",
+    "TERMINAL_FN",
+    "UNSTART_LUA",
+    "AsyncJobs",
+    "Call",
+    "Jobs",
+    "cancel_call",
+    "create",
+    "dead_letter",
+    "detach_call",
+    "error",
+    "fail_call",
+    "finish_call",
+    "job_key",
+    "keep",
+    "new_record",
+    "now",
+    "parse_record",
+    "progress_call",
+    "queue",
+    "reply_payload",
+    "start_call",
+    "unstart_call",
 ]

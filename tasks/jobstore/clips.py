@@ -34,7 +34,8 @@ def child_id(job_id: str, index: int) -> str:
     return f"{job_id}.{index}"
 
 
-_PROGRESS = """
+_PROGRESS = (
+    """
 local function progress(job, state, done)
   local n = redis.call('HLEN', done)
   local total = tonumber(redis.call('HGET', state, 'total') or '-1')
@@ -52,11 +53,15 @@ local function progress(job, state, done)
   redis.call('HSET', job, 'progress', cjson.encode(p))
   return {n, total}
 end
-""" + lua.TERMINAL_FN
+"""
+    + lua.TERMINAL_FN
+)
 
 # KEYS[1]=job KEYS[2]=state KEYS[3]=done  ARGV[1]=index ARGV[2]=result json ARGV[3]=now ARGV[4]=ttl
 # → {clips done, total (-1 unknown)}; {-1, -1} when the parent is gone or already finished
-RECORD_LUA = _PROGRESS + """
+RECORD_LUA = (
+    _PROGRESS
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, -1} end
 st = cjson.decode(st)
@@ -66,11 +71,14 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 return progress(KEYS[1], KEYS[2], KEYS[3])
 """
+)
 
 # KEYS[1]=job KEYS[2]=state KEYS[3]=done  ARGV[1]=clips emitted so far ARGV[2]=frames decoded so far
 # ARGV[3]=total clips when the video ended in this chunk, else -1 ARGV[4]=estimated total or -1
 # → {clips done, total, status}
-EMITTED_LUA = _PROGRESS + """
+EMITTED_LUA = (
+    _PROGRESS
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, -1, 'missing'} end
 st = cjson.decode(st)
@@ -81,11 +89,14 @@ if tonumber(ARGV[4]) >= 0 then redis.call('HSET', KEYS[2], 'estimated', ARGV[4])
 local r = progress(KEYS[1], KEYS[2], KEYS[3])
 return {r[1], r[2], st}
 """
+)
 
 # KEYS[1]=job KEYS[2]=state  ARGV[1]=now ARGV[2]=max deliveries ARGV[3]=chunk number
 # → {status, deliveries}; status 'dead' when this chunk was delivered too often (the caller then
 # fails the job through the job store's `fail`, which also queues its webhook)
-CHUNK_START_LUA = _PROGRESS + """
+CHUNK_START_LUA = (
+    _PROGRESS
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', 0} end
 st = cjson.decode(st)
@@ -95,6 +106,7 @@ if n > tonumber(ARGV[2]) then return {'dead', n} end
 if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1]) end
 return {'running', n}
 """
+)
 
 
 def queue_parent(pipe: Any, doc: dict[str, Any], state: dict[str, Any], ttl: int) -> None:

@@ -67,6 +67,12 @@ def detach_call(job_id: str, tenant: str, ttl: int, force: bool = False) -> Call
     return Call(lua.DETACH_LUA, [keys.job(job_id), keys.tomb(job_id)], [ttl, ttl + keys.TOMBSTONE_S, tenant, "1" if force else ""])
 
 
+def queue(pipe: Any, c: Call) -> Any:
+    """Queue a call on a pipeline as a plain EVAL: it rides in the pipeline's one round trip (a
+    registered script on a pipeline would first cost a SCRIPT EXISTS round trip of its own)."""
+    return pipe.eval(c.script, len(c.keys), *c.keys, *c.args)
+
+
 class _Face:
     def __init__(self, r: Any) -> None:
         self.r = r

@@ -36,7 +36,7 @@ def error(code: str | BaseException, message: str | None = None, status: int | N
     `error(exc)` for any exception (translated as the API would answer it), or `error(code,
     message)` for a code of the error tree (`status` for a code outside it, e.g. a manifest's
     `refused` sample)."""
-    from tasks.errors import TrifectaError, _BY_CODE, translate
+    from tasks.errors import _BY_CODE, TrifectaError, translate
 
     if isinstance(code, BaseException):
         e = translate(code)

@@ -21,7 +21,9 @@ from tasks.jobstore.record import error
 # KEYS[1]=job KEYS[2]=shards KEYS[3]=running
 # ARGV[1]=op (start|progress|done) ARGV[2]=shard index ARGV[3]=json ARGV[4]=now ARGV[5]=max deliveries ARGV[6]=ttl
 # returns {state, n}: state run|done|complete|dead|<job status>|missing
-SHARD_LUA = lua.TERMINAL_FN + """
+SHARD_LUA = (
+    lua.TERMINAL_FN
+    + """
 local function round2(x) return math.floor(x * 100 + 0.5) / 100 end
 local function progress(now)
   local f = redis.call('HMGET', KEYS[2], 'n', 'shards_done', 'samples', 'done', 'failed', 't0')
@@ -92,6 +94,7 @@ progress(now)
 if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
 return {st, 0}
 """
+)
 
 
 def create(pipe: Any, doc: dict[str, Any], n_shards: int, ttl: int) -> None:

@@ -668,8 +668,7 @@ class PropagateJob:
         self._last = 0.0
 
     def start(self) -> bool:
-        st, _ = self.svc.r.register_script(jobstore.START_LUA)(keys=[self.key], args=[jobstore.now(), self.svc.settings.max_deliveries, self.svc.worker_id])
-        self.status = st.decode() if isinstance(st, bytes) else str(st)
+        self.status, _ = jobstore.Jobs(self.svc.r).start(self.id, self.svc.settings.max_deliveries, self.svc.worker_id)
         if self.status != "running":
             log.info("job=%s (propagate, session %s) not run: %s", self.id, self.session.id, self.status)
         return self.status == "running"
@@ -722,10 +721,10 @@ class PropagateJob:
         self._end("succeeded", "result", result)
 
     def fail(self, err: TrifectaError) -> None:
-        self._end("failed", "error", {"code": err.code, "message": err.message})
+        self._end("failed", "error", jobstore.error(err))
 
     def _end(self, status: str, field_name: str, body: dict[str, Any]) -> None:
-        done = self.svc.r.register_script(jobstore.FINISH_LUA)(keys=[self.key], args=[status, jobstore.now(), field_name, orjson.dumps(body), "", ""])
+        done = jobstore.Jobs(self.svc.r).finish(self.id, status, field_name, body)
         if done:
             self.status = status
         log.info("job=%s model=%s device=%s status=%s kind=%s session=%s frames=%d", self.id, self.svc.model, self.svc.device, status if done else "not-recorded", JOB_KIND, self.session.id, len(self.outputs))
@@ -748,10 +747,10 @@ def register(app: Any, svc: Any, tracker: Any | None) -> list[str]:
             err: TrifectaError = translate(e)
             if err.status >= 500 and err.code == "internal":
                 log.exception("session call %s failed", call.get("op"))
-            body = {"id": cid, "status": "failed", "error": {"code": err.code, "message": err.message, "status": err.status}}
+            body = {"id": cid, "status": "failed", "error": jobstore.error(err)}
             job = (call.get("args") or {}).get("job")
             if job:  # a job whose call failed before it ran (session closed, 410): its record says why; no one waits on a reply
-                svc.r.register_script(jobstore.FINISH_LUA)(keys=[keys.job(str(job))], args=["failed", jobstore.now(), "error", orjson.dumps(body["error"]), "", ""])
+                jobstore.Jobs(svc.r).fail(str(job), body["error"])
         if call.get("reply"):
             svc.r.publish(call["reply"], orjson.dumps(body))
 
