@@ -422,7 +422,7 @@ class Hub:
             for i, (st, res, err) in zip(missing, await pipe.execute(), strict=True):
                 fut = self.waiters.get(i)
                 if fut is not None and not fut.done():
-                    gone = {"code": "internal", "message": "the request's record vanished before its reply was read; retry"}
+                    gone = jobstore.error("internal", "the request's record vanished before its reply was read; retry")
                     fut.set_result({"id": i, "status": orjson.loads(st) if st else "failed", "result": orjson.loads(res) if res else None, "error": orjson.loads(err) if err else (None if st else gone)})
         return [f.result() for f in futs]
 
