@@ -694,11 +694,10 @@ class PropagateJob:
         done = len(self.outputs)
         prog = {"done": done, "total": max(self.total, done), "frames_done": done, "frames_total": max(self.total, done), "last_frame_index": self.outputs[-1]["frame_index"] if self.outputs else None}
         pipe = self.svc.r.pipeline(transaction=False)
-        pipe.hset(self.key, "progress", orjson.dumps(prog))
-        pipe.hget(self.key, "status")
+        jobstore.queue(pipe, jobstore.progress_call(self.id, prog))  # → the job's status
         pipe.expire(session_key(self.session.tenant, self.session.id), int(self.svc.settings.session_ttl_seconds) + 5)  # a long job keeps its session alive
-        _, st, _ = pipe.execute()
-        if st is not None and orjson.loads(st) == "cancelled":
+        st, _ = pipe.execute()
+        if st in (b"cancelled", "cancelled"):
             self.status = "cancelled"
             return False
         return True
