@@ -60,8 +60,15 @@ def test_every_script_that_asks_terminal_is_generated_from_keys_terminal(monkeyp
     assert fn == lua.TERMINAL_FN
     assert sorted(re.findall(r"st == '(\w+)'", fn)) == sorted(keys.TERMINAL)
     for name, script in {
-        "START": lua.START_LUA, "FINISH": lua.FINISH_LUA, "DETACH": lua.DETACH_LUA, "CANCEL": lua.CANCEL_LUA, "PROGRESS": lua.PROGRESS_LUA,
-        "SHARD": shardjobs.SHARD_LUA, "RECORD": clipjobs.RECORD_LUA, "EMITTED": clipjobs.EMITTED_LUA, "CHUNK_START": clipjobs.CHUNK_START_LUA,
+        "START": lua.START_LUA,
+        "FINISH": lua.FINISH_LUA,
+        "DETACH": lua.DETACH_LUA,
+        "CANCEL": lua.CANCEL_LUA,
+        "PROGRESS": lua.PROGRESS_LUA,
+        "SHARD": shardjobs.SHARD_LUA,
+        "RECORD": clipjobs.RECORD_LUA,
+        "EMITTED": clipjobs.EMITTED_LUA,
+        "CHUNK_START": clipjobs.CHUNK_START_LUA,
     }.items():
         assert lua.TERMINAL_FN in script, name
         assert script.count("'succeeded'") == 1, name  # only inside the generated function
