@@ -16,6 +16,8 @@ read, the route decides later, from the same memory (`Hub.admit`) and before it 
 | `/api/v1/video/*` | the session's | Redis | a worker with a free session slot; room in the session worker's private queue |
 
 Requests the gate lets through are admitted again (with a reservation) by the route.
+The table is not written here: each model's `ModelSpec` (tasks/models.py) declares its `sync`
+endpoint and its `admission` (paths, `pick`, `no_worker_to_route`, `broker_only`).
 """
 
 from __future__ import annotations
@@ -26,49 +28,40 @@ from urllib.parse import parse_qs
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.routes.mask2former import model_named
-from api.routes.sync import SYNC_MODELS
+from tasks import models
 from tasks.errors import NoWorker, TrifectaError
-from tasks.sam3 import MODEL as SAM3
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope.get("headers", []):
         if k == name:
             return v.decode("latin-1")
     return None
 
 
-def _query(scope: Scope, name: str) -> str | None:
+def query(scope: Scope, name: str) -> str | None:
     qs: bytes = scope.get("query_string", b"")
     if name.encode() not in qs:  # the common case costs no parsing
         return None
     return (parse_qs(qs.decode("latin-1")).get(name) or [None])[0]
 
 
-def _seg_model(scope: Scope) -> str | None:
-    """As `api.routes.mask2former.pick_model`; an unknown name is left to the route (its 4xx)."""
-    return model_named(_header(scope, b"x-model") or _query(scope, "model"))
-
-
 def _model(name: str) -> Callable[[Scope], str | None]:
     return lambda _scope: name
 
 
-# POST path → the model it enqueues for (None: the route answers, e.g. an unknown X-Model)
-GATED: dict[str, Callable[[Scope], str | None]] = {
-    **{f"/run_{m}": _model(m) for m in SYNC_MODELS},
-    "/api/v1/infer": _model("vjepa2"),
-    "/segment": _seg_model,
-    "/segment-batch": _seg_model,
-    "/api/v1/image/segment": _model(SAM3),
-    "/api/v1/image/cached-features": _model(SAM3),
-}
+def gated(specs: list[models.ModelSpec]) -> dict[str, Callable[[Scope], str | None]]:
+    """POST path → the model it enqueues for (None: the route answers, e.g. an unknown X-Model)."""
+    return {path: (models.resolve(pick) if pick else _model(model)) for path, (model, pick) in models.gated_paths(specs).items()}
+
+
+_SPECS = list(models.MODELS.values())
+GATED: dict[str, Callable[[Scope], str | None]] = gated(_SPECS)
 # "no live worker" is a standing state, not a burst: where the route has something better to say
 # first, it answers it (from memory as well): /run_facemask's 204 (the source contract), and the
 # SAM3 image endpoints' 4xx for a bad image or prompt, refused whether or not a sam3 worker runs
-NO_WORKER_TO_ROUTE = frozenset({"/run_facemask", "/api/v1/image/segment", "/api/v1/image/cached-features"})
-BROKER_ONLY = ("/api/v1/video/",)  # every call of a session goes through Redis; its worker is known only there
+NO_WORKER_TO_ROUTE = models.no_worker_to_route(_SPECS)
+BROKER_ONLY = models.broker_only(_SPECS)  # every call of a session goes through Redis; its worker is known only there
 
 
 def decide(scope: Scope) -> TrifectaError | None:

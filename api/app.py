@@ -23,15 +23,14 @@ from api.fastpath import SyncFastPath, error_response
 from api.hub import Hub
 from api.janitor import Janitor
 from api.metrics import MetricsMiddleware
-from api.routes import health, jobs, sam3_image, sam3_video, sync
-from api.routes import mask2former as mask2former_routes
+from api.routes import health, jobs, sync
 from api.routes import metrics as metrics_routes
 from api.routes import shards as _shards  # noqa: F401 - registers the `shards` job input kind
-from api.routes import vjepa2 as vjepa2_routes
 from api.security import KeyRing, TenantGate
 from api.webhooks import WebhookSender
 from tasks import logs, tracing
 from tasks.errors import TrifectaError
+from tasks.models import MODELS, resolve, router_paths
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger("trifecta.api")
@@ -106,8 +105,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
-    app.include_router(vjepa2_routes.router)
-    app.include_router(mask2former_routes.router)
-    app.include_router(sam3_image.router)
-    app.include_router(sam3_video.router)
+    for path in router_paths(MODELS.values()):  # each family's own endpoints, as its ModelSpec names them
+        app.include_router(resolve(path))
     return app

@@ -43,6 +43,7 @@ from tasks.wire import build_message
 log = logging.getLogger("trifecta.api")
 POLL_S = 0.1
 MEMORY_POLL_S = 1.0  # INFO memory: cheap, but no need to ask it ten times a second
+INPUT_TTL_MARGIN_S = 5.0  # a sync input held in Redis outlives its request's deadline by this (clock skew between hosts)
 
 
 @dataclass
@@ -324,12 +325,15 @@ class Hub:
             }
         )
 
-    async def submit(self, reqs: list[InferRequest], *, docs: list[dict[str, Any]] | None = None, queue: str | None = None, idem_key: str | None = None) -> None:
+    async def submit(self, reqs: list[InferRequest], *, docs: list[dict[str, Any]] | None = None, queue: str | None = None, idem_key: str | None = None, inputs: dict[str, bytes] | None = None) -> None:
         """Write the job records and enqueue the messages, in one round trip (all or nothing).
 
         A job gets its full lifetime (`jobstore.keep`). A sync request's record gets
         RESULT_TTL_SECONDS for now and no tombstone: FINISH shortens it to SYNC_RESULT_TTL_S
-        when answered in time, a 504 detaches it into a job (`run_sync`)."""
+        when answered in time, a 504 detaches it into a job (`run_sync`). `inputs`: sync
+        requests' input bytes held in Redis (job id -> bytes, SYNC_REDIS_INPUT_MAX_BYTES), each
+        under `keys.sync_input` expiring a few seconds after its request's deadline (no worker
+        runs it later); the worker deletes it once it has answered."""
         s = self.settings
         ttl = s.result_ttl_seconds
         pipe = self.redis.pipeline(transaction=True)
@@ -340,6 +344,10 @@ class Hub:
             if q.kind != "job":
                 if q.input.uri and q.input.uri.startswith("key:"):  # a staged input: the janitor's, should the API die before deleting it
                     pipe.zadd(keys.EXPIRY, {q.out_prefix: q.created + s.sync_result_ttl_s})
+            data = inputs.get(q.id) if inputs else None
+            if data is not None:
+                pipe.set(keys.sync_input(q.id), data, px=max(1000, int((q.deadline - time.time() + INPUT_TTL_MARGIN_S) * 1000)))
+                added += len(data) + 100
             msg = build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue or keys.shared_queue(q.model))
             added += len(msg) + 600  # the message and about what its record takes
             pipe.lpush(queue or keys.shared_queue(q.model), msg)
@@ -354,8 +362,9 @@ class Hub:
             if log.isEnabledFor(level):
                 log.log(level, "job=%s model=%s tenant=%s kind=%s status=queued", q.id, q.model, q.tenant, q.kind, extra={"job_id": q.id, "model": q.model, "tenant": q.tenant, "kind": q.kind, "status": "queued"})
 
-    async def run_sync(self, reqs: list[InferRequest], timeout_s: float, queue: str | None = None) -> list[dict[str, Any]]:
-        """Submit (to `queue`, default the model's shared queue) and wait for every request; 504 (with the job ids) past the timeout."""
+    async def run_sync(self, reqs: list[InferRequest], timeout_s: float, queue: str | None = None, inputs: dict[str, bytes] | None = None) -> list[dict[str, Any]]:
+        """Submit (to `queue`, default the model's shared queue; `inputs` as `submit` takes them)
+        and wait for every request; 504 (with the job ids) past the timeout."""
         loop = asyncio.get_running_loop()
         futs = []
         for q in reqs:
@@ -363,7 +372,7 @@ class Hub:
             self.waiters[q.id] = f
             futs.append(f)
         try:
-            await self.submit(reqs, queue=queue)
+            await self.submit(reqs, queue=queue, inputs=inputs)
             done, pending = await asyncio.wait(futs, timeout=timeout_s)
             if pending:
                 ids = [q.id for q in reqs]

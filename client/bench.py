@@ -14,6 +14,8 @@ Sections (run all, or pick with --only):
   codecs     packbits encode+decode + image decode/preprocess of a 2048 px JPEG vs one default-session call on it
   events     the echo worker's CPU per request and req/s with TASK_EVENTS on (Flower's counts) vs off
   shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
+  s3sync     sync textmask p50 on s3:// (moto server) / file:// in one run, alternated, and the
+             storage requests per sync call on s3 (client/bench_s3sync.py)
   state      Redis bytes/keys and storage bytes/objects each kind of request leaves behind,
              right after and once its lifetime passed; capacity at 10-1000 req/s (bench_state.py)
 
@@ -388,7 +390,7 @@ from client.bench_simulated import sec_simulated  # noqa: E402 - sections use th
 from client.bench_textmask import sec_textmask  # noqa: E402
 
 SECTIONS = {"textmask": sec_textmask, "simulated": sec_simulated, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs, "events": sec_events}
-EXTERNAL = {"torch": "client.bench_torch", "shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models", "state": "client.bench_state"}
+EXTERNAL = {"torch": "client.bench_torch", "shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models", "state": "client.bench_state", "s3sync": "client.bench_s3sync"}
 
 
 def plot(out: dict[str, Any], path: str) -> None:

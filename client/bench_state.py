@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import redis
+from kombu.transport.redis import Channel as KombuChannel
 
 from client import loadgen
 from client.benchkit import Stack
@@ -36,7 +37,7 @@ JANITOR_S = 1.0
 TOMBSTONE_S = keys.TOMBSTONE_S
 SIZE = {"hash": "hlen", "zset": "zcard", "set": "scard", "list": "llen", "stream": "xlen", "string": "strlen"}
 # kombu's in-flight bookkeeping and the janitor's lock come and go with the traffic of the moment
-TRANSIENT = {b"unacked", b"unacked_index", b"unacked_mutex", keys.JANITOR_LOCK.encode()}
+TRANSIENT = {n.encode() for n in (KombuChannel.unacked_key, KombuChannel.unacked_index_key, KombuChannel.unacked_mutex_key, keys.JANITOR_LOCK)}
 
 
 def redis_state(r: redis.Redis) -> dict[str, Any]:

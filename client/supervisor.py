@@ -29,9 +29,6 @@ def _trifecta(*args: str) -> list[str]:
     return [sys.executable, "-m", "client.cli", *args]
 
 
-TORCH_FAMILIES = ("sam3", "vjepa2", "mask2former")
-
-
 def needs_torch(s: Any, have_torch: bool | None = None) -> list[str]:
     """The models in MODELS that cannot start without torch, when torch is not installed (`make up`
     installs `.[worker]` only): the torch families, and a segmentation model still to be exported."""
@@ -40,7 +37,7 @@ def needs_torch(s: Any, have_torch: bool | None = None) -> list[str]:
     if have_torch:
         return []
     seg_onnx = Path(s.model_dir) / "segmentation" / s.seg_onnx_filename
-    return [m for m in s.models if MODELS[m].family in TORCH_FAMILIES or (m == "segmentation" and not s.hf_repo_id and not seg_onnx.is_file())]
+    return [m for m in s.models if MODELS[m].torch or (m == "segmentation" and not s.hf_repo_id and not seg_onnx.is_file())]
 
 
 FLOWER_WAIT_S = 180.0  # Flower starts once every worker registered, or after this long

@@ -3,7 +3,9 @@
 Writes are atomic: a reader never sees half an object. The file store writes a temp file
 and renames it; S3 objects appear only when their PUT (or multipart upload) completes.
 S3 calls retry with backoff (botocore's standard mode) under bounded timeouts; after the
-last attempt they raise `StorageError`.
+last attempt they raise `StorageFailure` (which `tasks.errors.translate` turns into the
+client's 503 `StorageError`); a missing object raises `ObjectMissing`, a key that leaves its
+prefix `BadKey`.
 
 On S3, objects under a job prefix (`<tenant>/jobs/<id>/`) are tagged `trifecta=job`, so a
 bucket lifecycle rule can expire them (`lifecycle_rule`) without touching anything else a

@@ -23,6 +23,9 @@ from tasks.schemas import InferInput
 from tasks.settings import Settings
 
 STAGED = "key:"  # prefix of a URI naming an object in our own store
+# the URI of a sync request's input held in Redis under keys.sync_input(job id): the worker reads
+# that key itself (workers/service.py), so a message cannot point a worker at any other key
+IN_REDIS = "redis:"
 
 
 def decode_b64(b64: str) -> bytes:

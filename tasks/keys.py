@@ -40,6 +40,12 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def sync_input(job_id: str) -> str:
+    """A sync request's input bytes waiting for its worker (SYNC_REDIS_INPUT_MAX_BYTES); the
+    worker derives the key from the job id, never from the message."""
+    return f"{PREFIX}:in:{job_id}"
+
+
 def tomb(job_id: str) -> str:
     """Kept 7 days past a job's expiry so an expired id answers `expired`, not 404."""
     return f"{PREFIX}:tomb:{job_id}"

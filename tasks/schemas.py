@@ -43,6 +43,7 @@ class Output(BaseModel):
     bytes: int = 0
     content_type: str = "application/octet-stream"
     # STORE_SYNC_RESULTS=false: not stored; the bytes travel base64 in `data` of the worker's
-    # reply only (the job record keeps `inline: true` and no data)
+    # reply only (the job record keeps `inline: true` and no data). A sync output up to
+    # SYNC_REPLY_INLINE_BYTES has `data` in the reply too while stored (`inline: false`)
     inline: bool = False
     data: str | None = None

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from tasks.models import DEFAULT_MODELS, MODEL_NAMES
+from tasks.models import DEFAULT_MODELS, MODELS
 
 # passwords that ship in examples and compose defaults: refused outside ENV=local
 DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "changethis", "change_me", "admin", "password", "secret", "minioadmin", "trifecta-secret"})
@@ -125,7 +125,9 @@ class Settings(BaseSettings):
     # --- storage ---
     storage_url: str = Field("file://./data", description="`file://DIR` or `s3://bucket/prefix` for masks, staged inputs and results.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset. Credentials from the usual AWS variables.")
-    inline_input_bytes: int = Field(64 << 10, ge=0, description="Inputs up to this size travel inside the queue message; larger ones are staged in storage (an inline input is base64-encoded twice and copied through Redis three times).")
+    inline_input_bytes: int = Field(64 << 10, ge=0, description="Inputs up to this size travel inside the queue message; larger ones are staged in storage (an inline input is base64-encoded twice and copied through Redis three times), except a sync request's (SYNC_REDIS_INPUT_MAX_BYTES).")
+    sync_redis_input_max_bytes: int = Field(16 << 20, ge=0, le=256 << 20, description="A sync call's input over INLINE_INPUT_BYTES (an image on any sync route, a V-JEPA 2 clip; a tar's such samples: up to this size together) waits for its worker in Redis (one key, written in the submit transaction, with a TTL of the request's deadline; the worker deletes it once answered), not in storage: no storage request on the way in. It counts against Redis's maxmemory (503 `redis_full` when full). Larger inputs are staged in storage; 0 = always storage.")
+    sync_reply_inline_bytes: int = Field(1 << 20, ge=0, le=4 << 20, description="A sync request's mask up to this size rides in the worker's reply to the API, which answers from it without reading storage back; it is still written to storage for the record when STORE_SYNC_RESULTS=true. Larger masks are read back from storage. 0 = always read back.")
     result_ttl_seconds: int = Field(86_400, ge=1, description="Lifetime of job records and stored masks (jobs, and sync requests that timed out with 504); an expired job answers `expired` for 7 more days, and the API's janitor deletes its stored outputs.")
     sync_result_ttl_s: int = Field(300, ge=1, description="Lifetime of the record (and stored outputs) of a sync request answered in time: `GET /v1/jobs/{X-Job-Id}` works this long, then answers 404. No tombstone is kept for it.")
     store_sync_results: bool = Field(True, description="Sync requests write their masks to storage (kept SYNC_RESULT_TTL_S). false: an answered sync request's mask travels in the worker's reply only and nothing is stored (a 504 still stores it, as a job).")
@@ -220,9 +222,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _models_known(self) -> Settings:
-        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        unknown = [m for m in self.models if m not in MODELS]  # the dict: families registered later count too
         if unknown:
-            raise ValueError(f"MODELS has unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
+            raise ValueError(f"MODELS has unknown model(s) {unknown}; known: {', '.join(MODELS)}")
         return self
 
     @property

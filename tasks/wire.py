@@ -75,6 +75,9 @@ def decode_message(raw: bytes | str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 # Top up a batch straight from a queue, with kombu's own at-least-once bookkeeping.
 # KEYS[1]=queue KEYS[2]=unacked hash KEYS[3]=unacked_index zset  ARGV[1]=max n ARGV[2]=now ARGV[3]=task name
+# ARGV[4]=routing key (the queue's name as kombu knows it: KEYS are the names in Redis, which
+# carry kombu's `global_keyprefix` when one is set; kombu adds it again when it restores).
+# Key names come from the worker's kombu channel (workers.broker.KombuKeys), never spelled here.
 # Pops from the same end kombu's BRPOP does, stops at the first message of another task,
 # and records each popped message in `unacked` exactly as kombu's QoS.append does
 # ([message, exchange, routing_key] keyed by delivery tag, scored by time), so a worker
@@ -88,7 +91,7 @@ for i = 1, tonumber(ARGV[1]) do
   if not ok or msg['headers'] == nil or msg['headers']['task'] ~= ARGV[3] then break end
   redis.call('RPOP', KEYS[1])
   local tag = msg['properties']['delivery_tag']
-  redis.call('HSET', KEYS[2], tag, '[' .. m .. ',"",' .. cjson.encode(KEYS[1]) .. ']')
+  redis.call('HSET', KEYS[2], tag, '[' .. m .. ',"",' .. cjson.encode(ARGV[4]) .. ']')
   redis.call('ZADD', KEYS[3], ARGV[2], tag)
   out[#out + 1] = m
 end

@@ -89,11 +89,12 @@ def test_cancel_a_queued_job_and_exit_codes(stack, tmp_path: Path) -> None:
     first = json.loads(cli("submit", str(blob), "--model", "echo", "--params", '{"sleep_ms": 6000}', "--json", "--url", stack.url).stdout)[0]
     second = json.loads(cli("submit", str(blob), "--model", "echo", "--json", "--url", stack.url).stdout)[0]
     assert first["status"] == second["status"] == "queued"
-    # the first one is running (the worker sleeps in it): a cancel lands, and its result never does
-    assert json.loads(cli("cancel", first["job_id"], "--json", "--url", stack.url).stdout) == {"job_id": first["job_id"], "status": "cancelled"}
-    # the second waits behind it in the queue
+    # the second waits in the queue behind the first (the worker sleeps 6 s in it): cancelled there.
+    # It goes first: once the first is cancelled the worker is free and the second would run at once.
     out = cli("cancel", second["job_id"], "--url", stack.url).stdout.strip()
     assert out == f"{second['job_id']} cancelled"
+    # the first one is running: a cancel lands, and its result never does
+    assert json.loads(cli("cancel", first["job_id"], "--json", "--url", stack.url).stdout) == {"job_id": first["job_id"], "status": "cancelled"}
     for jid in (first["job_id"], second["job_id"]):
         assert json.loads(cli("status", jid, "--json", "--url", stack.url).stdout)["status"] == "cancelled"
 

@@ -4,9 +4,7 @@ parses with the real CLI parser, and every variable set for our services is a re
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 import tomllib
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import yaml
 
 from client.cli import build_parser
 from tasks.settings import Settings
+from tests.helpers.dockerfile import TARGETS, dockerfile_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_FOREIGN = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_REGION", "FLOWER_UNAUTHENTICATED_API"}
@@ -24,38 +23,6 @@ _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 def interpolate(v: str) -> str:
     """What compose makes of `${VAR:-default}` with nothing set in the environment."""
     return _VAR.sub(lambda m: m.group(2) or "", v)
-
-
-def dockerfile_stages() -> list[dict]:
-    lines, cur = [], ""
-    for raw in (ROOT / "Dockerfile").read_text().splitlines():
-        if raw.strip().startswith("#") and not cur:
-            continue
-        cur += raw.rstrip("\\").rstrip() + " " if raw.endswith("\\") else raw
-        if not raw.endswith("\\"):
-            if cur.strip():
-                lines.append(cur.strip())
-            cur = ""
-    stages: list[dict] = []
-    for ln in lines:
-        op, _, rest = ln.partition(" ")
-        op = op.upper()
-        if op == "FROM":
-            m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
-            base = next((s for s in stages if s["name"] == m.group(1)), None)  # FROM an earlier stage: inherits its state
-            stages.append({"base": m.group(1), "name": m.group(2), "copy": list(base["copy"]) if base else [], "entrypoint": base["entrypoint"] if base else None, "cmd": base["cmd"] if base else None, "run": list(base["run"]) if base else []})
-        elif stages and op == "COPY":
-            parts = [p for p in shlex.split(rest) if not p.startswith("--")]
-            assert "--from" not in rest
-            stages[-1]["copy"].append(parts[:-1])
-        elif stages and op in ("ENTRYPOINT", "CMD"):
-            stages[-1][op.lower()] = json.loads(rest)
-        elif stages and op == "RUN":
-            stages[-1]["run"].append(rest)
-    return stages
-
-
-TARGETS = ["api", "worker-onnx", "worker-torch", "worker-onnx-cuda", "worker-torch-cuda"]
 
 
 def test_dockerfile_targets_copies_and_entrypoint() -> None:

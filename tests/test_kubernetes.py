@@ -22,7 +22,7 @@ from tasks import keys
 from tasks.models import MODELS
 from tasks.settings import Settings
 from tests.conftest import photo, png_bytes
-from tests.test_containers import TARGETS, dockerfile_stages
+from tests.helpers.dockerfile import TARGETS, dockerfile_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"

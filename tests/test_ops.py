@@ -233,8 +233,8 @@ def test_sync_fast_path_answers_as_the_routes_do(stack) -> None:
     assert fmt.status_code == 400 and "bmp" in fmt.json()["error"]["message"]
     g = httpx.get(stack.url + "/run_echo", timeout=10)
     assert g.status_code == 405 and g.json()["error"]["code"] == "method_not_allowed"
-    # an image over INLINE_INPUT_BYTES (64 KiB) is staged in storage, not carried in the message,
-    # and the staged copy is gone once the answer is in; the mask stays under the job
+    # an image over INLINE_INPUT_BYTES (64 KiB) waits in Redis (SYNC_REDIS_INPUT_MAX_BYTES), not in
+    # the message nor in storage; the mask stays under the job
     data, _ = with_text("coffee.png")
     assert len(data) > 64 << 10
     t = httpx.post(stack.url + "/run_textmask", content=data, headers={"Content-Type": "image/png"}, timeout=60)
@@ -287,6 +287,17 @@ def test_health_answers_every_source_field(stack) -> None:
     assert set(h["queues"]) == {"textmask", "echo"}
 
 
+def _next_beat(stack, worker: str) -> dict[str, str]:
+    """The worker's registration as its next heartbeat writes it (everything finished before is counted)."""
+    key = f"tf:worker:{worker}"
+    last = stack.redis.hget(key, "heartbeat")
+    t_end = time.time() + 15
+    while stack.redis.hget(key, "heartbeat") == last:
+        assert time.time() < t_end, f"{worker} does not beat"
+        time.sleep(0.05)
+    return {k.decode(): v.decode() for k, v in stack.redis.hgetall(key).items()}
+
+
 def test_models_info_lists_source_revision_devices_size_batching_warm(stack) -> None:
     info = httpx.get(stack.url + "/models/info", timeout=5).json()["models"]
     tm = info["textmask"]
@@ -295,7 +306,18 @@ def test_models_info_lists_source_revision_devices_size_batching_warm(stack) -> 
     assert isinstance(tm["source"], str) and tm["source"] and isinstance(tm["input_size"], int) and tm["input_size"] > 0
     assert "revision" in tm and tm["queue_depth"] == 0
     assert tm["trained"] is True and tm["workers"][0]["trained"] is True  # the PP-OCRv4 det: its SOURCE.json says pretrained
-    assert tm["workers"][0]["device"] == "cpu" and tm["workers"][0]["processed"] >= 0
+    assert tm["workers"][0]["device"] == "cpu"
+    # `processed` counts the worker's requests: two more, seen at the next heartbeat, make it two more
+    name = tm["workers"][0]["id"]
+    p0 = int(_next_beat(stack, name)["processed"])
+    data, _ = with_text()
+    for _ in range(2):
+        assert httpx.post(stack.url + "/run_textmask", content=data, headers={"Content-Type": "image/png"}, timeout=60).status_code == 200
+    assert int(_next_beat(stack, name)["processed"]) == p0 + 2
+    t_end = time.time() + 5  # the API reads registrations every POLL_S
+    while (got := httpx.get(stack.url + "/models/info", timeout=5).json()["models"]["textmask"]["workers"][0]["processed"]) != p0 + 2 and time.time() < t_end:
+        time.sleep(0.1)
+    assert got == p0 + 2
     echo = info["echo"]
     assert echo["live_workers"] == 1 and echo["warm"] is True and echo["source"] == "builtin" and echo["max_batch_size"] == 1
     assert echo["trained"] is None  # not a model

@@ -26,10 +26,14 @@ from websockets.sync.client import connect as ws_connect
 
 from storage import codecs
 from tasks.sam3_video import session_key
-from tests.conftest import ROOT, wait_job
+from tests.conftest import ROOT, stopped, wait_job
 from tests.helpers.videos import FPS, H, N, W, write_video
 
 B = 120.0
+# frames of long.mp4: a propagation over it lasts far longer than the few ms between a poll
+# that sees it `running` and the signal that stops or kills its worker, so a cancel or a
+# kill always lands mid-propagation
+LONG = 120
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="SAM3's video processor needs torchvision")
 
 
@@ -37,7 +41,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
 def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("videos")
     write_video(d / "shapes.mp4")
-    write_video(d / "long.mp4", frames=40)
+    write_video(d / "long.mp4", frames=LONG)
     return d
 
 
@@ -304,23 +308,25 @@ def test_propagate_job_fails_for_a_bad_frame_and_stops_when_cancelled(sam3_stack
     _start(sam3_stack, videos, "s-cancel", "long.mp4")
     assert _prompt(sam3_stack, "s-cancel", {"frame_index": 0, "prompts": ["square"]}).status_code == 200
     # a start frame past the end: the worker fails the job with the 422's message
-    r = httpx.post(_api(sam3_stack) + "/session/s-cancel/propagate", json={"async": True, "start_frame_index": 40}, timeout=B)
+    r = httpx.post(_api(sam3_stack) + "/session/s-cancel/propagate", json={"async": True, "start_frame_index": LONG}, timeout=B)
     assert r.status_code == 202, r.text
     j = wait_job(sam3_stack.url, r.json()["job_id"], timeout=B)
     assert j["status"] == "failed" and "outside the video" in j["error"]["message"], j
-    # cancelled while it runs: it stops (fewer frames than the video), the session answers again
+    # cancelled while it runs: it stops (fewer frames than the video), the session answers again.
+    # The worker is held (SIGSTOP) from the moment the job is seen running until the cancel is
+    # recorded, so the cancel always finds the job mid-propagation.
     r = httpx.post(_api(sam3_stack) + "/session/s-cancel/propagate", json={"async": True, "direction": "forward"}, timeout=B)
+    assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    wait_job(sam3_stack.url, job_id, timeout=B, until=("running", "succeeded"))
-    c = httpx.delete(f"{sam3_stack.url}/v1/jobs/{job_id}", timeout=B)
-    assert c.status_code == 200
+    j = wait_job(sam3_stack.url, job_id, timeout=B, until=("running", "succeeded"))
+    assert j["status"] == "running", j
+    with stopped(sam3_stack, sam3_stack.workers[0], "sam3", fresh=False):
+        c = httpx.delete(f"{sam3_stack.url}/v1/jobs/{job_id}", timeout=B)
+    assert c.status_code == 200 and c.json()["status"] == "cancelled", c.text
     st = httpx.get(_api(sam3_stack) + "/session/s-cancel/status", timeout=B)  # waits for the worker to let the session go
-    assert st.status_code == 200 and st.json()["video_info"]["total_frames"] == 40
-    j = httpx.get(f"{sam3_stack.url}/v1/jobs/{job_id}", timeout=B).json()
-    if c.json()["status"] == "cancelled":
-        assert j["status"] == "cancelled" and j["result"] is None and j["progress"]["done"] < 40, j
-    else:  # it finished before the cancel reached it
-        assert j["status"] == "succeeded" and len(j["result"]["outputs"]) == 40
+    assert st.status_code == 200 and st.json()["video_info"]["total_frames"] == LONG
+    j = wait_job(sam3_stack.url, job_id, timeout=B)
+    assert j["status"] == "cancelled" and j["result"] is None and j["progress"]["done"] < LONG, j
 
     # a WebSocket client that leaves stops the propagation too: the worker finds no one listening
     with ws_connect(sam3_stack.url.replace("http://", "ws://") + "/api/v1/video/ws/propagate/s-cancel", open_timeout=B) as ws:
@@ -329,8 +335,8 @@ def test_propagate_job_fails_for_a_bad_frame_and_stops_when_cancelled(sam3_stack
     assert first["type"] == "frame" and first["frame_index"] == 0
     assert httpx.get(_api(sam3_stack) + "/session/s-cancel/status", timeout=B).status_code == 200  # after the worker let the session go
     log = sam3_stack.workers[0].log.read_text()
-    stopped = [line for line in log.splitlines() if "session s-cancel: propagation stopped" in line and "stream closed" in line]
-    assert len(stopped) == 1 and int(stopped[0].split("after ")[1].split()[0]) < 40, stopped
+    ended = [line for line in log.splitlines() if "session s-cancel: propagation stopped" in line and "stream closed" in line]
+    assert len(ended) == 1 and int(ended[0].split("after ")[1].split()[0]) < LONG, ended
     assert httpx.delete(_api(sam3_stack) + "/session/s-cancel", timeout=B).status_code == 200
 
 
@@ -345,12 +351,11 @@ def test_propagate_job_of_a_dead_worker_fails_with_gone(make_stack, videos: Path
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     j = wait_job(st.url, job_id, timeout=B, until=("running", "succeeded"))
-    if j["status"] == "succeeded":
-        pytest.skip("the 40-frame propagation finished before the kill; nothing to orphan")
+    assert j["status"] == "running", j  # LONG frames: the kill below always lands mid-propagation
     st.workers[0].kill()
     j = wait_job(st.url, job_id, timeout=60)  # the worker's registration expires within a few heartbeats
     assert j["status"] == "failed" and j["error"]["code"] == "gone", j
-    assert j["worker"] == r.json()["worker"] and j["progress"]["done"] < 40
+    assert j["worker"] == r.json()["worker"] and j["progress"]["done"] < LONG
     assert "start a new session" in j["error"]["message"]
     again = httpx.get(f"{st.url}/v1/jobs/{job_id}", timeout=B).json()
     assert again["status"] == "failed" and again["finished_at"] == j["finished_at"]  # failed once, stays failed

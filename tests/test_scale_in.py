@@ -27,7 +27,7 @@ import pytest
 from client.benchkit import Proc, Stack
 from tasks import keys
 from tests.conftest import wait_job
-from tests.test_sam3_video import write_video
+from tests.helpers.videos import write_video
 
 pytestmark = pytest.mark.slow
 OCTET = {"Content-Type": "application/octet-stream"}

@@ -109,7 +109,7 @@ def test_api_imports_no_heavy_libraries() -> None:
     import subprocess
     import sys
 
-    code = "import sys, api.app; api.app.create_app(); bad=[m for m in ('torch','onnxruntime','transformers','workers','webdataset') if m in sys.modules]; print(bad)"
+    code = "import sys, api.app, api.security; api.app.create_app(); bad=[m for m in ('torch','onnxruntime','transformers','workers','webdataset') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

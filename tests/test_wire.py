@@ -20,6 +20,10 @@ from kombu import Connection
 from tasks.celery_app import make_app
 from tasks.settings import Settings
 from tasks.wire import DRAIN_LUA, build_message, decode_message
+from workers.broker import KombuKeys
+from workers.device import Device
+from workers.runners.echo import EchoRunner
+from workers.service import WorkerService
 
 TASK = "trifecta.infer"
 # Where our envelope deliberately differs from Celery's, and why it does not matter to a worker
@@ -82,7 +86,7 @@ def test_drain_records_unacked_as_kombus_qos_does(redis_server) -> None:
         m = ch.basic_get("qa", no_ack=False)  # kombu's own pop: QoS.append writes the record
         assert m is not None
         t0 = time.time()
-        popped = r.eval(DRAIN_LUA, 3, "qb", unacked, index, 1, t0, TASK)
+        popped = r.eval(DRAIN_LUA, 3, "qb", unacked, index, 1, t0, TASK, "qb")
         assert popped == [msg_b]
         tag_a, tag_b = json.loads(msg_a)["properties"]["delivery_tag"], json.loads(msg_b)["properties"]["delivery_tag"]
         rec_a, rec_b = json.loads(r.hget(unacked, tag_a)), json.loads(r.hget(unacked, tag_b))
@@ -102,9 +106,72 @@ def test_drain_records_unacked_as_kombus_qos_does(redis_server) -> None:
 
 def test_key_names_follow_global_keyprefix(redis_server) -> None:
     """With `global_keyprefix` set, kombu prefixes its unacked keys: our code reads the names from
-    the channel (never spelled out), so they follow."""
+    the transport options as kombu's channel does (never spelled out), so they follow."""
     url = _url(redis_server, 12)
+    for opts in ({}, {"global_keyprefix": "tf-test:"}, {"global_keyprefix": "p:", "unacked_key": "u", "unacked_index_key": "ui"}):
+        with Connection(url, transport_options=opts) as conn:
+            ch = conn.default_channel
+            assert KombuKeys.from_options(opts) == KombuKeys.of(ch)
     with Connection(url, transport_options={"global_keyprefix": "tf-test:"}) as conn:
         ch = conn.default_channel
         assert ch.unacked_key == "unacked" and ch.unacked_index_key == "unacked_index"
         assert ch.global_keyprefix == "tf-test:"
+    assert KombuKeys.from_options({"global_keyprefix": "tf-test:"}) == KombuKeys("tf-test:", "tf-test:unacked", "tf-test:unacked_index")
+    assert KombuKeys.from_options({}) == KombuKeys("", "unacked", "unacked_index")
+
+
+def _service(url: str, tmp_path, opts: dict) -> WorkerService:
+    """A worker's service (the echo runner; no Celery worker around it) with the key names run_worker gives it."""
+    settings = Settings(redis_url=url, storage_url=f"file://{tmp_path}", max_batch_size=4, bulk_drain=True)
+    svc = WorkerService(settings, "echo", Device("cpu", 0, None, 1), "w-prefix", EchoRunner("echo", settings, Device("cpu", 0, None, 1)))
+    svc.kombu_keys = KombuKeys.from_options({**make_app(settings).conf.broker_transport_options, **opts})
+    return svc
+
+
+def test_drain_ack_and_heartbeat_under_global_keyprefix(redis_server, tmp_path) -> None:
+    """The worker's bulk drain, FINISH's acks and the heartbeat, with kombu's `global_keyprefix` set:
+    the messages come off kombu's prefixed queue, their unacked records land where kombu's own
+    QoS reads them (kombu restores a drained message to the queue it came from), and the acks
+    and visibility refresh touch those records, not unprefixed twins."""
+    url = _url(redis_server, 11)
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    prefix = "tf-test:"
+    opts = {"global_keyprefix": prefix}
+    svc = _service(url, tmp_path, opts)
+    now = time.time()
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    with Connection(url, transport_options=opts) as conn:
+        ch = conn.default_channel
+        kc = ch.client  # kombu's own prefixing client: it writes the queue the way kombu's producer does
+        for jid in ids:
+            req = {"id": jid, "model": "echo", "input": {"b64": "aGk=", "size": 2}, "deadline": now + 60, "out_prefix": f"default/jobs/{jid}", "created": now}
+            kc.lpush("echo", build_message(TASK, jid, {"req": req}, "echo"))
+        assert r.llen(prefix + "echo") == 3 and r.llen("echo") == 0
+
+        reqs: list = []
+        tags, states, kombu_tags = svc._top_up_and_start(reqs)
+        assert [q.id for q in reqs] == ids and len(states) == 3 and kombu_tags == []
+        assert r.llen(prefix + "echo") == 0
+        assert r.hlen(prefix + "unacked") == 3 and r.zcard(prefix + "unacked_index") == 3
+        assert not r.exists("unacked") and not r.exists("unacked_index")  # no unprefixed twins
+        for tag in tags:  # the routing key is the queue's name as kombu knows it (kombu prefixes it again)
+            msg, exchange, routing_key = json.loads(r.hget(prefix + "unacked", tag))
+            assert (exchange, routing_key) == ("", "echo") and msg["properties"]["delivery_tag"] == tag
+
+        # the heartbeat keeps them visible: it re-scores the prefixed index (ZADD XX: no new entries)
+        r.zadd(prefix + "unacked_index", {t: 1.0 for t in tags})
+        svc.beat()
+        assert all(r.zscore(prefix + "unacked_index", t) >= now for t in tags)
+        assert not r.exists("unacked_index")
+
+        # a worker that died holding one: kombu's own restore puts it back on its prefixed queue
+        ch.qos.restore_by_tag(tags[0], leftmost=True)
+        back = r.lrange(prefix + "echo", 0, -1)
+        assert len(back) == 1 and json.loads(back[0])["headers"]["id"] == ids[0]
+        assert not r.exists("echo")
+
+        # FINISH's pipeline acks the rest, as kombu's QoS.ack would
+        svc._record([], {}, tags[1:])
+        assert r.hlen(prefix + "unacked") == 0 and r.zcard(prefix + "unacked_index") == 0
+    r.delete(f"tf:worker:{svc.worker_id}")

@@ -20,6 +20,10 @@ refused; kombu would raise and the message, held only in this process, would be 
 append is retried instead until Redis has room (the API refuses new work meanwhile, so room
 comes as results expire): the consumer waits, the message stays ours.
 
+Our own scripts (the BULK_DRAIN top-up, FINISH's acks, the heartbeat) write kombu's unacked
+records with a plain redis client: `KombuKeys` gives them kombu's key names as the channel's
+options spell them, `global_keyprefix` included, so they never hard-code `unacked`.
+
 The worker installs its hook with `install(...)`; without one, this is kombu's transport.
 Selected by `broker_transport` in the worker's Celery app (tasks.celery_app.make_app), so
 the broker URL stays a plain redis:// URL.
@@ -28,7 +32,8 @@ the broker URL stays a plain redis:// URL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from time import sleep, time
 from typing import Any, Protocol
 
@@ -53,6 +58,35 @@ class Hook(Protocol):
 
 
 _hook: Hook | None = None
+
+
+@dataclass(frozen=True)
+class KombuKeys:
+    """kombu's Redis names for a client that does not prefix keys (ours): `global_keyprefix` applied."""
+
+    prefix: str = ""
+    unacked: str = kredis.Channel.unacked_key
+    unacked_index: str = kredis.Channel.unacked_index_key
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> KombuKeys:
+        """As kombu's Redis channel reads them from `broker_transport_options` (its class defaults otherwise)."""
+        p = options.get("global_keyprefix") or kredis.Channel.global_keyprefix
+        return cls(p, p + options.get("unacked_key", kredis.Channel.unacked_key), p + options.get("unacked_index_key", kredis.Channel.unacked_index_key))
+
+    @classmethod
+    def of(cls, channel: Any) -> KombuKeys:
+        """Read off a live kombu Redis channel (what its own QoS uses)."""
+        p = channel.global_keyprefix or ""
+        return cls(p, p + channel.unacked_key, p + channel.unacked_index_key)
+
+    def queue(self, name: str) -> str:
+        """The Redis key of kombu's queue `name` (kombu's prefixing client adds the prefix to its list commands)."""
+        return self.prefix + name
+
+    def drain(self, queue: str, room: int, now: float, task: str) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of tasks.wire.DRAIN_LUA topping up from kombu's queue `queue`."""
+        return [self.queue(queue), self.unacked, self.unacked_index], [room, now, task, queue]
 
 
 def install(hook: Hook | None) -> None:

@@ -29,7 +29,7 @@ from tasks.jobstore import Jobs, error
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
 from tasks.wire import build_message
-from workers.runners.base import Produced
+from workers.runners.base import Produced, TaskContext
 
 if TYPE_CHECKING:
     from workers.runners.vjepa2 import VJEPA2Runner
@@ -58,7 +58,7 @@ def encode_frames(frames: np.ndarray) -> list[bytes]:
 class ClipJobs:
     """Decode chunks of video jobs, record finished clips, assemble and finish parent jobs."""
 
-    def __init__(self, runner: VJEPA2Runner, svc: Any) -> None:
+    def __init__(self, runner: VJEPA2Runner, svc: TaskContext) -> None:
         self.runner, self.svc = runner, svc
         self.model = runner.model
         self.jobs = Jobs(svc.r)

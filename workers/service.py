@@ -33,6 +33,7 @@ at Redis's maxmemory it is retried until it fits, never acked unrecorded.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import socket
@@ -47,13 +48,14 @@ import redis
 from redis.exceptions import OutOfMemoryError
 
 from storage import codecs
-from storage.blob import BlobStore, open_store
+from storage.blob import BlobStore, FileStore, open_store
 from tasks import handoff, jobstore, keys, tracing, wire
-from tasks.errors import DeadLettered, TrifectaError, translate
-from tasks.inputs import read_input
+from tasks.errors import DeadLettered, Gone, TrifectaError, Unprocessable, translate
+from tasks.inputs import IN_REDIS, read_input
 from tasks.models import MODELS
 from tasks.schemas import InferRequest, Output
 from tasks.settings import Settings
+from workers.broker import KombuKeys
 from workers.device import Device
 from workers.metrics import WorkerMetrics
 from workers.runners.base import BatchStats, Item, Produced, Runner
@@ -83,6 +85,7 @@ class WorkerService:
         self._drain = self.r.register_script(wire.DRAIN_LUA)
         self._unstart = self.r.register_script(jobstore.UNSTART_LUA)
         self.drained_tags: set[str] = set()
+        self.kombu_keys = KombuKeys()  # kombu's unacked key names; run_worker reads them from the app's transport options
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         self.processed = 0
         self.failed = 0
@@ -215,7 +218,7 @@ class WorkerService:
         if drain or start_here or recheck:
             pipe = self.r.pipeline(transaction=False)
             if drain:
-                _queue_script(pipe, self._drain, [keys.shared_queue(self.model), "unacked", "unacked_index"], [room, time.time(), keys.TASK_INFER])
+                _queue_script(pipe, self._drain, *self.kombu_keys.drain(keys.shared_queue(self.model), room, time.time(), keys.TASK_INFER))
             for i in start_here:
                 _queue_script(pipe, self._start, [keys.job(reqs[i].id)], [now, self.settings.max_deliveries, self.worker_id])
             for i in recheck:
@@ -311,8 +314,12 @@ class WorkerService:
             else:  # finished, cancelled, or record gone: a redelivery costs nothing
                 log.info("job=%s skipped (status %s)", q.id, st)
         items: list[Item] = []
+        held = self._inputs_in_redis(live)
         for q in live:
             try:
+                if q.input.uri == IN_REDIS:
+                    items.append(Item(q, _held_input(held, q)))
+                    continue
                 # the tenant's own check again before reading (the API checked it too): a message
                 # put on the queue by anything else still cannot read another tenant's objects
                 items.append(Item(q, read_input(q.input, self.store, self.settings, tenant=q.tenant)))
@@ -326,7 +333,9 @@ class WorkerService:
             except Exception:  # noqa: BLE001 - the requests' own records still go out below
                 log.exception("recording %d dropped requests with their jobs failed", len(dropped))
         stats = BatchStats()
-        publish = self._publish_outputs
+        # remote store: sync masks that ride in the reply are written after it is sent (`_reply_then_store`)
+        later: dict[str, list[tuple[str, bytes, str]]] | None = None if isinstance(self.store, FileStore) else {}
+        publish = self._publish_outputs if later is None else functools.partial(self._publish_outputs, later=later)
         if bt is None:
             results = self.runner.run_batch(items, stats) if items else []
         else:  # the runner's hooks and the writes timed for the batch's spans (workers/tracing.py)
@@ -358,7 +367,10 @@ class WorkerService:
             if q.write_result_json:
                 self.store.put(f"{q.out_prefix}/result.json", orjson.dumps({"job_id": q.id, "model": q.model, **result}), "application/json")
             done.append((q, "succeeded", result))
-        self._finish_all(done, tags, kombu_tags)
+        replied: set[str] = set()
+        if later:
+            done, replied = self._reply_then_store(done, later)
+        self._finish_all(done, tags, kombu_tags, [keys.sync_input(i) for i in held], replied)
         self.metrics.observe(done, t_start, model_ms, len(items))
         self._task_events(done, t_start)
         if bt is not None:
@@ -419,9 +431,12 @@ class WorkerService:
         while not stop.wait(EVENTS_FLUSH_S):
             self.flush_events()
 
-    def _publish_outputs(self, q: InferRequest, res: Produced) -> tuple[list[Output], dict[str, Any]]:
-        # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply
-        budget = INLINE_REPLY_MAX if (q.kind == "sync" and q.reply and not self.settings.store_sync_results) else -1
+    def _publish_outputs(self, q: InferRequest, res: Produced, later: dict[str, list[tuple[str, bytes, str]]] | None = None) -> tuple[list[Output], dict[str, Any]]:
+        # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply;
+        # with true, outputs up to SYNC_REPLY_INLINE_BYTES ride in the reply too (the API answers without a
+        # storage GET) and are stored for the record as well
+        reply_only = q.kind == "sync" and bool(q.reply) and not self.settings.store_sync_results
+        budget = INLINE_REPLY_MAX if reply_only else (self.settings.sync_reply_inline_bytes if q.kind == "sync" and q.reply else -1)
         outs: list[Output] = []
         items = [(key, codecs.encode(mask, q.format), q.format, codecs.CONTENT_TYPES[q.format], list(mask.shape), f"{q.out_prefix}/{key}.{codecs.EXTENSIONS[q.format]}") for key, mask in res.masks.items()]
         items += [(key, data, fmt, ctype, [], f"{q.out_prefix}/{key}") for key, (data, fmt, ctype) in res.blobs.items()]
@@ -429,13 +444,53 @@ class WorkerService:
             out = Output(key=key, format=fmt, shape=shape, path=path, bytes=len(data), content_type=ctype)
             if len(data) <= budget:
                 budget -= len(data)
-                out.inline, out.data = True, base64.b64encode(data).decode("ascii")
-            else:
+                out.inline, out.data = reply_only, base64.b64encode(data).decode("ascii")
+            if later is not None and out.data is not None and not reply_only:  # stored once the reply is out
+                later.setdefault(q.id, []).append((path, data, ctype))
+            elif not out.inline:
                 self.store.put(path, data, ctype)
             outs.append(out)
         return outs, res.meta
 
-    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str]) -> None:
+    def _reply_then_store(
+        self, done: list[tuple[InferRequest, str, dict[str, Any]]], later: dict[str, list[tuple[str, bytes, str]]]
+    ) -> tuple[list[tuple[InferRequest, str, dict[str, Any]]], set[str]]:
+        """On a remote store, sync answers whose masks ride in the reply (SYNC_REPLY_INLINE_BYTES) are
+        published first (one pipeline), then their masks are written, then FINISH records them (without
+        publishing again): the storage PUT is off the caller's critical path. The record says `running`
+        until the masks are stored, so a `succeeded` record always has its objects. A mask that cannot
+        be stored fails the record (`storage_error`) although the caller has its answer. Returns the
+        batch's outcomes and the ids already answered."""
+        early = [(q, st, body) for q, st, body in done if st == "succeeded" and q.reply and q.id in later]
+        replied: set[str] = set()
+        if early:
+            pipe = self.r.pipeline(transaction=False)
+            for q, st, body in early:
+                pipe.publish(q.reply, jobstore.reply_payload(q.id, st, {"result": body}))
+            try:
+                pipe.execute()
+                replied = {q.id for q, _, _ in early}
+            except redis.RedisError as e:  # FINISH publishes them instead, after the writes
+                log.warning("early replies of %d sync requests not sent (%s); sent with their records", len(early), e)
+        puts = {jid: self._io.submit(_put_all, self.store, objs) for jid, objs in later.items()}
+        out = []
+        for q, st, body in done:
+            f = puts.get(q.id)
+            if f is not None and st == "succeeded":
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001 - recorded as the request's failure
+                    st, body = "failed", _err(translate(e))
+            out.append((q, st, body))
+        return out, replied
+
+    def _inputs_in_redis(self, live: list[InferRequest]) -> dict[str, bytes | None]:
+        """Sync inputs the API held in Redis (SYNC_REDIS_INPUT_MAX_BYTES), in one round trip for the
+        batch; job id -> bytes (None: expired). Deleted with the batch's FINISH (`_record`)."""
+        ids = [q.id for q in live if q.input.uri == IN_REDIS]
+        return dict(zip(ids, self.r.mget([keys.sync_input(i) for i in ids]), strict=True)) if ids else {}
+
+    def _finish_all(self, done: list[tuple[InferRequest, str, dict[str, Any]]], tags: list[str], kombu_tags: list[str], drop: list[str] | None = None, replied: set[str] | None = None) -> None:
         acks = [*tags, *kombu_tags]
         if not done and not acks:
             return
@@ -446,11 +501,12 @@ class WorkerService:
         for q, status, body in done:
             field = "result" if status == "succeeded" else "error"
             record, inline, stored = _record_body(body)
-            reply = jobstore.reply_payload(q.id, status, {field: body}) if q.reply else b""
-            calls.append(([keys.job(q.id)], [status, now, field, orjson.dumps(record), q.reply or "", reply, sync_ttl if q.kind == "sync" else "", "1" if inline else ""]))
+            channel = "" if replied and q.id in replied else (q.reply or "")
+            reply = jobstore.reply_payload(q.id, status, {field: body}) if channel else b""
+            calls.append(([keys.job(q.id)], [status, now, field, orjson.dumps(record), channel, reply, sync_ttl if q.kind == "sync" else "", "1" if inline else ""]))
             if q.kind == "sync" and stored:
                 index[q.out_prefix] = now + sync_ttl + 1
-        res = self._record(calls, index, acks)
+        res = self._record(calls, index, acks, drop or [])
         # the API detached (504) requests whose outputs were meant to ride in the reply only
         # (STORE_SYNC_RESULTS=false): they are jobs now, so store their outputs and finish them
         late = [(q, status, body) for (q, status, body), r in zip(done, res[: len(calls)], strict=True) if r == -1]
@@ -473,9 +529,10 @@ class WorkerService:
                 else:
                     self.failed += 1
 
-    def _record(self, calls: list[tuple[list[str], list[Any]]], index: dict[str, float], acks: list[str]) -> list[Any]:
-        """FINISH every call, index the stored prefixes, and ack the batch's messages (as kombu's
-        QoS.ack would; kombu's own ack then skips Redis) in ONE transaction: at maxmemory Redis
+    def _record(self, calls: list[tuple[list[str], list[Any]]], index: dict[str, float], acks: list[str], drop: list[str] | None = None) -> list[Any]:
+        """FINISH every call, index the stored prefixes, ack the batch's messages (as kombu's
+        QoS.ack would; kombu's own ack then skips Redis) and delete `drop` (inputs held in Redis,
+        read and answered) in ONE transaction: at maxmemory Redis
         refuses it whole (FINISH_LUA's shebang), so a result is never acked unrecorded. The work
         is done and its outputs are stored: keep trying through a Redis restart, and for as long
         as Redis is full (the API refuses new work meanwhile; the heartbeat keeps these messages
@@ -488,8 +545,10 @@ class WorkerService:
             if index:
                 pipe.zadd(keys.EXPIRY, index)
             if acks:
-                pipe.zrem("unacked_index", *acks)
-                pipe.hdel("unacked", *acks)
+                pipe.zrem(self.kombu_keys.unacked_index, *acks)
+                pipe.hdel(self.kombu_keys.unacked, *acks)
+            if drop:
+                pipe.delete(*drop)
             try:
                 return pipe.execute()
             except OutOfMemoryError:
@@ -578,7 +637,7 @@ class WorkerService:
             tags += list(self.drained_tags)
         if tags:
             # keep the messages we hold invisible to kombu's restore while we are alive
-            pipe.zadd("unacked_index", {t: time.time() for t in tags}, xx=True)
+            pipe.zadd(self.kombu_keys.unacked_index, {t: time.time() for t in tags}, xx=True)
         if len(pipe):
             try:
                 pipe.execute()
@@ -587,7 +646,7 @@ class WorkerService:
                 # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
                 reg = {} if self.leaving else self.registration()
                 self.r.eval(
-                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, "unacked_index",
+                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, self.kombu_keys.unacked_index,
                     max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
                 )
 
@@ -634,7 +693,7 @@ class WorkerService:
         try:
             qos = self.consumer.task_consumer.channel.qos
             for t in tags:
-                qos.restore_by_tag(t, client=self.r)  # kombu's own restore, as at its visibility timeout
+                qos.restore_by_tag(t)  # kombu's own restore with its own (key-prefixing) client, as at its visibility timeout
         except Exception as e:  # noqa: BLE001 - kombu restores them after VISIBILITY_TIMEOUT_S anyway
             log.warning("giving back held messages failed (%s); kombu restores them after VISIBILITY_TIMEOUT_S", e)
         self.hand_over()
@@ -670,16 +729,30 @@ return 1
 
 
 def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
-    """The body as the job record keeps it (inline outputs' bytes left out), whether some output is
-    inline only, and whether some output is in storage."""
+    """The body as the job record keeps it (bytes carried in the reply left out), whether some output
+    is inline only, and whether some output is in storage."""
     outs = body.get("outputs")
     if not outs:
         return body, False, False
     inline = any(o.get("inline") for o in outs)
     stored = any(not o.get("inline") for o in outs)
-    if not inline:
-        return body, False, stored
-    return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, True, stored
+    if not any(o.get("data") is not None for o in outs):
+        return body, inline, stored
+    return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, inline, stored
+
+
+def _put_all(store: BlobStore, objs: list[tuple[str, bytes, str]]) -> None:
+    for path, data, ctype in objs:
+        store.put(path, data, ctype)
+
+
+def _held_input(held: dict[str, bytes | None], q: InferRequest) -> bytes:
+    data = held.get(q.id)
+    if data is None:  # its TTL (the deadline) passed, or a finished delivery deleted it
+        raise Gone("the request's input is no longer held in Redis (it expires with the request's deadline); send the request again")
+    if len(data) != q.input.size:
+        raise Unprocessable(f"the input held in Redis has {len(data)} bytes, not the {q.input.size} the request declared")
+    return data
 
 
 def _now(fn: Any, *args: Any) -> Future[Any]:
@@ -776,6 +849,7 @@ def run_worker(model: str, device: str, name: str | None, settings: Settings, lo
     from workers import broker
 
     app.conf.broker_transport = broker.TRANSPORT  # kombu's Redis transport carrying START and acks (workers/broker.py)
+    svc.kombu_keys = broker.KombuKeys.from_options(app.conf.broker_transport_options)
     broker.install(svc)
 
     from workers.batching import AdaptiveBatches
@@ -845,9 +919,11 @@ def _quiet_celery_stdout(argv: list[str]) -> None:
 
 
 def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
-    """Model families may add tasks of their own (shards, sessions, video jobs)."""
-    hook = getattr(svc.runner, "register_tasks", None)
-    extra = list(hook(app, svc) or []) if hook else []
+    """Model families may add tasks of their own (sessions, video jobs: `Runner.extra_tasks`; shards)."""
+    extra = []
+    for t in svc.runner.extra_tasks(svc):
+        app.task(name=t.name, acks_late=t.acks_late, ignore_result=t.ignore_result)(t.fn)
+        extra.append(t.name)
     if MODELS[svc.model].takes_images:  # WebDataset shard jobs (workers/shards.py)
         from workers import shards
 

@@ -10,27 +10,36 @@ from typing import Any
 
 log = logging.getLogger("trifecta.tiny")
 
-_WRITERS: dict[str, Callable[[str], str]] = {}
+
+def writers() -> dict[str, str]:
+    """Model name → import path of its tiny writer, as the specs declare (`ModelSpec.tiny`)."""
+    from tasks.models import MODELS, tiny_writers
+
+    return tiny_writers(MODELS.values())
 
 
-def register(name: str, fn: Callable[[str], str]) -> None:
-    _WRITERS[name] = fn
-
-
-def _segmentation(out: str) -> str:
+def write_segmentation(out: str) -> str:
+    """The segmentation model's tiny checkpoint: a random-init SegFormer exported to ONNX at 128 px."""
     from workers.modelfiles import export_segformer
 
     return str(export_segformer(out, random_init=True, input_size=128))
 
 
-register("segmentation", _segmentation)
+def register(name: str, fn: Callable[[str], str]) -> None:
+    """Transitional: a runner module that still registers its writer (vjepa2). The spec's `tiny` is the
+    one list; this only refuses a writer the spec does not name."""
+    path = writers().get(name, "")
+    if path.rpartition(":")[2] != getattr(fn, "__name__", None):
+        raise ValueError(f"tiny writer {fn!r} for {name!r} is not the one its ModelSpec names ({path or 'none'})")
 
 
 def write_tiny(name: str, out: str) -> str:
-    _load_all()
-    if name not in _WRITERS:
-        raise SystemExit(f"no tiny checkpoint writer for {name!r}; have: {', '.join(sorted(_WRITERS))}")
-    return _WRITERS[name](out)
+    from tasks.models import resolve
+
+    have = writers()
+    if name not in have:
+        raise SystemExit(f"no tiny checkpoint writer for {name!r}; have: {', '.join(sorted(have))}")
+    return resolve(have[name])(out)
 
 
 def ensure_model(name: str, settings: Any) -> str:
@@ -49,10 +58,11 @@ def register_ensure(name: str, fn: Callable[[Any], str]) -> None:
 
 
 def _load_all() -> None:
-    """Model families register their writers on import."""
+    """Families with a tiny writer register their offline fallback (`register_ensure`) when their writer's module is imported."""
     import importlib
 
-    for mod in ("workers.runners.sam3", "workers.runners.vjepa2", "workers.runners.mask2former"):
+    for path in writers().values():
+        mod = path.partition(":")[0]
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

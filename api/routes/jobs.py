@@ -201,6 +201,9 @@ async def submit_job(request: Request, settings: SettingsDep, hub: HubDep, store
     kind = next((k for k in _KINDS if k in job.input), None)
     if kind is None:
         raise Unprocessable(f"input must have one of {sorted(_KINDS)}")
+    takes = MODELS[job.model].jobs  # its ModelSpec's job kinds
+    if kind not in takes:
+        raise Unprocessable(f"input.{kind} is not a job input of model {job.model!r}; it takes {', '.join(f'input.{k}' for k in takes) or 'no jobs'}")
     if not isinstance(job.params, dict):
         raise Unprocessable("params must be an object")
     check_params(job.params, settings)

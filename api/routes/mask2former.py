@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from api.body import raw_body_type, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub, new_job_id
-from api.routes.sync import fetch_output, inline_or_staged, mask_format, raise_failed, sync_timeout, untrained_headers
+from api.routes.sync import SyncInputs, fetch_output, mask_format, raise_failed, sync_timeout, untrained_headers
 from storage import codecs
 from storage.blob import BlobStore
 from tasks import seglabels
@@ -50,6 +50,13 @@ def model_named(asked: str | None) -> str | None:
     n = asked.strip().lower()
     n = seglabels.MODEL_ALIASES.get(n, n)
     return n if n in models else None
+
+
+def gate_model(scope: Any) -> str | None:
+    """As `pick_model`, for the admission gate (an ASGI scope, before routing); an unknown name is left to the route (its 4xx)."""
+    from api.admission import header, query  # here: the gate imports this module while it builds its table
+
+    return model_named(header(scope, b"x-model") or query(scope, "model"))
 
 
 def pick_model(request: Request) -> str:
@@ -86,9 +93,9 @@ async def _segment(request: Request, settings: Settings, hub: Hub, store: BlobSt
     if w * h > limit:
         raise Unprocessable(seglabels.too_large_message(w, h, limit))
     job_id = new_job_id()
-    inp, _ = inline_or_staged(body, settings, store, tenant, job_id)
-    q = hub.new_request(model, tenant=tenant, kind="sync", params={"classes": asked}, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
-    (reply,) = await hub.run_sync([q], timeout)
+    ins = SyncInputs(settings, store, tenant)
+    q = hub.new_request(model, tenant=tenant, kind="sync", params={"classes": asked}, fmt=fmt, timeout_s=timeout, inp=await ins.add(body, job_id), job_id=job_id, reply=True)
+    (reply,) = await ins.run(hub, [q], timeout)
     if reply["status"] != "succeeded":
         raise_failed(reply)
     res = reply["result"]

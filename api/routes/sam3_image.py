@@ -9,8 +9,10 @@ format rle). It goes to the private queue of the worker that owns the image's SH
 a consistent-hash ring of the live sam3 workers, so that worker's feature cache answers
 every later request for the same image (`tasks.routing`); to the shared queue when that
 worker's heartbeat has stopped. The worker writes the RLE masks, boxes and scores as one
-JSON object (`instances.json`); the answer is built from it here. Mask bytes never travel
-through Redis.
+JSON object (`instances.json`); the answer is built from it here. Its input and that object
+take the sync path every sync route shares (`api.routes.sync.SyncInputs`): an image over
+INLINE_INPUT_BYTES waits in Redis, not in storage, and the object rides in the worker's reply
+up to SYNC_REPLY_INLINE_BYTES (read back from storage only when larger).
 
 503: the admission gate (`api/admission.py`) answers for a full sam3 backlog before the body
 is read; once the image is known, a full private queue of its worker answers 503 too
@@ -29,7 +31,7 @@ from fastapi.responses import JSONResponse
 
 from api.body import counted_request, read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
-from api.routes.sync import fetch_output, inline_or_staged, raise_failed, sync_timeout, untrained_headers
+from api.routes.sync import SyncInputs, fetch_output, raise_failed, sync_timeout, untrained_headers
 from storage.blob import BlobStore
 from tasks.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType, translate
 from tasks.images import probe
@@ -156,12 +158,13 @@ async def run_sam3(request: Request, data: bytes, params: Sam3Params, settings: 
     from api.hub import new_job_id
 
     job_id = new_job_id()
-    inp, _ = inline_or_staged(data, settings, store, tenant, job_id)
+    ins = SyncInputs(settings, store, tenant)
+    inp = await ins.add(data, job_id)
     wire: dict[str, Any] = {"prompts": prompts_param(params)}
     if params.confidence_threshold is not None:
         wire["confidence_threshold"] = params.confidence_threshold
     q = hub.new_request(MODEL, tenant=tenant, kind="sync", params=wire, fmt="rle", timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
-    (reply,) = await hub.run_sync([q], timeout, queue=queue)
+    (reply,) = await ins.run(hub, [q], timeout, queue=queue)
     if reply["status"] != "succeeded":
         raise_failed(reply)
     result = reply["result"]

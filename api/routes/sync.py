@@ -1,6 +1,7 @@
 """Synchronous mask endpoints kept from the source segmentation service.
 
-    POST /run_segmentation | /run_textmask | /run_facemask   (and /run_echo)
+    POST /run_<model>   for every model whose ModelSpec says `sync=True` (tasks/models.py):
+    /run_segmentation, /run_textmask, /run_facemask, /run_echo, /run_simulated
 
 Body: image bytes (`image/jpeg|png|webp`, `application/octet-stream`; no Content-Type at
 all counts as `application/octet-stream`: the image is sniffed from its bytes), optionally
@@ -31,13 +32,14 @@ from storage import codecs
 from storage.blob import BlobStore, FileStore
 from tasks.errors import BadRequest, StorageError, TooManySamples, UnsupportedMediaType, from_code, translate
 from tasks.images import IMAGE_CONTENT_TYPES, probe
-from tasks.inputs import stage_key
+from tasks.inputs import IN_REDIS, stage_key
+from tasks.models import MODELS, sync_models
 from tasks.settings import Settings
 from tasks.tars import read_small_tar
 
 log = logging.getLogger("trifecta.api")
 router = APIRouter(tags=["sync masks"])
-SYNC_MODELS = ("segmentation", "textmask", "facemask", "echo", "simulated")
+SYNC_MODELS = sync_models(MODELS.values())  # from the specs: ModelSpec.sync
 TAR_TYPES = {"application/x-tar", "application/x-tar+gzip", "application/tar", "application/x-gtar"}
 
 
@@ -62,7 +64,8 @@ def sync_timeout(request: Request, settings: Settings) -> float:
 
 
 async def fetch_output(store: BlobStore, out: str | dict[str, Any]) -> bytes:
-    """An output's bytes: from the worker's reply (STORE_SYNC_RESULTS=false) or from storage (a key, or an output's `path`)."""
+    """An output's bytes: from the worker's reply (up to SYNC_REPLY_INLINE_BYTES, or any size with
+    STORE_SYNC_RESULTS=false) or from storage (a key, or an output's `path`)."""
     if isinstance(out, dict):
         if out.get("data") is not None:
             return base64.b64decode(out["data"])
@@ -77,7 +80,8 @@ async def fetch_output(store: BlobStore, out: str | dict[str, Any]) -> bytes:
 
 
 def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str, name: str = "input") -> tuple[dict[str, Any], bool]:
-    """The `input` of a message: inline below INLINE_INPUT_BYTES, else staged in storage."""
+    """The `input` of a job's message: inline below INLINE_INPUT_BYTES, else staged in storage
+    (a sync call's input goes through `SyncInputs`)."""
     if len(data) <= settings.inline_input_bytes:
         return {"b64": base64.b64encode(data).decode("ascii"), "size": len(data)}, False
     key = stage_key(tenant, job_id, name)
@@ -85,19 +89,57 @@ def inline_or_staged(data: bytes, settings: Settings, store: BlobStore, tenant: 
     return {"uri": f"key:{key}", "size": len(data)}, True
 
 
-async def stage(data: bytes, settings: Settings, store: BlobStore, tenant: str, job_id: str) -> tuple[dict[str, Any], bool]:
-    """`inline_or_staged` without blocking the event loop on a remote store."""
-    if isinstance(store, FileStore) or len(data) <= settings.inline_input_bytes:
-        return inline_or_staged(data, settings, store, tenant, job_id)
-    return await asyncio.to_thread(inline_or_staged, data, settings, store, tenant, job_id)
+class SyncInputs:
+    """The inputs of one sync call (one image, a tar's samples, a clip) on their way to its
+    workers, the one path every sync route takes (`/run_*`, `/segment`, SAM3 image, V-JEPA 2
+    `/api/v1/infer`):
+
+        ins = SyncInputs(settings, store, tenant)
+        q = hub.new_request(..., inp=await ins.add(data, job_id), reply=True)
+        replies = await ins.run(hub, [q], timeout)
+
+    An input up to INLINE_INPUT_BYTES travels inside the message. A larger one, up to
+    SYNC_REDIS_INPUT_MAX_BYTES for the call's inputs together, is held in Redis: `Hub.submit`
+    writes it in the submit transaction (no storage request, no extra round trip) under
+    `keys.sync_input`, expiring with the request's deadline, and the worker deletes it in its
+    FINISH. Only a larger one still is staged in storage (`name` names its object), and deleted
+    once the call is answered. The answers' outputs ride in the workers' replies up to
+    SYNC_REPLY_INLINE_BYTES (`fetch_output` reads them from there)."""
+
+    def __init__(self, settings: Settings, store: BlobStore, tenant: str) -> None:
+        self.settings, self.store, self.tenant = settings, store, tenant
+        self.held: dict[str, bytes] = {}  # job id -> bytes, for Hub.submit
+        self.staged: list[tuple[str, str]] = []  # (job id, name) in storage
+
+    async def add(self, data: bytes, job_id: str, name: str = "input") -> dict[str, Any]:
+        """The message's `input` for `data`."""
+        s = self.settings
+        if len(data) > s.inline_input_bytes and len(data) + sum(map(len, self.held.values())) <= s.sync_redis_input_max_bytes:
+            self.held[job_id] = data
+            return {"uri": IN_REDIS, "size": len(data)}
+        if len(data) <= s.inline_input_bytes or isinstance(self.store, FileStore):  # a local write is faster than a thread hop
+            inp, staged = inline_or_staged(data, s, self.store, self.tenant, job_id, name)
+        else:
+            inp, staged = await asyncio.to_thread(inline_or_staged, data, s, self.store, self.tenant, job_id, name)
+        if staged:
+            self.staged.append((job_id, name))
+        return inp
+
+    async def run(self, hub: Any, reqs: list[Any], timeout_s: float, queue: str | None = None) -> list[dict[str, Any]]:
+        """`hub.run_sync` with the held inputs; then the staged ones are deleted (not after a 504:
+        the request goes on as a job and its worker may still read them)."""
+        replies = await hub.run_sync(reqs, timeout_s, queue=queue, inputs=self.held or None)
+        if self.staged:
+            await drop_staged(self.store, self.tenant, self.staged)
+        return replies
 
 
-async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None:
-    """A sync call's staged inputs once its replies are in (the job is finished: a redelivery
-    skips it unread). Remote stores delete in the background; the janitor catches the rest."""
+async def drop_staged(store: BlobStore, tenant: str, staged: list[tuple[str, str]]) -> None:
+    """A sync call's staged inputs (job id, name) once its replies are in (the job is finished: a
+    redelivery skips it unread). Remote stores delete in the background; the janitor catches the rest."""
     if isinstance(store, FileStore):
-        for j in job_ids:  # one file and its directories (delete_prefix's rmtree walks and stats); the job's own stays if it holds outputs
-            f = store.root / stage_key(tenant, j)
+        for j, name in staged:  # one file and its directories (delete_prefix's rmtree walks and stats); the job's own stays if it holds outputs
+            f = store.root / stage_key(tenant, j, name)
             for undo in (f.unlink, f.parent.rmdir, f.parent.parent.rmdir):
                 try:
                     undo()
@@ -106,7 +148,7 @@ async def drop_staged(store: BlobStore, tenant: str, job_ids: list[str]) -> None
         return
 
     def _delete() -> None:
-        for p in (os.path.dirname(stage_key(tenant, j)) for j in job_ids):
+        for p in (os.path.dirname(stage_key(tenant, j, name)) for j, name in staged):
             try:
                 store.delete_prefix(p)
             except Exception:  # noqa: BLE001 - the janitor removes it with the job's prefix
@@ -143,12 +185,11 @@ async def _run(model: str, request: Request, settings: Settings, hub: Any, store
     if model != "echo":  # echo never decodes: it measures the pipeline alone
         probe(body, settings.max_image_pixels)  # 415 / 413 / 422 from the header, before the queue
     job_id = _job_id()
-    inp, staged = await stage(body, settings, store, tenant, job_id)
+    ins = SyncInputs(settings, store, tenant)
+    inp = await ins.add(body, job_id)
     params = {"sleep_ms": _number(request.query_params["sleep_ms"], "sleep_ms")} if model == "echo" and "sleep_ms" in request.query_params else {}
     q = hub.new_request(model, tenant=tenant, kind="sync", params=params, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
-    (reply,) = await hub.run_sync([q], timeout)
-    if staged:
-        await drop_staged(store, tenant, [job_id])
+    (reply,) = await ins.run(hub, [q], timeout)
     if reply["status"] != "succeeded":
         raise_failed(reply)
     result = reply["result"]
@@ -179,7 +220,7 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
         raise TooManySamples(f"the tar holds {len(samples)} samples; the sync endpoint takes at most {settings.max_sync_batch} (MAX_SYNC_BATCH). Submit it as a shard job: POST /v1/jobs with input.shards or a multipart file")
     hub.admit(model, len(samples))
     reqs, errors, order = [], {}, []
-    staged: list[str] = []
+    ins = SyncInputs(settings, store, tenant)
     for i, s in enumerate(samples):
         img = s.image()
         order.append(s.key)
@@ -193,13 +234,9 @@ async def _run_tar(model: str, body: bytes, ctype: str, fmt: str, timeout: float
             errors[i] = {"index": i, "key": s.key, "code": te.code, "message": te.message}
             continue
         job_id = _job_id()
-        inp, was_staged = await stage(img[1], settings, store, tenant, job_id)
-        if was_staged:
-            staged.append(job_id)
+        inp = await ins.add(img[1], job_id)
         reqs.append((i, hub.new_request(model, tenant=tenant, kind="sync", params={}, fmt=fmt, timeout_s=timeout, inp=inp, job_id=job_id, reply=True)))
-    replies = await hub.run_sync([q for _, q in reqs], timeout) if reqs else []
-    if staged:
-        await drop_staged(store, tenant, staged)
+    replies = await ins.run(hub, [q for _, q in reqs], timeout) if reqs else []
     masks: list[bytes | None] = [None] * len(samples)
     rles: list[Any] = [None] * len(samples)
     metas: list[Any] = [None] * len(samples)

@@ -35,7 +35,7 @@ from api.body import read_body
 from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub
 from api.routes.jobs import register_input_kind
-from api.routes.sync import inline_or_staged, raise_failed, sync_timeout, untrained_headers
+from api.routes.sync import SyncInputs, inline_or_staged, raise_failed, sync_timeout, untrained_headers
 from storage.blob import BlobStore
 from tasks import clips as clipc
 from tasks import keys
@@ -103,9 +103,10 @@ async def infer(request: Request, settings: SettingsDep, hub: HubDep, store: Sto
         raise Unprocessable("the body must be a JSON object with frames, width, height and format")
     frames, w, h, fmt = clipc.check_frames(req.get("frames"), req.get("width"), req.get("height"), req.get("format", "BGR"), per_clip=_per_clip(hub, settings), max_pixels=settings.max_image_pixels)
     job_id = uuid.uuid4().hex
-    inp, _ = inline_or_staged(clipc.pack_clip(frames, w, h, fmt), settings, store, tenant, job_id, "clip")
+    ins = SyncInputs(settings, store, tenant)
+    inp = await ins.add(clipc.pack_clip(frames, w, h, fmt), job_id, "clip")
     q = hub.new_request(MODEL, tenant=tenant, kind="sync", params={"top_k": settings.vjepa2_top_k}, fmt="png", timeout_s=timeout, inp=inp, job_id=job_id, reply=True)
-    (reply,) = await hub.run_sync([q], timeout)
+    (reply,) = await ins.run(hub, [q], timeout)
     if reply["status"] != "succeeded":
         raise_failed(reply)
     res = reply["result"]

@@ -5,6 +5,7 @@
     prepare(item)     decode + preprocess one sample (raising fails that sample only)
     predict(batch)    ONE model call on a list of prepared samples
     finish(item, p, y) turn one prediction into masks / blobs / meta
+    extra_tasks(ctx)  Celery tasks of its own beside inference (video sessions, clip jobs), none by default
 
 `run_batch` wires them: prepares each item alone, calls predict on the survivors,
 and if the batched call fails, retries items one by one so a bad sample fails alone.
@@ -15,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -24,6 +26,11 @@ from tasks.errors import ModelError, TrifectaError, internal, translate
 from tasks.schemas import InferRequest
 from tasks.settings import Settings
 from workers.device import Device
+
+if TYPE_CHECKING:
+    import redis
+
+    from storage.blob import BlobStore
 
 log = logging.getLogger("trifecta.runner")
 
@@ -51,6 +58,33 @@ class BatchStats:
     model_ms: float = 0.0
     prepare_ms: float = 0.0
     calls: int = 0
+
+
+class TaskContext(Protocol):
+    """What a runner's extra tasks may use of the worker that runs them (`workers.service.WorkerService` is one)."""
+
+    settings: Settings
+    model: str
+    worker_id: str
+    device: Device
+    runner: Runner
+    r: redis.Redis  # the worker's own (sync) Redis client: job records, replies, pub/sub
+    store: BlobStore  # the worker's blob store (STORAGE_URL)
+    reg_fields: dict[str, Callable[[], str]]  # extra fields of the worker's registration hash, read by the API (e.g. `sessions`)
+
+    def beat(self) -> None:
+        """Write the registration hash now (the API sees a changed `reg_fields` value at its next poll)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExtraTask:
+    """A Celery task a runner adds to its worker; the worker registers `fn` under `name` (tasks/ names it) in its threads pool."""
+
+    name: str
+    fn: Callable[..., None]
+    acks_late: bool = True  # False: acked on receipt (a call whose caller waits and retries on its own)
+    ignore_result: bool = True  # answers go through Redis pub/sub or the job record, never Celery's result backend
 
 
 class Runner(ABC):
@@ -91,6 +125,11 @@ class Runner(ABC):
         A runner whose requests are parts of a bigger job (V-JEPA 2 clips) records them there,
         so the job still finishes; by default nothing."""
         return None
+
+    def extra_tasks(self, ctx: TaskContext) -> list[ExtraTask]:
+        """Celery tasks of this family beside inference (sessions, multi-part jobs), made once at worker
+        start with the worker's context; by default none."""
+        return []
 
     def info(self) -> dict[str, Any]:
         return {
@@ -156,28 +195,11 @@ def _model_error(e: Exception) -> TrifectaError:
     return internal(e, "the model failed on this input: an error", ModelError)
 
 
-_FAMILIES: dict[str, str] = {
-    "onnxseg": "workers.runners.onnxseg:OnnxSegRunner",
-    "textdet": "workers.runners.textdet:TextDetRunner",
-    "echo": "workers.runners.echo:EchoRunner",
-    "simulated": "workers.runners.simulated:SimulatedRunner",
-    "sam3": "workers.runners.sam3:Sam3Runner",
-    "vjepa2": "workers.runners.vjepa2:VJEPA2Runner",
-    "mask2former": "workers.runners.mask2former:Mask2FormerRunner",
-}
-
-
-def register_family(family: str, target: str) -> None:
-    _FAMILIES[family] = target
-
-
 def runner_class(family: str) -> type[Runner]:
-    import importlib
+    """The Runner subclass of a family, as its ModelSpec names it (`tasks/models.py`; imported here, on use)."""
+    from tasks.models import MODELS, resolve, runner_paths
 
-    if family not in _FAMILIES:
-        # families added by later modules register here by import path convention
-        target = f"workers.runners.{family}:Runner"
-    else:
-        target = _FAMILIES[family]
-    mod, _, name = target.partition(":")
-    return getattr(importlib.import_module(mod), name)
+    paths = runner_paths(MODELS.values())
+    if family not in paths:
+        raise KeyError(f"no model of family {family!r} is declared; families: {', '.join(sorted(paths))}")
+    return resolve(paths[family])

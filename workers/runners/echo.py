@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from tasks.errors import Unprocessable
-from workers.runners.base import Item, Produced, Runner
+from workers.runners.base import ExtraTask, Item, Produced, Runner, TaskContext
 
 
 class EchoRunner(Runner):
@@ -41,10 +41,10 @@ class EchoRunner(Runner):
     def finish(self, item: Item, prepared: dict[str, Any], pred: dict[str, Any]) -> Produced:
         return Produced(meta={"bytes": pred["n"], "digest": pred["digest"]})
 
-    def register_tasks(self, app: Any, svc: Any) -> list[str]:
+    def extra_tasks(self, ctx: TaskContext) -> list[ExtraTask]:
         """Decode-only video sessions (no model) when VIDEO_SESSION_MODEL=echo: the session machinery without SAM3."""
         if self.settings.video_session_model != self.model:
             return []
-        from workers.runners.sam3_video import register
+        from workers.runners.sam3_video import session_tasks
 
-        return register(app, svc, None)
+        return session_tasks(ctx, None)

@@ -391,10 +391,9 @@ def ensure(settings: Settings) -> str:
 
 
 def _register() -> None:
-    from workers.tiny import register, register_ensure
+    from workers.tiny import register_ensure
 
-    register(MODEL, write_tiny)
-    register_ensure(MODEL, ensure)
+    register_ensure(MODEL, ensure)  # its tiny writer is named by its ModelSpec (tasks/models.py)
 
 
 _register()

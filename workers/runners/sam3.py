@@ -42,7 +42,7 @@ from tasks.sam3 import MODEL, RESULT_KEY, Query, Sam3Params, parse_params
 from tasks.settings import Settings
 from workers.featcache import FeatureCache
 from workers.modelfiles import is_trained
-from workers.runners.base import Item, Produced, Runner
+from workers.runners.base import ExtraTask, Item, Produced, Runner, TaskContext
 from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.sam3")
@@ -145,13 +145,14 @@ class Sam3Runner(Runner):
         out["vision_calls"] = self.vision_calls
         return out
 
-    def register_tasks(self, app: Any, svc: Any) -> list[str]:
+    def extra_tasks(self, ctx: TaskContext) -> list[ExtraTask]:
         """Video sessions (`workers/runners/sam3_video.py`) on this worker, when it serves VIDEO_SESSION_MODEL."""
         if self.settings.video_session_model != self.model:
             return []
-        from workers.runners.sam3_video import Sam3VideoTracker, register
+        from workers.runners.sam3_video import session_tasks
+        from workers.sam3video.tracker import Sam3VideoTracker
 
-        return register(app, svc, Sam3VideoTracker(self.settings, self.device, self.dtype))
+        return session_tasks(ctx, Sam3VideoTracker(self.settings, self.device, self.dtype))
 
     # -- hooks -------------------------------------------------------------------
     def prepare(self, item: Item) -> Prepared:
@@ -489,10 +490,9 @@ def ensure(settings: Settings) -> str:
 
 
 def _register() -> None:
-    from workers.tiny import register, register_ensure
+    from workers.tiny import register_ensure
 
-    register(MODEL, write_tiny)
-    register_ensure(MODEL, ensure)
+    register_ensure(MODEL, ensure)  # its tiny writer is named by its ModelSpec (tasks/models.py)
 
 
 _register()

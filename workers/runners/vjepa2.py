@@ -34,7 +34,7 @@ from tasks.schemas import InferRequest
 from tasks.settings import Settings
 from workers.clipjobs import ClipJobs, is_hex
 from workers.modelfiles import is_trained
-from workers.runners.base import BatchStats, Item, Produced, Runner
+from workers.runners.base import BatchStats, ExtraTask, Item, Produced, Runner, TaskContext
 from workers.torchopt import maybe_compile, torch_dtype
 
 log = logging.getLogger("trifecta.vjepa2")
@@ -201,15 +201,14 @@ class VJEPA2Runner(Runner):
             self.jobs.record(parts)
 
     # -- video jobs ----------------------------------------------------------
-    def register_tasks(self, app: Any, svc: Any) -> list[str]:
-        self.jobs = ClipJobs(self, svc)  # decode chunks, clip recording, timeline assembly: workers/clipjobs.py
+    def extra_tasks(self, ctx: TaskContext) -> list[ExtraTask]:
+        self.jobs = ClipJobs(self, ctx)  # decode chunks, clip recording, timeline assembly: workers/clipjobs.py
         jobs = self.jobs
 
-        @app.task(name=clipc.TASK_VIDEO, acks_late=True, ignore_result=True)
         def video(job_id: str, chunk: int, first_clip: int, start_frame: int, start_pts: int | None = None) -> None:
             jobs.run_chunk(job_id, chunk, first_clip, start_frame, start_pts)
 
-        return [clipc.TASK_VIDEO]
+        return [ExtraTask(clipc.TASK_VIDEO, video, acks_late=True)]
 
 
 Runner = VJEPA2Runner  # the family registry's naming convention
