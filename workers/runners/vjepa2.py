@@ -72,7 +72,7 @@ class VJEPA2Runner(Runner):
 
     def __init__(self, model: str, settings: Settings, device: Any) -> None:
         super().__init__(model, settings, device)
-        self.jobs: ClipJobs | None = None  # multi-clip jobs, once register_tasks ran
+        self.jobs: ClipJobs | None = None  # multi-clip jobs, once extra_tasks ran
         self.clips_classified = 0
 
     def load(self) -> None:
