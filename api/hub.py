@@ -79,7 +79,7 @@ class Hub:
         self.redis_ok = False
         self.subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._cancel_lua = self.redis.register_script(jobstore.CANCEL_LUA)
+        self.jobs = jobstore.AsyncJobs(self.redis)  # the job store's async face
         self.memory: dict[str, Any] = {"used": 0, "max": 0, "policy": "", "at": 0.0}  # Redis's INFO memory, every MEMORY_POLL_S
         self.counters: dict[str, int] = {"rejected_503": 0, "timeouts_504": 0}
         self.orphans: dict[str, tuple[str, str, float]] = {}  # private queue of a worker that left -> (model, worker id, watched until)
@@ -137,7 +137,7 @@ class Hub:
             pipe.hmget(keys.job(i), ["status", "result", "error"])
         for i, (st, res, err) in zip(ids, await pipe.execute(), strict=True):
             status = orjson.loads(st) if st else None
-            if status in ("succeeded", "failed", "cancelled", "expired"):
+            if status in keys.TERMINAL:
                 fut = self.waiters.get(i)
                 if fut and not fut.done():
                     fut.set_result({"id": i, "status": status, "result": orjson.loads(res) if res else None, "error": orjson.loads(err) if err else None})
@@ -341,12 +341,8 @@ class Hub:
         added = 0
         for i, q in enumerate(reqs):
             doc = docs[i] if docs else {"id": q.id, "model": q.model, "kind": q.kind, "tenant": q.tenant, "created_at": q.created, "params": q.params}
-            k = keys.job(q.id)
-            pipe.hset(k, mapping=jobstore.new_record(doc))
-            if q.kind == "job":
-                jobstore.keep(pipe, q.id, q.tenant, ttl, q.created)
-            else:
-                pipe.expire(k, ttl)
+            jobstore.create(pipe, doc, ttl=ttl, lifetime="job" if q.kind == "job" else "sync")
+            if q.kind != "job":
                 if q.input.uri and q.input.uri.startswith("key:"):  # a staged input: the janitor's, should the API die before deleting it
                     pipe.zadd(keys.EXPIRY, {q.out_prefix: q.created + s.sync_result_ttl_s})
             data = inputs.get(q.id) if inputs else None
@@ -420,7 +416,7 @@ class Hub:
         ttl = self.settings.result_ttl_seconds
         pipe = self.redis.pipeline(transaction=False)
         for q in reqs:
-            pipe.eval(jobstore.DETACH_LUA, 2, keys.job(q.id), keys.tomb(q.id), ttl, ttl + keys.TOMBSTONE_S, q.tenant, "1" if force else "")
+            jobstore.queue(pipe, jobstore.detach_call(q.id, q.tenant, ttl, force))
         return [r.decode() if isinstance(r, bytes) else str(r) for r in await pipe.execute()]
 
     async def _late_replies(self, reqs: list[InferRequest], futs: list[asyncio.Future[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -436,22 +432,19 @@ class Hub:
             for i, (st, res, err) in zip(missing, await pipe.execute(), strict=True):
                 fut = self.waiters.get(i)
                 if fut is not None and not fut.done():
-                    gone = {"code": "internal", "message": "the request's record vanished before its reply was read; retry"}
+                    gone = jobstore.error("internal", "the request's record vanished before its reply was read; retry")
                     fut.set_result({"id": i, "status": orjson.loads(st) if st else "failed", "result": orjson.loads(res) if res else None, "error": orjson.loads(err) if err else (None if st else gone)})
         return [f.result() for f in futs]
 
     # -- job records -------------------------------------------------------------
     async def get_job(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(keys.job(job_id))
-        return jobstore.parse_record(raw) if raw else None
+        return await self.jobs.get(job_id)
 
     async def tombstone(self, job_id: str) -> str | None:
-        t = await self.redis.get(keys.tomb(job_id))
-        return t.decode() if t else None
+        return await self.jobs.tombstone(job_id)
 
     async def cancel(self, job_id: str) -> str:
-        r = await self._cancel_lua(keys=[keys.job(job_id)], args=[jobstore.now()])
-        st = r.decode() if isinstance(r, bytes) else r
+        st = await self.jobs.cancel(job_id)
         log.info("job=%s cancel asked: status=%s", job_id, st, extra={"job_id": job_id, "status": st})
         return st
 

@@ -1,7 +1,7 @@
 """The webhook sender: one asyncio task per API process that POSTs finished jobs' status JSON.
 
 Finished jobs with a `callback_url` are LPUSHed to `tf:webhooks:queue` by the job's
-finishing Lua script (tasks/jobstore.py). The sender claims one id at a time with a Lua
+finishing Lua script (tasks/jobstore/lua.py: NOTIFY). The sender claims one id at a time with a Lua
 script that moves it into the `tf:webhooks:schedule` ZSET with a lease (score = now +
 lease): if this process dies mid-delivery the id comes due again and any API process
 retries it, so deliveries and their retries survive an API restart. A failed delivery is

@@ -32,6 +32,7 @@ import orjson
 
 from client import loadgen
 from client.benchkit import Stack
+from tasks import keys
 from tasks.embedded_redis import EmbeddedRedis
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the workers run torch (workers/runners/vjepa2.py): same settings on both sides
@@ -226,7 +227,7 @@ def bench_vjepa2(tmp: Path, redis_url: str, quick: bool) -> list[dict[str, Any]]
         _write_video(path, 16 * n_clips)
         t = time.perf_counter()
         job = httpx.post(st.url + "/v1/jobs", json={"model": "vjepa2", "input": {"video": f"file://{path}"}, "params": {"stride": 16}}, timeout=60).json()
-        while (j := httpx.get(f"{st.url}/v1/jobs/{job['job_id']}", timeout=10).json())["status"] not in ("succeeded", "failed", "cancelled"):
+        while (j := httpx.get(f"{st.url}/v1/jobs/{job['job_id']}", timeout=10).json())["status"] not in keys.TERMINAL:
             time.sleep(0.2)
         t_video = time.perf_counter() - t
         assert j["status"] == "succeeded", j

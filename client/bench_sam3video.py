@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import keys
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads here must not spin while the worker computes
 
 import httpx
@@ -152,7 +154,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 r = c.post(api + "/session/bench/propagate", json={"direction": "forward", "start_frame_index": 0, "async": True})
                 r.raise_for_status()
                 jid = r.json()["job_id"]
-                while (j := c.get(f"{st.url}/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+                while (j := c.get(f"{st.url}/v1/jobs/{jid}").json())["status"] not in keys.TERMINAL:
                     time.sleep(POLL_S)
                 dt = time.perf_counter() - t
                 if j["status"] != "succeeded":

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from client.benchkit import Stack
+from tasks import keys
 from tasks.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def _wait(url: str, job_id: str, timeout: float) -> dict[str, Any]:
     t_end = time.time() + timeout
     while time.time() < t_end:
         st = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
-        if st["status"] in ("succeeded", "failed", "cancelled", "expired"):
+        if st["status"] in keys.TERMINAL:
             return st
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} not finished in {timeout}s")

@@ -127,7 +127,7 @@ def _wait_jobs(url: str, ids: list[str], timeout: float = 600) -> None:
     left = list(ids)
     with httpx.Client(timeout=10) as c:
         while left and time.time() < t_end:
-            left = [j for j in left if c.get(f"{url}/v1/jobs/{j}").json()["status"] not in ("succeeded", "failed", "cancelled", "expired")]
+            left = [j for j in left if c.get(f"{url}/v1/jobs/{j}").json()["status"] not in keys.TERMINAL]
             time.sleep(0.2)
     if left:
         raise TimeoutError(f"{len(left)} job(s) did not finish")

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
+from tasks.keys import TERMINAL
+
 log = logging.getLogger("trifecta.cli")
 # the commands that talk to a running service as a client: quiet by default (warnings only, no
 # httpx request lines), a user mistake is one line on stderr and exit status 2
@@ -220,9 +222,6 @@ def cmd_submit(a: argparse.Namespace) -> int:
         human.append(f"{st['job_id']} {st['status']} {where}{' ' + json.dumps(st['error']) if st.get('error') else ''}")
     _out(a, final, "\n".join(human))
     return 0 if all(s["status"] == "succeeded" for s in final) else 1
-
-
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
 def _job_line(st: dict[str, Any]) -> str:

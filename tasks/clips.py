@@ -13,15 +13,8 @@ only concerns raw frames). `prepared` clips were cut from a video by a worker an
 already resized and centre-cropped to the model's input.
 
 A job of many clips (a whole video, or `frames` holding several clips) is a parent job
-record `tf:job:<id>` and one child request per clip (`<id>.<index>`, not listed among the
-tenant's jobs). Its bookkeeping lives beside the record:
-
-    tf:clips:<id>:state   hash  total (-1 until the video is decoded to its end), emitted,
-                                frames, fps, ... and per decode-chunk delivery counters
-    tf:clips:<id>:done    hash  clip index → the clip's result JSON
-
-The scripts below keep the parent's `progress` field in step with them; whoever records
-the last clip (a worker, or the decode task that learns the total) assembles the result.
+record and one child request per clip; its bookkeeping (keys, scripts, creation) is in
+`tasks.jobstore.clips`, re-exported here.
 """
 
 from __future__ import annotations
@@ -33,28 +26,17 @@ from typing import Any
 
 import orjson
 
-from tasks import jobstore, keys
 from tasks.errors import Unprocessable
 from tasks.images import probe
-from tasks.queuekeys import QueueKeys
+
+# the multi-clip job's bookkeeping lives with the job store; named here too for the clip's users
+from tasks.jobstore.clips import CHUNK_START_LUA, EMITTED_LUA, RECORD_LUA, child_id, done_key, queue_children, queue_parent, state_key  # noqa: F401
 
 MAGIC = b"TFCLIP1\n"
 _LEN = struct.Struct(">I")
 TASK_VIDEO = "trifecta.vjepa2.video"  # one decode chunk of a video job (runs on a vjepa2 worker)
 CHANNEL_FORMATS = ("BGR", "RGB")
 ENCODED_FORMATS = ("JPEG", "PNG", "WEBP")
-
-
-def state_key(job_id: str) -> str:
-    return f"{keys.PREFIX}:clips:{job_id}:state"
-
-
-def done_key(job_id: str) -> str:
-    return f"{keys.PREFIX}:clips:{job_id}:done"
-
-
-def child_id(job_id: str, index: int) -> str:
-    return f"{job_id}.{index}"
 
 
 # ---------------------------------------------------------------- the container
@@ -128,92 +110,3 @@ def check_frames(frames: Any, width: Any, height: Any, fmt: Any, *, per_clip: in
                 raise Unprocessable(f"frame {i} is {w}x{h}; the request says {width}x{height}")
         out.append(data)
     return out, width, height, f
-
-
-# ---------------------------------------------------------------- multi-clip bookkeeping (Lua)
-_PROGRESS = """
-local function progress(job, state, done)
-  local n = redis.call('HLEN', done)
-  local total = tonumber(redis.call('HGET', state, 'total') or '-1')
-  local est = tonumber(redis.call('HGET', state, 'estimated') or '-1')
-  local p = {done = n, clips_done = n,
-             clips_emitted = tonumber(redis.call('HGET', state, 'emitted') or '0'),
-             frames_decoded = tonumber(redis.call('HGET', state, 'frames') or '0')}
-  if total >= 0 then
-    p.total = total
-    p.clips_total = total
-  elseif est >= 0 then
-    p.total = math.max(est, n)
-    p.estimated = true
-  end
-  redis.call('HSET', job, 'progress', cjson.encode(p))
-  return {n, total}
-end
-local function terminal(st)
-  return st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired'
-end
-"""
-
-# KEYS[1]=job KEYS[2]=state KEYS[3]=done  ARGV[1]=index ARGV[2]=result json ARGV[3]=now ARGV[4]=ttl
-# → {clips done, total (-1 unknown)}; {-1, -1} when the parent is gone or already finished
-RECORD_LUA = _PROGRESS + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {-1, -1} end
-st = cjson.decode(st)
-if terminal(st) then return {-1, -1} end
-if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[3]) end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
-return progress(KEYS[1], KEYS[2], KEYS[3])
-"""
-
-# KEYS[1]=job KEYS[2]=state KEYS[3]=done  ARGV[1]=clips emitted so far ARGV[2]=frames decoded so far
-# ARGV[3]=total clips when the video ended in this chunk, else -1 ARGV[4]=estimated total or -1
-# → {clips done, total, status}
-EMITTED_LUA = _PROGRESS + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {-1, -1, 'missing'} end
-st = cjson.decode(st)
-if terminal(st) then return {-1, -1, st} end
-redis.call('HSET', KEYS[2], 'emitted', ARGV[1], 'frames', ARGV[2])
-if tonumber(ARGV[3]) >= 0 then redis.call('HSET', KEYS[2], 'total', ARGV[3]) end
-if tonumber(ARGV[4]) >= 0 then redis.call('HSET', KEYS[2], 'estimated', ARGV[4]) end
-local r = progress(KEYS[1], KEYS[2], KEYS[3])
-return {r[1], r[2], st}
-"""
-
-# KEYS[1]=job KEYS[2]=state  ARGV[1]=now ARGV[2]=max deliveries ARGV[3]=chunk number
-# → {status, deliveries}; status 'dead' when this chunk was delivered too often (the caller then
-# fails the job through jobstore.FINISH_LUA, which also queues its webhook)
-CHUNK_START_LUA = _PROGRESS + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing', 0} end
-st = cjson.decode(st)
-if terminal(st) then return {st, 0} end
-local n = redis.call('HINCRBY', KEYS[2], 'deliveries:' .. ARGV[3], 1)
-if n > tonumber(ARGV[2]) then return {'dead', n} end
-if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1]) end
-return {'running', n}
-"""
-
-
-def queue_parent(pipe: Any, doc: dict[str, Any], state: dict[str, Any], ttl: int) -> None:
-    """Add the parent job record (listed among the tenant's jobs) and its state to a pipeline."""
-    k = keys.job(doc["id"])
-    pipe.hset(k, mapping=jobstore.new_record(doc))
-    jobstore.keep(pipe, doc["id"], doc["tenant"], ttl, doc["created_at"])
-    pipe.hset(state_key(doc["id"]), mapping={k2: orjson.dumps(v) if isinstance(v, (dict, list)) else str(v) for k2, v in state.items()})
-    pipe.expire(state_key(doc["id"]), ttl)
-
-
-def queue_children(pipe: Any, reqs: list[Any], ttl: int, qkeys: QueueKeys) -> None:
-    """Add each clip's own record and its `trifecta.infer` message to a pipeline (sync or asyncio);
-    `qkeys` names the queue's Redis key (`tasks.queuekeys.for_settings`)."""
-    from tasks.wire import build_message
-
-    for q in reqs:
-        k = keys.job(q.id)
-        pipe.hset(k, mapping=jobstore.new_record({"id": q.id, "model": q.model, "kind": "clip", "tenant": q.tenant, "created_at": q.created, "params": q.params}))
-        pipe.expire(k, ttl)
-        queue = keys.shared_queue(q.model)
-        pipe.lpush(qkeys.queue(queue), build_message(keys.TASK_INFER, q.id, {"req": q.model_dump(exclude_none=True)}, queue))

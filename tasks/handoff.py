@@ -78,7 +78,7 @@ def plan(raw: bytes, model: str, worker_id: str) -> tuple[bytes, dict[str, Any] 
         err = NoWorker(f"worker {worker_id} stopped before it could start session {sid}; start it again (another worker takes it)")
     else:
         err = Gone(f"session {sid} lived on worker {worker_id}, which stopped before this {op!r} call ran; its frames and tracking state are gone — start a new session")
-    body = {"id": call.get("id", ""), "status": "failed", "error": {"code": err.code, "message": err.message, "status": err.status}}
+    body = {"id": call.get("id", ""), "status": "failed", "error": jobstore.error(err)}
     job = (call.get("args") or {}).get("job")
     return b"", {"reply": call.get("reply") or "", "body": body, "job": str(job) if job else ""}
 
@@ -106,8 +106,7 @@ def hand_over(r: Any, model: str, worker_id: str, qkeys: QueueKeys | None = None
         pipe = r.pipeline(transaction=False)
         body = orjson.dumps(answer["body"])
         if answer["job"]:
-            err = orjson.dumps({k: v for k, v in answer["body"]["error"].items() if k != "status"})
-            pipe.eval(jobstore.FINISH_LUA, 1, keys.job(answer["job"]), "failed", jobstore.now(), "error", err, "", "")
+            jobstore.queue(pipe, jobstore.fail_call(answer["job"], answer["body"]["error"]))
         if answer["reply"]:
             pipe.publish(answer["reply"], body)
         pipe.execute()

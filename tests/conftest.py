@@ -25,6 +25,7 @@ import redis
 from PIL import Image, ImageDraw, ImageFont
 
 from client.benchkit import Proc, Stack  # noqa: F401 - re-exported for tests
+from tasks import keys as _keys
 from tasks.embedded_redis import EmbeddedRedis, free_port
 from tests.helpers.stacks import start_stack
 
@@ -112,7 +113,7 @@ def png_bytes(im: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
     return bio.getvalue()
 
 
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+TERMINAL = tuple(sorted(_keys.TERMINAL))
 
 
 def wait_job(url: str, job_id: str, timeout: float = 90, until: tuple[str, ...] = TERMINAL) -> dict:

@@ -8,8 +8,8 @@ shard) instead of staying `running` until its TTL. And a video job whose input U
 the tenant's reach fails on the worker with 403 `input_forbidden` before anything is read.
 
 Real parts: Redis, two vjepa2 worker processes on a tiny checkpoint, the API. The poison is
-the vjepa2 runner's own test hook: TRIFECTA_ALLOW_CRASH=1 + TRIFECTA_CRASH_CLIP=2 makes clip 2
-of any multi-clip job exit its worker. MAX_DELIVERIES=1 keeps it to one death per poison.
+injected by the tests' fault hook (tests/helpers/faults: TRIFECTA_CRASH_CLIP=2 makes clip 2 of
+any multi-clip job exit its worker), never by production code. MAX_DELIVERIES=1 keeps it to one death per poison.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tasks.queuekeys import QueueKeys
 from tasks.schemas import InferRequest
 from tasks.wire import build_message
 from tests.conftest import wait_job
+from tests.helpers import faults
 from tests.helpers.clips import frames_rgb, png, write_video
 from tests.helpers.stacks import tiny_checkpoint
 
@@ -46,8 +47,7 @@ def stack(make_stack, tmp_path_factory: pytest.TempPathFactory):
         "MAX_CONCURRENCY_PER_GPU": "1",
         "MAX_DELIVERIES": "1",
         "VISIBILITY_TIMEOUT_S": "2",
-        "TRIFECTA_ALLOW_CRASH": "1",
-        "TRIFECTA_CRASH_CLIP": str(POISON),
+        **faults.env(TRIFECTA_CRASH_CLIP=str(POISON)),
     }
     return make_stack(models=["vjepa2", "vjepa2"], env=env)
 

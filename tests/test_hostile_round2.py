@@ -32,7 +32,7 @@ import yaml
 from PIL import Image
 
 from storage import codecs
-from tasks import images
+from tasks import images, keys
 from tasks.errors import translate
 from tasks.images import _check_jpeg_scans_regex, check_jpeg_scans
 from tasks.settings import Settings
@@ -341,7 +341,7 @@ def wait_job_key(stack, job_id: str, key: dict[str, str], timeout: float = 60) -
     t_end = time.time() + timeout
     while time.time() < t_end:
         j = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=key, timeout=10).json()
-        if j.get("status") in ("succeeded", "failed", "cancelled", "expired"):
+        if j.get("status") in keys.TERMINAL:
             return j
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} not finished")

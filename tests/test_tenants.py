@@ -21,6 +21,7 @@ import pytest
 from api import security
 from client.benchkit import Proc
 from storage import codecs
+from tasks import keys
 from tasks.embedded_redis import free_port
 from tasks.settings import Settings
 from tests.conftest import make_bucket, photo, png_bytes
@@ -96,7 +97,7 @@ def wait_job(url: str, key: str, job_id: str, timeout: float = 60) -> dict:
     t_end = time.time() + timeout
     while time.time() < t_end:
         j = httpx.get(f"{url}/v1/jobs/{job_id}", headers=auth(key), timeout=5).json()
-        if j["status"] in ("succeeded", "failed", "cancelled", "expired"):
+        if j["status"] in keys.TERMINAL:
             return j
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish: {j}")

@@ -210,8 +210,8 @@ def _check_timeline(stack, j: dict, expect: list[tuple[int, int]], step: int, fr
         assert c["start"] == pytest.approx(c["start_frame"] / FPS) and c["end"] == pytest.approx((c["end_frame"] + 1) / FPS)
     # each clip's answer is the model's answer for exactly those frames
     from tasks import clips as clipc
+    from workers.clipjobs import encode_frames
     from workers.runners.base import Item
-    from workers.runners.vjepa2 import encode_frames
 
     for c in tl["clips"]:
         idx = list(range(c["start_frame"], c["end_frame"] + 1, step))
@@ -266,8 +266,8 @@ def test_video_shorter_than_a_clip_gets_one_padded_clip(stack, video_dir: Path, 
     assert (clip["start_frame"], clip["end_frame"], tl["frames"]) == (0, 9, 10)
     crops = oracle.resize_crop(np.stack([frames[min(i, 9)] for i in range(16)]))  # the last frame repeated
     from tasks import clips as clipc
+    from workers.clipjobs import encode_frames
     from workers.runners.base import Item
-    from workers.runners.vjepa2 import encode_frames
 
     data = clipc.pack_clip(encode_frames(crops), crops.shape[2], crops.shape[1], "RGB", prepared=True)
     same_predictions(clip["predictions"], oracle.predict([oracle.prepare(Item(_req(), data))])[0])

@@ -300,7 +300,7 @@ class WorkerService:
             st = st.decode() if isinstance(st, bytes) else st
             if st == "running":
                 if q.deadline < now:
-                    err = {"code": "deadline_exceeded", "message": "the request's deadline passed before a worker reached it; it was dropped unrun"}
+                    err = jobstore.error("deadline_exceeded", "the request's deadline passed before a worker reached it; it was dropped unrun", status=504)
                     done.append((q, "failed", err))
                     dropped.append((q, err))
                 else:
@@ -766,7 +766,7 @@ def _now(fn: Any, *args: Any) -> Future[Any]:
 
 
 def _err(e: TrifectaError) -> dict[str, Any]:
-    return {"code": e.code, "message": e.message, "status": e.status}
+    return jobstore.error(e)
 
 
 def rss_mb() -> float:

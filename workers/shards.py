@@ -5,10 +5,10 @@
 Every worker of a model that takes images registers the task and consumes `<model>:shards`
 besides its usual queues (`register(app, svc)`). Per shard:
 
-1. Lua `start`: skip a shard whose result is already recorded or whose job is over
+1. Lua `start` (tasks/jobstore/shards.py, beside the job store): skip a shard whose result is already recorded or whose job is over
    (cancelled, finished); count the delivery and give up past MAX_DELIVERIES.
-2. Stream the tar (`tasks.inputs.open_uri`; gzip inflated here under MAX_SHARD_BYTES and a
-   ratio cap) through `tasks.tars.iter_members` (refuses links, devices, traversal,
+2. Stream the tar (`tasks.inputs.open_uri`; gzip inflated by `tasks.shardsource` under
+   MAX_SHARD_BYTES and a ratio cap) through `tasks.tars.iter_members` (refuses links, devices, traversal,
    oversize, and stops at a sparse member or past MAX_SHARD_BYTES declared in all, before
    reading it) into webdataset's own `group_by_keys`.
 3. A small pipeline keeps the model busy: a reader thread groups samples and hands them
@@ -19,7 +19,7 @@ besides its usual queues (`register(app, svc)`). Per shard:
 4. Upload the output tar, then the shard manifest (each written whole: temp file + rename
    or one S3 PUT/multipart completion), then Lua `done` records the shard's result once
    (HSETNX) and adds its counts; whoever records the last shard writes the job manifest
-   and finishes the job.
+   and finishes the job (`tasks.jobstore.shards.finish`).
 
 Redelivery: a shard whose worker died is restored by kombu after VISIBILITY_TIMEOUT_S
 (live workers refresh the visibility of the messages they hold on every heartbeat, so a
@@ -38,7 +38,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -46,186 +45,20 @@ from typing import IO, Any
 import orjson
 
 from storage import codecs
-from tasks import jobstore, keys
+from tasks import keys
 from tasks.errors import ModelError, TrifectaError, internal, translate
 from tasks.inputs import open_uri
+from tasks.jobstore import error
+from tasks.jobstore import shards as shardjobs
 from tasks.schemas import InferRequest
+from tasks.shardsource import ShardSource, ShardTooLarge, content_length
 from tasks.tars import IMAGE_EXTS, iter_members, split_key
 
 log = logging.getLogger("trifecta.shards")
 
-# Past this much inflated output, a gzip stream inflating more than GZIP_RATIO_LIMIT:1 is
-# a bomb: tars of images barely compress, tars of text/JSON reach ~10:1, zeros ~1000:1.
-GZIP_RATIO_AFTER = 32 << 20
-GZIP_RATIO_LIMIT = 100
 PROGRESS_EVERY_S = 1.0
 
-_TERMINAL_LUA = "local function terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' end\n"
-
-# KEYS[1]=job KEYS[2]=shards KEYS[3]=running
-# ARGV[1]=op (start|progress|done) ARGV[2]=shard index ARGV[3]=json ARGV[4]=now ARGV[5]=max deliveries ARGV[6]=ttl
-# returns {state, n}: state run|done|complete|dead|<job status>|missing
-SHARD_LUA = _TERMINAL_LUA + """
-local function round2(x) return math.floor(x * 100 + 0.5) / 100 end
-local function progress(now)
-  local f = redis.call('HMGET', KEYS[2], 'n', 'shards_done', 'samples', 'done', 'failed', 't0')
-  local n, sd, ss = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
-  local d, fl = tonumber(f[4] or '0'), tonumber(f[5] or '0')
-  local t0 = tonumber(f[6] or now)
-  local run = redis.call('HVALS', KEYS[3])
-  local rdone, rfail, rest = 0, 0, 0
-  for _, v in ipairs(run) do
-    local p = cjson.decode(v)
-    rdone = rdone + p.done
-    rfail = rfail + p.failed
-    local e = p.seen
-    if p.size and p.size > 0 and p.read > 0 and p.read < p.size then e = math.max(p.seen, p.seen * p.size / p.read) end
-    rest = rest + e
-  end
-  local known = sd + #run
-  local total = ss + rest
-  if n > known and known > 0 then total = total + (n - known) * total / known end
-  local processed = d + fl + rdone + rfail
-  if total < processed then total = processed end
-  local out = {shards_total = n, shards_done = sd, shards_running = #run, samples_total = math.floor(total + 0.5),
-    samples_done = d + rdone, samples_failed = fl + rfail, samples_total_exact = (sd >= n), throughput = 0, eta_s = cjson.null}
-  local elapsed = now - t0
-  if processed > 0 and elapsed > 0 then
-    out.throughput = round2(processed / elapsed)
-    out.eta_s = round2((out.samples_total - processed) / (processed / elapsed))
-  end
-  redis.call('HSET', KEYS[1], 'progress', cjson.encode(out))
-end
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing', 0} end
-st = cjson.decode(st)
-local op, i, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
-local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
-if op == 'start' then
-  if terminal(st) then return {st, 0} end
-  if redis.call('HEXISTS', KEYS[2], 'r:' .. i) == 1 then
-    if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
-    return {'done', 0}
-  end
-  local a = redis.call('HINCRBY', KEYS[2], 'a:' .. i, 1)
-  if a > tonumber(ARGV[5]) then return {'dead', a} end
-  redis.call('HSETNX', KEYS[2], 't0', ARGV[4])
-  if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[4]) end
-  redis.call('HSET', KEYS[3], i, ARGV[3])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
-  progress(now)
-  return {'run', a}
-elseif op == 'progress' then
-  if terminal(st) then return {st, 0} end
-  if redis.call('HEXISTS', KEYS[2], 'r:' .. i) == 1 then return {'done', 0} end
-  redis.call('HSET', KEYS[3], i, ARGV[3])
-  progress(now)
-  return {st, 0}
-end
--- done: the shard's result is recorded once, its counts added once
-local res = cjson.decode(ARGV[3])
-if redis.call('HSETNX', KEYS[2], 'r:' .. i, ARGV[3]) == 1 then
-  redis.call('HINCRBY', KEYS[2], 'shards_done', 1)
-  redis.call('HINCRBY', KEYS[2], 'samples', res.samples)
-  redis.call('HINCRBY', KEYS[2], 'done', res.done)
-  redis.call('HINCRBY', KEYS[2], 'failed', res.failed)
-end
-redis.call('HDEL', KEYS[3], i)
-if terminal(st) then return {st, 0} end
-progress(now)
-if tonumber(redis.call('HGET', KEYS[2], 'shards_done') or '0') >= n then return {'complete', 0} end
-return {st, 0}
-"""
-
 # ---------------------------------------------------------------- reading a shard
-class ShardTooLarge(Exception):
-    """The shard inflates past MAX_SHARD_BYTES, or a gzip stream inflates like a bomb."""
-
-    code = "payload_too_large"
-
-
-class ShardUnsupported(ShardTooLarge):
-    """A compression we do not inflate (bz2, xz)."""
-
-    code = "unsupported_media_type"
-
-
-class ShardSource:
-    """The shard's bytes as `tarfile` reads them: gzip inflated here (capped), every byte counted.
-
-    Inflating by hand rather than with tarfile's `r|*` so both caps apply while streaming:
-    MAX_SHARD_BYTES on the output, and GZIP_RATIO_LIMIT once past GZIP_RATIO_AFTER.
-    """
-
-    def __init__(self, raw: IO[bytes], limit: int) -> None:
-        self.raw, self.limit = raw, limit
-        self.read_in = 0  # bytes read from storage (what `size` is measured in)
-        self.out = 0  # bytes handed to tarfile
-        self._buf = b""
-        head = self._raw(512)
-        if head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
-            raise ShardUnsupported("the shard is bz2/xz compressed; send .tar or .tar.gz")
-        self._gz = zlib.decompressobj(16 + zlib.MAX_WBITS) if head[:2] == b"\x1f\x8b" else None
-        self._pending = head  # raw bytes not yet inflated (or plain tar bytes not yet handed out)
-        self._eof = False
-
-    def _raw(self, n: int) -> bytes:
-        b = self.raw.read(n)
-        self.read_in += len(b)
-        return b
-
-    def _count(self, b: bytes) -> bytes:
-        self.out += len(b)
-        if self.out > self.limit:
-            raise ShardTooLarge(f"the shard inflates past MAX_SHARD_BYTES={self.limit}; the rest was not read")
-        if self._gz is not None and self.out > GZIP_RATIO_AFTER and self.out > GZIP_RATIO_LIMIT * max(1, self.read_in):
-            raise ShardTooLarge(f"a gzip bomb: {self.read_in} bytes inflate to over {self.out} ({GZIP_RATIO_LIMIT}:1 is the most accepted); the rest was not read")
-        return b
-
-    def read(self, n: int = -1) -> bytes:
-        n = 1 << 20 if n is None or n < 0 else n
-        if self._gz is None:
-            if self._pending:
-                b, self._pending = self._pending[:n], self._pending[n:]
-                return self._count(b)
-            return self._count(self._raw(n))
-        out = bytearray()
-        while len(out) < n and not self._eof:
-            if self._gz.unconsumed_tail:
-                src = self._gz.unconsumed_tail
-            elif self._pending:
-                src, self._pending = self._pending, b""
-            else:
-                src = self._raw(1 << 16)
-                if not src:
-                    self._eof = True
-                    break
-            out += self._gz.decompress(src, n - len(out))
-            if self._gz.eof:  # concatenated gzip members: go on with the next one
-                rest = self._gz.unused_data
-                self._gz = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                self._pending = rest + self._pending
-                if not rest:
-                    nxt = self._raw(1 << 16)
-                    if not nxt:
-                        self._eof = True
-                    self._pending = nxt
-        return self._count(bytes(out))
-
-
-def content_length(f: IO[bytes]) -> int:
-    """The size of an opened input, when the source tells it (S3 body, local file)."""
-    n = getattr(f, "_content_length", None)
-    if n is not None:
-        return int(n)
-    try:
-        import os
-
-        return os.fstat(f.fileno()).st_size
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return 0
-
-
 @dataclass
 class Refused:
     name: str
@@ -246,7 +79,7 @@ def grouped(members: Any, problems: list[dict[str, Any]]) -> Any:
         for m in members:
             name = m["fname"]
             if name is None:  # the tar ended badly: what came before stands
-                problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": m["refused"]}})
+                problems.append({"key": None, "status": "refused", "error": _refused(m["refused"])})
                 return
             key, ext = split_key(name)
             if m.get("refused") is None and ext is not None and ext.startswith("__"):
@@ -259,7 +92,7 @@ def grouped(members: Any, problems: list[dict[str, Any]]) -> Any:
 
     def handler(exn: Exception) -> bool:
         msg = (str(exn.args[0]) if exn.args else repr(exn)).split(" dict_keys(")[0]  # "x.jpg: duplicate file name in tar file jpg"
-        problems.append({"key": None, "status": "refused", "error": {"code": "refused", "message": msg}})
+        problems.append({"key": None, "status": "refused", "error": _refused(msg)})
         return True
 
     return group_by_keys(members_for_wds(), handler=handler)
@@ -338,7 +171,7 @@ class ShardRun:
         state = self.call("start", self.snapshot())
         if state == "dead":
             log.error("job=%s shard=%d dead-lettered after %d deliveries", self.job, self.index, self.s.max_deliveries)
-            err = {"code": "dead_lettered", "message": f"the shard was delivered {self.s.max_deliveries} times without finishing (its worker died each time); not retried"}
+            err = error("dead_lettered", f"the shard was delivered {self.s.max_deliveries} times without finishing (its worker died each time); not retried")
             self.record(self.result("failed", error=err, output=None, seconds=0.0), t0)
             return
         if state in ("done", "complete"):
@@ -453,14 +286,14 @@ class ShardRun:
                 refused = [v for v in sample.values() if isinstance(v, Refused)]
                 e = Entry(n, key, members=[f"{key}.{k}" for k in exts] + [r.name for r in refused])
                 if key in seen_keys:
-                    e.error = {"code": "refused", "message": f"duplicate __key__ {key!r}: its members are not next to each other in the tar"}
+                    e.error = _refused(f"duplicate __key__ {key!r}: its members are not next to each other in the tar")
                 elif refused:
-                    e.error = {"code": "refused", "message": "; ".join(r.reason for r in refused)}
+                    e.error = _refused("; ".join(r.reason for r in refused))
                 else:
                     img = next((x for x in IMAGE_EXTS if x in sample and isinstance(sample[x], bytes)), None)
                     if img is None:
                         found = ", ".join("." + x for x in exts) or "nothing"
-                        e.error = {"code": "unsupported_media_type", "message": f"no image member ({', '.join('.' + x for x in IMAGE_EXTS[:4])} ...); found {found}"}
+                        e.error = error("unsupported_media_type", f"no image member ({', '.join('.' + x for x in IMAGE_EXTS[:4])} ...); found {found}")
                     else:
                         req = self.base.model_copy(update={"id": f"{self.job}:{self.index}:{n}"})
                         from workers.runners.base import Item
@@ -472,7 +305,7 @@ class ShardRun:
                 self.seen += 1
                 to_model.put(e)
         except ShardTooLarge as ex:
-            self.problems.append({"key": None, "status": "refused", "error": {"code": ex.code, "message": str(ex)}})
+            self.problems.append({"key": None, "status": "refused", "error": error(ex.code, str(ex))})
         except Exception as ex:  # storage dropped mid-shard, or anything unforeseen: keep what was read
             te = translate(ex)
             log.warning("job=%s shard=%d reading stopped: %s", self.job, self.index, te.message)
@@ -583,7 +416,7 @@ class ShardRun:
             except Exception as ex:
                 e.error = _err(translate(ex))
         elif e.error is None:
-            e.error = {"code": "cancelled", "message": "the shard stopped before this sample ran"}
+            e.error = error("cancelled", "the shard stopped before this sample ran", status=409)
         if e.error is None:
             for suffix, data in files:
                 ti = tarfile.TarInfo(f"{e.key}.{suffix}")
@@ -598,12 +431,16 @@ class ShardRun:
 
 
 def _err(e: TrifectaError) -> dict[str, Any]:
-    return {"code": e.code, "message": e.message}
+    return error(e)
+
+
+def _refused(message: str) -> dict[str, Any]:
+    """A tar member or sample the shard reader refused (a link, a traversal, a duplicate key ...)."""
+    return error("refused", message, status=422)
 
 
 def _model_err(e: Exception) -> dict[str, Any]:
-    te = e if isinstance(e, TrifectaError) else internal(e, "the model failed on this input: an error", ModelError)  # logged, never its text
-    return {"code": te.code, "message": te.message}
+    return error(e if isinstance(e, TrifectaError) else internal(e, "the model failed on this input: an error", ModelError))  # logged, never its text
 
 
 # ---------------------------------------------------------------- the job's end
@@ -613,10 +450,8 @@ def finish_job(svc: Any, kw: dict[str, Any]) -> None:
     Any delivery that finds every shard recorded may run this; the manifest is the same
     whoever writes it, and the FINISH script lands once.
     """
-    r = svc.r
     job = kw["job"]
-    raw = r.hgetall(keys.shards(job))
-    results = sorted((orjson.loads(v) for k, v in raw.items() if k.startswith(b"r:")), key=lambda x: x["index"])
+    results = shardjobs.results(svc.r, job)
     manifest_key = f"{kw['out_prefix']}/manifest.json"
     done = sum(x["done"] for x in results)
     failed = sum(x["failed"] for x in results)
@@ -638,20 +473,8 @@ def finish_job(svc: Any, kw: dict[str, Any]) -> None:
         "device": str(svc.device),
         "trained": svc.runner.trained,
     }
-    error = b""
-    status = "succeeded"
-    if nbytes < 0:
-        status = "failed"
-        error = orjson.dumps({"code": "storage_error", "message": "the job manifest could not be written (storage failed after retries); the shard outputs and their manifests stand"})
-    elif done == 0:
-        status = "failed"
-        msg = f"every sample failed ({failed}); see the manifest" if failed else "the shards held no readable samples; see the manifest"
-        error = orjson.dumps({"code": "all_samples_failed" if failed else "no_samples", "message": msg})
-    finish = svc.r.register_script(jobstore.FINISH_LUA)
-    if error:  # a failed job keeps its outputs (the manifest says why each sample failed)
-        svc.r.hset(keys.job(job), "result", orjson.dumps(result))
-    field, payload = ("error", error) if error else ("result", orjson.dumps(result))
-    if finish(keys=[keys.job(job)], args=[status, time.time(), field, payload, "", b""]):
+    status, landed = shardjobs.finish(svc.r, job, result, done, failed, manifest_written=nbytes >= 0)
+    if landed:
         log.info("job=%s model=%s status=%s shards=%d done=%d failed=%d manifest=%s", job, kw["model"], status, len(results), done, failed, manifest_key)
 
 
@@ -687,7 +510,7 @@ def register(app: Any, svc: Any) -> list[str]:
     from tasks.wire import build_message
 
     s = svc.settings
-    lua = svc.r.register_script(SHARD_LUA)
+    lua = svc.r.register_script(shardjobs.SHARD_LUA)
     pool = ThreadPoolExecutor(max_workers=s.shard_decode_threads * s.shard_concurrency, thread_name_prefix="shard-io")
     slots = threading.BoundedSemaphore(s.shard_concurrency)
 

@@ -28,7 +28,7 @@ from api.hub import Hub, new_job_id
 from api.routes.sync import inline_or_staged
 from storage import codecs
 from storage.blob import BlobStore, iter_chunks
-from tasks import jobstore, keys
+from tasks import keys
 from tasks.errors import BadRequest, Conflict, Gone, JobNotFound, NotFound, PayloadTooLarge, UnknownModel, Unprocessable, UnsupportedMediaType, shown
 from tasks.images import probe
 from tasks.inputs import check_input_uri
@@ -260,8 +260,7 @@ async def fail_orphaned(hub: Hub, settings: Settings, rec: dict[str, Any]) -> di
         return rec
     if any(w.id == rec["worker"] for w in hub.live(settings.video_session_model)):
         return rec
-    err = {"code": Gone.code, "message": f"the worker {rec['worker']} holding this job's video session is gone (it died or was stopped); start a new session and propagate again"}
-    await hub.redis.eval(jobstore.FINISH_LUA, 1, keys.job(rec["job_id"]), "failed", jobstore.now(), "error", orjson.dumps(err), "", "")
+    await hub.jobs.fail(rec["job_id"], Gone(f"the worker {rec['worker']} holding this job's video session is gone (it died or was stopped); start a new session and propagate again"))
     return await hub.get_job(rec["job_id"]) or rec
 
 

@@ -44,7 +44,7 @@ from api.deps import HubDep, SettingsDep, StoreDep, TenantDep
 from api.hub import Hub, new_job_id
 from api.routes.jobs import links
 from storage.blob import BlobStore, open_store
-from tasks import jobstore, keys
+from tasks import jobstore
 from tasks.errors import (
     BadRequest,
     Conflict,
@@ -140,8 +140,7 @@ async def _forget(hub: Hub, store: BlobStore, tenant: str, sid: str, rec: dict[s
     await hub.redis.delete(session_key(tenant, sid))
     await hub.redis.srem(tenant_sessions_key(tenant), sid)
     if rec.get("job"):  # a propagate job of this session that never finished (its worker died): fail it, don't leave it running
-        err = orjson.dumps({"code": "gone", "message": f"session {sid} was closed or its worker {rec.get('worker')} is gone before this propagate job finished"})
-        await hub.redis.eval(jobstore.FINISH_LUA, 1, keys.job(rec["job"]), "failed", jobstore.now(), "error", err, "", "")
+        await hub.jobs.fail(rec["job"], Gone(f"session {sid} was closed or its worker {rec.get('worker')} is gone before this propagate job finished"))
     if rec.get("upload"):
         await asyncio.to_thread(store.delete_prefix, rec["upload"])
 
@@ -375,10 +374,8 @@ async def _propagate_job(hub: Hub, settings: Settings, store: BlobStore, tenant:
     }
     call = {"id": job_id, "op": "propagate", "session_id": sid, "tenant": tenant, "args": {**args, "job": job_id}, "reply": ""}
     ttl = settings.result_ttl_seconds
-    k = keys.job(job_id)
     pipe = hub.redis.pipeline(transaction=True)
-    pipe.hset(k, mapping={**jobstore.new_record(doc), "worker": rec["worker"]})  # the session's worker: a poll finds the job orphaned if it dies
-    jobstore.keep(pipe, job_id, tenant, ttl, now)
+    jobstore.create(pipe, doc, ttl=ttl, fields={"worker": rec["worker"]})  # the session's worker: a poll finds the job orphaned if it dies
     pipe.hset(session_key(tenant, sid), "job", job_id)
     pipe.expire(session_key(tenant, sid), int(settings.session_ttl_seconds) + 5)
     pipe.lpush(hub.qkeys.queue(rec["queue"]), build_message(TASK_VIDEO, job_id, {"call": call}, rec["queue"]))
@@ -443,7 +440,7 @@ async def ws_propagate(websocket: WebSocket, session_id: str) -> None:
     except Exception as e:  # noqa: BLE001 - every failure reaches the client as an error message
         err: TrifectaError = translate(e)
         try:
-            await websocket.send_json({"type": "error", "error": {"code": err.code, "message": err.message, "status": err.status}})
+            await websocket.send_json({"type": "error", "error": jobstore.error(err)})
         except (WebSocketDisconnect, RuntimeError):
             return
     finally:

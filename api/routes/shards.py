@@ -27,9 +27,10 @@ from api.hub import Hub
 from api.routes.jobs import register_input_kind
 from storage import codecs
 from storage.blob import BlobStore
-from tasks import jobstore, keys
+from tasks import keys
 from tasks.errors import BadRequest, PayloadTooLarge, Unprocessable
 from tasks.inputs import STAGED, check_input_uri, stage_key
+from tasks.jobstore import shards as shardjobs
 from tasks.models import MODELS
 from tasks.settings import Settings
 from tasks.wire import build_message
@@ -120,11 +121,7 @@ async def submit_shards(
         for i, u in enumerate(uris)
     ]
     pipe = hub.redis.pipeline(transaction=False)
-    k = keys.job(job_id)
-    pipe.hset(k, mapping=jobstore.new_record(doc))
-    jobstore.keep(pipe, job_id, tenant, ttl, now)
-    pipe.hset(keys.shards(job_id), "n", len(uris))
-    pipe.expire(keys.shards(job_id), ttl)
+    shardjobs.create(pipe, doc, len(uris), ttl)
     for i in range(0, len(msgs), 1000):
         pipe.lpush(hub.qkeys.queue(queue), *msgs[i : i + 1000])  # LPUSH + the workers' BRPOP: shards run in order
     try:

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 
 from storage import codecs
+from tasks.keys import TERMINAL  # noqa: F401 - the one terminal set, re-exported (tasks/keys.py imports nothing)
 
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 ImageInput = bytes | str | Path
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import orjson
 
-from tasks import jobstore, keys
+from tasks import jobstore
 from tasks.errors import TrifectaError, translate
 from tasks.sam3_video import TASK_VIDEO
 from workers.runners.base import ExtraTask, TaskContext
@@ -67,10 +67,10 @@ def session_tasks(svc: TaskContext, tracker: Sam3VideoTracker | None) -> list[Ex
             err: TrifectaError = translate(e)
             if err.status >= 500 and err.code == "internal":
                 log.exception("session call %s failed", call.get("op"))
-            body = {"id": cid, "status": "failed", "error": {"code": err.code, "message": err.message, "status": err.status}}
+            body = {"id": cid, "status": "failed", "error": jobstore.error(err)}
             job = (call.get("args") or {}).get("job")
             if job:  # a job whose call failed before it ran (session closed, 410): its record says why; no one waits on a reply
-                svc.r.register_script(jobstore.FINISH_LUA)(keys=[keys.job(str(job))], args=["failed", jobstore.now(), "error", orjson.dumps(body["error"]), "", ""])
+                jobstore.Jobs(svc.r).fail(str(job), body["error"])
         if call.get("reply"):
             svc.r.publish(call["reply"], orjson.dumps(body))
 

@@ -50,8 +50,7 @@ class PropagateJob:
         self._last = 0.0
 
     def start(self) -> bool:
-        st, _ = self.svc.r.register_script(jobstore.START_LUA)(keys=[self.key], args=[jobstore.now(), self.svc.settings.max_deliveries, self.svc.worker_id])
-        self.status = st.decode() if isinstance(st, bytes) else str(st)
+        self.status, _ = jobstore.Jobs(self.svc.r).start(self.id, self.svc.settings.max_deliveries, self.svc.worker_id)
         if self.status != "running":
             log.info("job=%s (propagate, session %s) not run: %s", self.id, self.session.id, self.status)
         return self.status == "running"
@@ -77,11 +76,10 @@ class PropagateJob:
         done = len(self.outputs)
         prog = {"done": done, "total": max(self.total, done), "frames_done": done, "frames_total": max(self.total, done), "last_frame_index": self.outputs[-1]["frame_index"] if self.outputs else None}
         pipe = self.svc.r.pipeline(transaction=False)
-        pipe.hset(self.key, "progress", orjson.dumps(prog))
-        pipe.hget(self.key, "status")
+        jobstore.queue(pipe, jobstore.progress_call(self.id, prog))  # → the job's status
         pipe.expire(session_key(self.session.tenant, self.session.id), int(self.svc.settings.session_ttl_seconds) + 5)  # a long job keeps its session alive
-        _, st, _ = pipe.execute()
-        if st is not None and orjson.loads(st) == "cancelled":
+        st, _ = pipe.execute()
+        if st in (b"cancelled", "cancelled"):
             self.status = "cancelled"
             return False
         return True
@@ -104,10 +102,10 @@ class PropagateJob:
         self._end("succeeded", "result", result)
 
     def fail(self, err: TrifectaError) -> None:
-        self._end("failed", "error", {"code": err.code, "message": err.message})
+        self._end("failed", "error", jobstore.error(err))
 
     def _end(self, status: str, field_name: str, body: dict[str, Any]) -> None:
-        done = self.svc.r.register_script(jobstore.FINISH_LUA)(keys=[self.key], args=[status, jobstore.now(), field_name, orjson.dumps(body), "", ""])
+        done = jobstore.Jobs(self.svc.r).finish(self.id, status, field_name, body)
         if done:
             self.status = status
         log.info("job=%s model=%s device=%s status=%s kind=%s session=%s frames=%d", self.id, self.svc.model, self.svc.device, status if done else "not-recorded", JOB_KIND, self.session.id, len(self.outputs))

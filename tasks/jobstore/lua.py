@@ -1,34 +1,27 @@
-"""The job record in Redis and its state transitions, shared by the API and the workers.
+"""The job record's transitions as Lua scripts, generated from the one terminal set `keys.TERMINAL`.
 
-A job is a hash `tf:job:<id>` whose fields are JSON values:
-
-    doc        what was submitted: id, model, kind, tenant, created_at, params, input summary
-    status     queued | running | succeeded | failed | cancelled | expired
-    attempts   deliveries so far (a message redelivered after a worker death counts again)
-    started_at, finished_at   unix seconds
-    progress   {"done", "total", ...} for multi-part jobs
-    result     {"outputs": [...], "meta": {...}, "timing": {...}, "worker": ...}
-    error      {"code", "message"}
-
-Transitions are Lua scripts so a cancel racing a worker never ends in a mixed state:
-`start` refuses a terminal job and counts the delivery; `finish` only lands on a
-running or queued job.
+Every script that asks "is this job over?" calls `terminal(st)`, whose body is written here from
+`keys.TERMINAL`; no script spells the statuses out. Each transition to a terminal status also
+queues the job's webhook (`NOTIFY`) in the same script, so no caller can forget it.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
-import orjson
-
 from tasks import keys
+
+
+def terminal_function() -> str:
+    """`local function terminal(st)`: true for a status in `keys.TERMINAL` (sorted, so the text is stable)."""
+    return "local function terminal(st) return " + " or ".join(f"st == '{s}'" for s in sorted(keys.TERMINAL)) + " end\n"
+
+
+TERMINAL_FN = terminal_function()
 
 # A job that reaches a terminal state with a `callback_url` in its doc is queued for the
 # API's webhook sender in the same script (no extra round trip). The queue key is written
 # into the script rather than passed in KEYS so every caller of these scripts (runners with
 # their own finishing paths too) queues webhooks without changing its call.
-_NOTIFY_LUA = """
+NOTIFY = """
 local _doc = redis.call('HGET', KEYS[1], 'doc')
 if _doc and string.find(_doc, 'callback_url', 1, true) then
   local _d = cjson.decode(_doc)
@@ -40,19 +33,23 @@ end
 
 # KEYS[1]=job  ARGV[1]=now ARGV[2]=max_deliveries ARGV[3]=worker id (recorded while it runs)
 # returns {status, attempts}; status "dead" when over max deliveries (job marked failed)
-START_LUA = """
+START_LUA = (
+    TERMINAL_FN
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', 0} end
 st = cjson.decode(st)
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
+if terminal(st) then
   return {st, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
 end
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if n > tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'finished_at', ARGV[1],
-    'error', cjson.encode({code='dead_lettered', message='delivered ' .. (n - 1) ..
+    'error', cjson.encode({code='dead_lettered', status=500, message='delivered ' .. (n - 1) ..
       ' times without finishing (the worker died each time); not retried'}))
-""" + _NOTIFY_LUA + """
+"""
+    + NOTIFY
+    + """
   return {'dead', n}
 end
 if st == 'queued' then
@@ -61,6 +58,7 @@ end
 if ARGV[3] then redis.call('HSET', KEYS[1], 'worker', ARGV[3]) end
 return {'running', n}
 """
+)
 
 # KEYS[1]=job  ARGV[1]=status ARGV[2]=now ARGV[3]=field(result|error) ARGV[4]=json
 # ARGV[5]=reply channel or '' ARGV[6]=reply message
@@ -74,37 +72,45 @@ return {'running', n}
 # sides decide inside one script on the same record, so either order of the race lands right.
 # The shebang makes Redis refuse the whole script up front at maxmemory (noeviction) instead of
 # failing at its first write, so a worker's MULTI (results + acks) aborts as a whole: a result
-# Redis could not record is never acked (workers/service.py retries it).
-FINISH_LUA = """#!lua
-local st = redis.call('HGET', KEYS[1], 'status')
+# Redis could not record is never acked (workers/service.py retries it). The shebang must stay
+# the script's first line, so the terminal function comes after it.
+FINISH_LUA = (
+    "#!lua\n"
+    + TERMINAL_FN
+    + """local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 0 end
 st = cjson.decode(st)
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return 0 end
+if terminal(st) then return 0 end
 local detached = redis.call('HEXISTS', KEYS[1], 'detached') == 1
 if detached and ARGV[8] == '1' then return -1 end
 redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'finished_at', ARGV[2], ARGV[3], ARGV[4])
 if ARGV[7] and ARGV[7] ~= '' and not detached then redis.call('EXPIRE', KEYS[1], ARGV[7]) end
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
-""" + _NOTIFY_LUA + """
+"""
+    + NOTIFY
+    + """
 return 1
 """
+)
 
 # The API gave up waiting on a sync request (504): from now on it is a job like any other.
 # KEYS[1]=job KEYS[2]=tombstone  ARGV[1]=RESULT_TTL_SECONDS ARGV[2]=tombstone TTL ARGV[3]=tenant
 # ARGV[4]='1' to detach a finished one too (the other samples of a tar call that timed out)
 # returns the status: a finished record is left as it is unless forced (the API answers it
 # instead of 504), 'detached' when it now has the job lifetime and a tombstone, 'missing'.
-DETACH_LUA = """
+DETACH_LUA = (
+    TERMINAL_FN
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 st = cjson.decode(st)
-local done = st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired'
-if done and ARGV[4] ~= '1' then return st end
+if terminal(st) and ARGV[4] ~= '1' then return st end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], 'detached', '1')
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
 return 'detached'
 """
+)
 
 # KEYS[1]=job ARGV[1]=worker id
 # A worker leaving (SIGTERM) gives back a message it received but never ran: the START made at
@@ -121,76 +127,31 @@ redis.call('HDEL', KEYS[1], 'started_at', 'worker')
 return 1
 """
 
-# KEYS[1]=job ARGV[1]=now
-CANCEL_LUA = """
+# KEYS[1]=job ARGV[1]=now  → the status it had when already over, 'cancelled', or 'missing'
+CANCEL_LUA = (
+    TERMINAL_FN
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 st = cjson.decode(st)
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then return st end
+if terminal(st) then return st end
 redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
-""" + _NOTIFY_LUA + """
+"""
+    + NOTIFY
+    + """
 return 'cancelled'
 """
+)
 
-
-def keep(pipe: Any, job_id: str, tenant: str, ttl: int, now: float) -> None:
-    """A job's lifetime on a submit pipeline (its record already HSET): the record's TTL, the
-    tombstone that makes an expired id answer `expired`, the expiry index entry of its storage
-    prefix (the janitor's work list), and the tenant's job list trimmed of ids past their tombstone."""
-    pipe.expire(keys.job(job_id), ttl)
-    pipe.set(keys.tomb(job_id), tenant, ex=ttl + keys.TOMBSTONE_S)
-    pipe.zadd(keys.EXPIRY, {keys.job_prefix(tenant, job_id): now + ttl})
-    pipe.zadd(keys.jobs_index(tenant), {job_id: now})
-    pipe.zremrangebyscore(keys.jobs_index(tenant), "-inf", now - ttl - keys.TOMBSTONE_S)
-
-
-def new_record(doc: dict[str, Any]) -> dict[str, bytes]:
-    """Fields of a freshly queued job."""
-    return {
-        "doc": orjson.dumps(doc),
-        "status": b'"queued"',
-        "attempts": b"0",
-        "progress": orjson.dumps(doc.get("progress") or {}),
-    }
-
-
-def parse_record(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
-    """A job hash as read from Redis → the job's status document (without links)."""
-    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-    doc = orjson.loads(f["doc"])
-    out: dict[str, Any] = {
-        "job_id": doc["id"],
-        "model": doc["model"],
-        "kind": doc.get("kind", "job"),
-        "status": orjson.loads(f.get("status", b'"queued"')),
-        "created_at": doc.get("created_at"),
-        "started_at": _num(f.get("started_at")),
-        "finished_at": _num(f.get("finished_at")),
-        "attempts": int(f.get("attempts", 0) or 0),
-        "progress": orjson.loads(f["progress"]) if f.get("progress") else {},
-        "params": doc.get("params", {}),
-        "input": doc.get("input", {}),
-        "error": orjson.loads(f["error"]) if f.get("error") else None,
-        "result": orjson.loads(f["result"]) if f.get("result") else None,
-        "tenant": doc.get("tenant", "default"),
-        "worker": (f["worker"].decode() if isinstance(f.get("worker"), bytes) else f.get("worker")),
-    }
-    if doc.get("callback_url"):
-        out["callback_url"] = doc["callback_url"]
-    return out
-
-
-def _num(v: bytes | str | None) -> float | None:
-    return float(v) if v not in (None, b"", "") else None
-
-
-def now() -> float:
-    return round(time.time(), 6)
-
-
-def reply_payload(job_id: str, status: str, body: dict[str, Any]) -> bytes:
-    return orjson.dumps({"id": job_id, "status": status, **body})
-
-
-def job_key(job_id: str) -> str:
-    return keys.job(job_id)
+# KEYS[1]=job ARGV[1]=progress json  → the job's status after ('missing' without a record);
+# progress of a job that is over is not written (a late report must not overwrite its last one)
+PROGRESS_LUA = (
+    TERMINAL_FN
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+st = cjson.decode(st)
+if not terminal(st) then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
+return st
+"""
+)
