@@ -1,6 +1,7 @@
 """Regenerate the generated parts of the docs: `docs/settings.md` (from `tasks.settings`, through
 `trifecta settings`, plus `docs/settings-extra.md`) and the bench table in `docs/performance.md`
-(from the last `trifecta bench` run kept in `docs/bench.json`, between the BENCH_TABLE markers).
+(from the last `trifecta bench` run kept in `docs/bench.json`, between the BENCH_TABLE markers), and
+its short form in README.md (between the BENCH_SUMMARY markers).
 
     .venv/bin/python docs/build_docs.py          # rewrite
     .venv/bin/python docs/build_docs.py --check  # exit 1 when a generated part is stale (a test runs this)
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BENCH = re.compile(r"(<!-- BENCH_TABLE -->\n).*?(<!-- /BENCH_TABLE -->)", re.S)
 CPU = re.compile(r"(<!-- CPU_TABLE -->\n).*?(<!-- /CPU_TABLE -->)", re.S)
+SUMMARY = re.compile(r"(<!-- BENCH_SUMMARY -->\n).*?(<!-- /BENCH_SUMMARY -->)", re.S)
 
 
 def bench_table() -> str:
@@ -61,6 +63,43 @@ def cpu_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def summary_table() -> str:
+    """The README's short form of the last run: per input, the service against both baselines
+    (images/s at c=8 / c=16, CPU per image at c=16), then every other goal row of docs/bench.json."""
+    p = DOCS / "bench.json"
+    if not p.exists():
+        return "(no `docs/bench.json` yet)\n"
+    d = json.loads(p.read_text())
+    goals = {g["goal"]: g for g in d["goals"]}
+
+    def cell(key: str) -> str:
+        g = goals.get(key)
+        if g is None:
+            return "–"
+        return f"{g['figure']}" + ("" if g["pass"] else " (**FAIL**)")
+
+    rows = [
+        "| input | service / naive script, images/s (c=8 · c=16) | service / raw model call, images/s (c=8 · c=16) | service / naive, CPU per image (c=16) |",
+        "| --- | --- | --- | --- |",
+    ]
+    used: set[str] = set()
+    for name in d.get("textmask", {}).get("inputs", {}):
+        k = {(c, w): f"textmask {name} c={c}: service / {w}" for c in (8, 16) for w in ("naive images/s", "naive CPU per image")}
+        raw = {c: next((g for g in goals if g.startswith(f"textmask {name} c={c}: service / raw")), "") for c in (8, 16)}
+        used |= set(k.values()) | set(raw.values())
+        rows.append(f"| {name} | {cell(k[(8, 'naive images/s')])} · {cell(k[(16, 'naive images/s')])} | {cell(raw[8])} · {cell(raw[16])} | {cell(k[(16, 'naive CPU per image')])} |")
+    rest = [g for g in d["goals"] if g["goal"] not in used and "worker's session options" not in g["goal"]]
+    if rest:
+        rows += ["", "| other goal | figure | target | result |", "| --- | --- | --- | --- |"]
+        for g in rest:
+            tgt = "(reported)" if g["target"] >= 1e9 else ("≥ " if g.get("higher_is_better", True) else "≤ ") + f"{g['target']}"
+            rows.append(f"| {g['goal']} | {g['figure']} {g['unit']} | {tgt} | {'pass' if g['pass'] else '**FAIL**'} |")
+    m = d["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    note = f" {d['note']}." if d.get("note") else ""
+    return f"Last run: {d['started']}, {m['cores']} cores ({m['cpu']}{gpu}).{note}\n\n" + "\n".join(rows) + "\n"
+
+
 def settings_page() -> str:
     table = subprocess.run([sys.executable, "-m", "client.cli", "settings"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     extra = (DOCS / "settings-extra.md").read_text()
@@ -75,7 +114,9 @@ def render() -> dict[Path, str]:
     text = perf.read_text()
     text = BENCH.sub(lambda m: m.group(1) + bench_table() + m.group(2), text)
     text = CPU.sub(lambda m: m.group(1) + cpu_table() + m.group(2), text)
-    return {DOCS / "settings.md": settings_page(), perf: text}
+    readme = ROOT / "README.md"
+    rtext = SUMMARY.sub(lambda m: m.group(1) + summary_table() + m.group(2), readme.read_text())
+    return {DOCS / "settings.md": settings_page(), perf: text, readme: rtext}
 
 
 def main() -> int:
