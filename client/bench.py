@@ -16,6 +16,8 @@ Sections (run all, or pick with --only):
   shards, sam3, sam3video, models   sections added by the model issues (client/bench_*.py)
   s3sync     sync textmask p50 on s3:// (moto server) / file:// in one run, alternated, and the
              storage requests per sync call on s3 (client/bench_s3sync.py)
+  redisops   Redis round trips (client read events) and commands per sync echo request, counted
+             by Redis, against the figures before this round's refactors (client/bench_redisops.py)
   state      Redis bytes/keys and storage bytes/objects each kind of request leaves behind,
              right after and once its lifetime passed; capacity at 10-1000 req/s (bench_state.py)
 
@@ -390,7 +392,7 @@ from client.bench_simulated import sec_simulated  # noqa: E402 - sections use th
 from client.bench_textmask import sec_textmask  # noqa: E402
 
 SECTIONS = {"textmask": sec_textmask, "simulated": sec_simulated, "dispatch": sec_dispatch, "reject": sec_reject, "batching": sec_batching, "memory": sec_memory, "codecs": sec_codecs, "events": sec_events}
-EXTERNAL = {"torch": "client.bench_torch", "shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models", "state": "client.bench_state", "s3sync": "client.bench_s3sync"}
+EXTERNAL = {"torch": "client.bench_torch", "shards": "client.bench_shards", "sam3": "client.bench_sam3", "sam3video": "client.bench_sam3video", "models": "client.bench_models", "state": "client.bench_state", "s3sync": "client.bench_s3sync", "redisops": "client.bench_redisops"}
 
 
 def plot(out: dict[str, Any], path: str) -> None:
@@ -480,6 +482,7 @@ def main(a: argparse.Namespace) -> int:
         if getattr(m, "RESULTS", None):
             out[name] = m.RESULTS
     out["goals"] = rows
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(out, indent=2, default=str))
     plot(out, str(Path(a.output).with_suffix(".png")))
     t = Table(title="trifecta bench (ratios measured in this run)")
