@@ -81,7 +81,7 @@ def cmd_flower(a: argparse.Namespace) -> int:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    from workers.service import run_worker
+    from workers.main import run_worker
 
     run_worker(a.model, a.device, a.name, _settings(), loglevel=_log_level(a))
     return 0

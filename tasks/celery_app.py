@@ -1,7 +1,7 @@
 """The Celery app both halves share: Redis broker, JSON only, late acks, short visibility.
 
 Why the visibility timeout is short and safe: every worker refreshes the unacked-index
-score of each message it holds on every heartbeat (`WorkerService.beat` in workers/service.py), so a message
+score of each message it holds on every heartbeat (`WorkerService.beat` in workers/membership.py), so a message
 whose worker is alive is never restored, however long the task runs; a message whose
 worker died (SIGKILL, OOM, lost machine) stops being refreshed and any live worker's
 kombu restores it after VISIBILITY_TIMEOUT_S (checked every 2 s).

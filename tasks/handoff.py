@@ -14,7 +14,7 @@ the video sessions it holds. When the worker leaves, what waits there is handed 
 
     moved, answered = hand_over(r, "sam3", "w1")   # blocking redis client
 
-Two callers: the worker itself, last thing before it exits on SIGTERM (workers.service),
+Two callers: the worker itself, last thing before it exits on SIGTERM (workers.membership),
 and the API, for a worker whose registration vanished (killed, lost host) and for messages
 that reached a queue after its worker's own hand-over (api.hub). Each message moves by a
 compare-and-pop script, so any number of callers may hand over the same queue at once and

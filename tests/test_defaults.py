@@ -114,7 +114,7 @@ def test_default_install_path_imports_no_torch(tmp_path: Path, model_dir: Path) 
         "import sys\n"
         "from client.cli import main\n"
         "assert main(['models', 'fetch', 'textmask', 'echo']) == 0\n"
-        "import client.supervisor, workers.service, workers.batching, workers.broker, workers.metrics, workers.shards, tasks.celery_app, tasks.flower_app\n"
+        "import client.supervisor, workers.main, workers.service, workers.batching, workers.broker, workers.metrics, workers.shards, tasks.celery_app, tasks.flower_app\n"
         "from workers.runners.base import runner_class\n"
         "from workers.device import pin\n"
         "from tasks.settings import get_settings\n"

@@ -1,12 +1,7 @@
-"""The worker process: one model on one device, a Celery worker consuming its queues.
+"""The worker's batch: start, read inputs, run the model, write outputs, record and reply (`WorkerService`).
 
-    trifecta worker --model textmask --device cpu|cuda:N [--name ID]
-
-Order matters: pin the device (CUDA_VISIBLE_DEVICES) before any CUDA library loads,
-load and warm the model, register, and only then start consuming. Dynamic batching is
-celery-batches' `Batches` task (flush at MAX_BATCH_SIZE or BATCH_TIMEOUT_MS); the
-threads pool with MAX_CONCURRENCY_PER_GPU threads lets one batch decode and encode
-while another runs the model.
+The process around it is workers/main.py (`run_worker`); the worker's registration, heartbeat
+and leaving are workers/membership.py; its task events workers/events.py.
 
 Per batch the worker makes two Redis round trips besides the broker's own: one
 pipeline that counts each delivery and marks the jobs running (a Lua script refuses
@@ -14,14 +9,6 @@ cancelled or finished jobs, and dead-letters a job over MAX_DELIVERIES), and one
 writes every result and publishes it to the waiting API. Outputs are written to storage
 under the job's own prefix at fixed keys, so a redelivered message rewrites the same
 objects: publishing is idempotent.
-
-Leaving (SIGTERM: a scale-in, a rolling update): the worker deregisters at once (the API
-stops routing to it and sends its sessions' calls 410), stops taking batches and stops
-consuming; the running batches finish; kombu gives back what it received but never ran
-(its START undone: not counted as a delivery); the messages waiting on its private queue
-are handed over (`tasks.handoff`: moved to the shared queue, session calls answered 410);
-it exits. Still busy after WORKER_SHUTDOWN_GRACE_S, it gives back its running work too and
-exits anyway (a redelivery costs nothing: outputs are idempotent).
 
 Lifetimes: a sync request answered in time keeps its record SYNC_RESULT_TTL_S (FINISH
 shortens it, unless the API detached it with a 504) and its stored outputs are put in the
@@ -35,45 +22,36 @@ from __future__ import annotations
 import base64
 import functools
 import logging
-import os
-import socket
-import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 import redis
 from redis.exceptions import OutOfMemoryError
 
-from storage import codecs
 from storage.blob import BlobStore, FileStore, open_store
-from tasks import handoff, jobstore, keys, tracing, wire
+from tasks import jobstore, keys, wire
 from tasks.errors import DeadLettered, Gone, TrifectaError, Unprocessable, translate
 from tasks.inputs import IN_REDIS, read_input
-from tasks.models import MODELS
-from tasks.schemas import InferRequest, Output
+from tasks.schemas import InferRequest
 from tasks.settings import Settings
 from workers.broker import KombuKeys
 from workers.device import Device
+from workers.events import TaskEvents
+from workers.membership import Membership
 from workers.metrics import WorkerMetrics
+from workers.outputs import Outputs, _now
+from workers.resources import gpu_memory_mb, memory_limit_bytes, rss_mb  # noqa: F401 - also read from here
 from workers.runners.base import BatchStats, Item, Produced, Runner
 from workers.tracing import BatchTrace
 
 log = logging.getLogger("trifecta.worker")
 FRESH_S = 0.05  # a START made at receive (workers.broker) stands this long; older, the batch re-reads the status
-# STORE_SYNC_RESULTS=false: a request's outputs past this many bytes are stored anyway, since a
-# pub/sub message of many MB can get the API's subscriber cut off by Redis's pubsub output
-# buffer limit (8 MB for 60 s / 32 MB by default); stored ones expire with the record
-INLINE_REPLY_MAX = 4 << 20
-# Task events are published every EVENTS_FLUSH_S (or at EVENTS_MAX_PENDING), not per batch: kombu's
-# publish costs ~200 µs of worker CPU, about a third of a whole echo request (`trifecta bench --only events`)
-EVENTS_FLUSH_S = 0.5
-EVENTS_MAX_PENDING = 3000
 
 
-class WorkerService:
+class WorkerService(Membership, TaskEvents, Outputs):
     """Everything a worker does around the model: bookkeeping, storage, replies."""
 
     def __init__(self, settings: Settings, model: str, device: Device, worker_id: str, runner: Runner) -> None:
@@ -386,104 +364,6 @@ class WorkerService:
             log.info("job=%s model=%s device=%s status=%s queue_ms=%.1f model_ms=%.1f batch=%d", q.id, q.model, self.device, status, queue_ms, model_ms, len(items), extra=extra)
         return True
 
-    def _task_events(self, done: list[tuple[InferRequest, str, dict[str, Any]]], t_start: float) -> None:
-        """Per request, the task events Flower counts (received, started, succeeded or failed),
-        buffered after the replies are out and published by `flush_events`. Celery sends none for
-        these: batches run through celery-batches (which only fires signals) and BULK_DRAIN takes
-        messages past kombu's consumer. Received and started both carry the batch's start."""
-        ev = self.events
-        if ev is None or not done:
-            return
-        t_end = time.time()
-        with self._events_lock:
-            for q, status, body in done:
-                kw = f"{{'model': {q.model!r}, 'kind': {q.kind!r}, 'format': {q.format!r}}}"
-                ev.send("task-received", uuid=q.id, timestamp=t_start, name=keys.TASK_INFER, args="()", kwargs=kw, retries=0, root_id=q.id, parent_id=None, eta=None, expires=None)
-                ev.send("task-started", uuid=q.id, timestamp=t_start)
-                if status == "succeeded":
-                    ev.send("task-succeeded", uuid=q.id, timestamp=t_end, runtime=t_end - t_start, result="")
-                else:
-                    ev.send("task-failed", uuid=q.id, timestamp=t_end, exception=f"{body.get('code')}: {body.get('message')}", traceback="")
-            self._events_pending += 3 * len(done)
-            if self._events_pending >= EVENTS_MAX_PENDING:
-                self._flush_events_locked(ev)
-
-    def flush_events(self) -> None:
-        """Publish the buffered task events, all in one message (the `events` thread, every EVENTS_FLUSH_S)."""
-        ev = self.events
-        if ev is None:
-            return
-        with self._events_lock:
-            self._flush_events_locked(ev)
-
-    def _flush_events_locked(self, ev: Any) -> None:
-        if not self._events_pending:
-            return
-        try:
-            ev.flush(errors=False)
-        except Exception as e:  # noqa: BLE001 - the dashboard never fails the worker; these events are lost
-            log.warning("%d task events not sent (%s)", self._events_pending, e)
-            for buf in getattr(ev, "_group_buffer", {}).values():  # celery's own buffer: not resent next time
-                buf.clear()
-        self._events_pending = 0
-
-    def events_forever(self, stop: threading.Event) -> None:
-        while not stop.wait(EVENTS_FLUSH_S):
-            self.flush_events()
-
-    def _publish_outputs(self, q: InferRequest, res: Produced, later: dict[str, list[tuple[str, bytes, str]]] | None = None) -> tuple[list[Output], dict[str, Any]]:
-        # an answered sync request with STORE_SYNC_RESULTS=false stores nothing: its outputs ride in the reply;
-        # with true, outputs up to SYNC_REPLY_INLINE_BYTES ride in the reply too (the API answers without a
-        # storage GET) and are stored for the record as well
-        reply_only = q.kind == "sync" and bool(q.reply) and not self.settings.store_sync_results
-        budget = INLINE_REPLY_MAX if reply_only else (self.settings.sync_reply_inline_bytes if q.kind == "sync" and q.reply else -1)
-        outs: list[Output] = []
-        items = [(key, codecs.encode(mask, q.format), q.format, codecs.CONTENT_TYPES[q.format], list(mask.shape), f"{q.out_prefix}/{key}.{codecs.EXTENSIONS[q.format]}") for key, mask in res.masks.items()]
-        items += [(key, data, fmt, ctype, [], f"{q.out_prefix}/{key}") for key, (data, fmt, ctype) in res.blobs.items()]
-        for key, data, fmt, ctype, shape, path in items:
-            out = Output(key=key, format=fmt, shape=shape, path=path, bytes=len(data), content_type=ctype)
-            if len(data) <= budget:
-                budget -= len(data)
-                out.inline, out.data = reply_only, base64.b64encode(data).decode("ascii")
-            if later is not None and out.data is not None and not reply_only:  # stored once the reply is out
-                later.setdefault(q.id, []).append((path, data, ctype))
-            elif not out.inline:
-                self.store.put(path, data, ctype)
-            outs.append(out)
-        return outs, res.meta
-
-    def _reply_then_store(
-        self, done: list[tuple[InferRequest, str, dict[str, Any]]], later: dict[str, list[tuple[str, bytes, str]]]
-    ) -> tuple[list[tuple[InferRequest, str, dict[str, Any]]], set[str]]:
-        """On a remote store, sync answers whose masks ride in the reply (SYNC_REPLY_INLINE_BYTES) are
-        published first (one pipeline), then their masks are written, then FINISH records them (without
-        publishing again): the storage PUT is off the caller's critical path. The record says `running`
-        until the masks are stored, so a `succeeded` record always has its objects. A mask that cannot
-        be stored fails the record (`storage_error`) although the caller has its answer. Returns the
-        batch's outcomes and the ids already answered."""
-        early = [(q, st, body) for q, st, body in done if st == "succeeded" and q.reply and q.id in later]
-        replied: set[str] = set()
-        if early:
-            pipe = self.r.pipeline(transaction=False)
-            for q, st, body in early:
-                pipe.publish(q.reply, jobstore.reply_payload(q.id, st, {"result": body}))
-            try:
-                pipe.execute()
-                replied = {q.id for q, _, _ in early}
-            except redis.RedisError as e:  # FINISH publishes them instead, after the writes
-                log.warning("early replies of %d sync requests not sent (%s); sent with their records", len(early), e)
-        puts = {jid: self._io.submit(_put_all, self.store, objs) for jid, objs in later.items()}
-        out = []
-        for q, st, body in done:
-            f = puts.get(q.id)
-            if f is not None and st == "succeeded":
-                try:
-                    f.result()
-                except Exception as e:  # noqa: BLE001 - recorded as the request's failure
-                    st, body = "failed", _err(translate(e))
-            out.append((q, st, body))
-        return out, replied
-
     def _inputs_in_redis(self, live: list[InferRequest]) -> dict[str, bytes | None]:
         """Sync inputs the API held in Redis (SYNC_REDIS_INPUT_MAX_BYTES), in one round trip for the
         batch; job id -> bytes (None: expired). Deleted with the batch's FINISH (`_record`)."""
@@ -566,166 +446,8 @@ class WorkerService:
         if q.reply:
             self.r.publish(q.reply, jobstore.reply_payload(q.id, status, body))
 
-    # -- memory guard (WORKER_MAX_MEMORY_MB) ----------------------------------
-    def _check_memory(self) -> None:
-        limit = self.settings.worker_max_memory_mb
-        if not limit or self.stopping:
-            return
-        rss = rss_mb()
-        if rss > limit:
-            self.stopping = True
-            log.warning("worker %s RSS %.0f MB over WORKER_MAX_MEMORY_MB=%d: finishing and exiting to be restarted", self.worker_id, rss, limit)
-            threading.Thread(target=self._shutdown_soon, daemon=True).start()
-
-    def _shutdown_soon(self) -> None:
-        time.sleep(0.5)  # let this batch's acks go out
-        self.leave("WORKER_MAX_MEMORY_MB")
-        from celery import current_app
-
-        current_app.control.shutdown(destination=[self.nodename])
-
-    # -- registration and heartbeat -----------------------------------------
-    def registration(self) -> dict[str, str]:
-        info = self.runner.info()
-        return {
-            "id": self.worker_id,
-            "model": self.model,
-            "device": str(self.device),
-            "queues": ",".join([keys.shared_queue(self.model), keys.private_queue(self.model, self.worker_id)]),
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            "info": orjson.dumps(info).decode(),
-            "heartbeat": str(time.time()),
-            "in_flight": str(self.in_flight),
-            "processed": str(self.processed),
-            "failed": str(self.failed),
-            "batches": str(self.batches),
-            "rss_mb": f"{rss_mb():.1f}",
-            "memory_limit_mb": f"{self.memory_limit / 1e6:.1f}",
-            "gpu_memory_mb": str(gpu_memory_mb(self.device)),
-            "metrics": self.metrics.registration_field(),
-            **{k: f() for k, f in self.reg_fields.items()},
-        }
-
-    def held_tags(self) -> list[str]:
-        c = self.consumer
-        try:
-            qos = c.task_consumer.channel.qos  # kombu's Redis QoS: the messages we hold unacked
-            return list(qos._delivered.keys())
-        except (AttributeError, RuntimeError):
-            return []
-
-    def _prune(self, age_s: float = 600.0) -> None:
-        """Bookkeeping of messages that never reached a batch or an ack (requeued, shutdown)."""
-        old = time.monotonic() - age_s
-        with self._lock:
-            for jid in [j for j, v in self.received.items() if v[2] < old]:
-                del self.received[jid]
-            for tag in [t for t, at in self.acked.items() if at < old]:
-                del self.acked[tag]
-
-    def beat(self) -> None:
-        self._prune()
-        hb = self.settings.worker_heartbeat_s
-        pipe = self.r.pipeline(transaction=False)
-        if not self.leaving:
-            pipe.hset(keys.worker(self.worker_id), mapping=self.registration())
-            pipe.expire(keys.worker(self.worker_id), max(3, int(hb * 3 + 1)))
-            pipe.sadd(keys.WORKERS, self.worker_id)
-        tags = self.held_tags()
-        with self._lock:
-            tags += list(self.drained_tags)
-        if tags:
-            # keep the messages we hold invisible to kombu's restore while we are alive
-            pipe.zadd(self.kombu_keys.unacked_index, {t: time.time() for t in tags}, xx=True)
-        if len(pipe):
-            try:
-                pipe.execute()
-            except OutOfMemoryError:
-                # at maxmemory the same (fixed-size) writes go through a script allowed to write
-                # there: a worker waiting for room must not look dead (503 no_worker, its messages restored)
-                reg = {} if self.leaving else self.registration()
-                self.r.eval(
-                    _BEAT_OOM_LUA, 3, keys.worker(self.worker_id), keys.WORKERS, self.kombu_keys.unacked_index,
-                    max(3, int(hb * 3 + 1)), self.worker_id, time.time(), len(reg) * 2, *[x for kv in reg.items() for x in kv], *tags,
-                )
-
-    def heartbeat_forever(self, stop: threading.Event) -> None:
-        while not stop.wait(self.settings.worker_heartbeat_s):
-            try:
-                self.beat()
-            except redis.RedisError as e:
-                log.warning("heartbeat failed (%s); retrying", e)
-
-    def deregister(self) -> None:
-        try:
-            self.r.delete(keys.worker(self.worker_id))
-            self.r.srem(keys.WORKERS, self.worker_id)
-        except redis.RedisError:
-            pass
-
-    # -- leaving (SIGTERM, memory guard) ---------------------------------------
-    def leave(self, why: str) -> None:
-        """Start leaving: no new batches, deregistered now, and a deadline (WORKER_SHUTDOWN_GRACE_S).
-        Celery itself stops consuming and waits for the running tasks; `hand_over` ends it.
-        Takes no lock here: this runs in Celery's signal handler, which must not wait on a lock
-        the code it interrupted holds; the rest runs in a thread of its own."""
-        if self.leaving:
-            return
-        self.leaving = True
-        threading.Thread(target=self._leave, args=(why, self.settings.worker_shutdown_grace_s), daemon=True, name="leaving").start()
-
-    def _leave(self, why: str, grace: float) -> None:
-        t_end = time.monotonic() + grace
-        for f in self.on_leave:
-            f()
-        self.deregister()
-        log.info("worker %s leaving (%s): deregistered; finishing %d requests in flight, then exiting (within %.0f s)", self.worker_id, why, self.in_flight, grace)
-        if self.left.wait(grace):  # handed over; the process exits on its own (this thread is a daemon)
-            time.sleep(max(0.0, t_end - time.monotonic()))
-            log.warning("worker %s handed over its work but did not exit within WORKER_SHUTDOWN_GRACE_S; exiting now", self.worker_id)
-            logging.shutdown()
-            os._exit(0)
-        tags = self.held_tags()
-        with self._lock:
-            tags += list(self.drained_tags)
-        log.error("worker %s still busy %.0f s after it began leaving (WORKER_SHUTDOWN_GRACE_S): giving back the %d messages it holds and exiting", self.worker_id, grace, len(tags))
-        try:
-            qos = self.consumer.task_consumer.channel.qos
-            for t in tags:
-                qos.restore_by_tag(t)  # kombu's own restore with its own (key-prefixing) client, as at its visibility timeout
-        except Exception as e:  # noqa: BLE001 - kombu restores them after VISIBILITY_TIMEOUT_S anyway
-            log.warning("giving back held messages failed (%s); kombu restores them after VISIBILITY_TIMEOUT_S", e)
-        self.hand_over()
-        logging.shutdown()
-        os._exit(1)
-
-    def hand_over(self) -> None:
-        """The last step: deregistered, and the private queue handed over (tasks.handoff)."""
-        self.leaving = True
-        self.deregister()
-        try:
-            handoff.hand_over(self.r, self.model, self.worker_id, self.kombu_keys)
-        except redis.RedisError as e:  # the API hands it over when Redis is back (api.hub)
-            log.warning("private queue not handed over (%s)", e)
-        self.left.set()
-
 
 _RECORD_RETRY_S = (0.25, 0.5, 1, 2, 2, 4, 4, 8)  # through a Redis restart
-
-# The heartbeat at Redis's maxmemory (noeviction refuses HSET/ZADD): `allow-oom` lets this script
-# rewrite the registration (the same fields, about the same size) and the visibility of held messages.
-# KEYS: worker hash, workers set, unacked_index  ARGV: ttl, worker id, now, 2n, n field/value pairs, tags...
-_BEAT_OOM_LUA = """#!lua flags=allow-oom
-local n = tonumber(ARGV[4])
-if n > 0 then
-  for i = 5, 4 + n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[2])
-end
-for i = 5 + n, #ARGV do redis.call('ZADD', KEYS[3], 'XX', ARGV[3], ARGV[i]) end
-return 1
-"""
 
 
 def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
@@ -741,11 +463,6 @@ def _record_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     return {**body, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in outs]}, inline, stored
 
 
-def _put_all(store: BlobStore, objs: list[tuple[str, bytes, str]]) -> None:
-    for path, data, ctype in objs:
-        store.put(path, data, ctype)
-
-
 def _held_input(held: dict[str, bytes | None], q: InferRequest) -> bytes:
     data = held.get(q.id)
     if data is None:  # its TTL (the deadline) passed, or a finished delivery deleted it
@@ -755,54 +472,8 @@ def _held_input(held: dict[str, bytes | None], q: InferRequest) -> bytes:
     return data
 
 
-def _now(fn: Any, *args: Any) -> Future[Any]:
-    """`fn(*args)` run here, as a finished future (same shape as the storage pool's)."""
-    f: Future[Any] = Future()
-    try:
-        f.set_result(fn(*args))
-    except Exception as e:  # noqa: BLE001 - delivered through the future, as the pool would
-        f.set_exception(e)
-    return f
-
-
 def _err(e: TrifectaError) -> dict[str, Any]:
     return jobstore.error(e)
-
-
-def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except OSError:  # pragma: no cover
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def memory_limit_bytes(max_memory_mb: int) -> float:
-    """The memory this worker may use: the smaller of WORKER_MAX_MEMORY_MB (where it exits to be
-    restarted) and its cgroup's limit (a container's, where the kernel kills it); 0 = none."""
-    limits = [max_memory_mb * 1e6] if max_memory_mb else []
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
-        try:
-            v = open(path).read().strip()
-        except OSError:
-            continue
-        if v.isdigit() and int(v) < 1 << 60:  # "max" (v2) or a huge number (v1): no limit
-            limits.append(float(v))
-        break
-    return min(limits, default=0.0)
-
-
-def gpu_memory_mb(device: Device) -> float:
-    if device.kind != "cuda" or "torch" not in sys.modules:
-        return 0.0
-    import torch
-
-    try:
-        return round(torch.cuda.memory_allocated(0) / 1e6, 1)
-    except Exception:  # noqa: BLE001
-        return 0.0
 
 
 def _queue_script(pipe: Any, script: Any, keys_: list[str], args: list[Any]) -> None:
@@ -811,121 +482,3 @@ def _queue_script(pipe: Any, script: Any, keys_: list[str], args: list[Any]) -> 
     start and finish); EVAL needs none and survives a Redis restart that emptied the script
     cache. Redis hashes the ~1 KB body and reuses its compiled script."""
     pipe.eval(script.script, len(keys_), *keys_, *args)
-
-
-def run_worker(model: str, device: str, name: str | None, settings: Settings, loglevel: str = "INFO") -> None:
-    from workers.device import keep_big_buffers, pin
-
-    if model not in MODELS:
-        raise SystemExit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    dev = pin(device, use_cuda=settings.use_cuda, threads=settings.intra_op_threads)
-    keep_big_buffers()
-    from tasks import logs
-
-    logs.setup(loglevel)
-    from celery import signals
-
-    from tasks.celery_app import make_app
-    from workers.runners.base import runner_class
-
-    worker_id = name or f"{socket.gethostname()}-{os.getpid()}"
-    logs.bind_process(worker=worker_id, model=model, device=str(dev))  # on every line of this process
-    runner = runner_class(MODELS[model].family)(model, settings, dev)
-    if tracing.setup(tracing.SERVICE_WORKER, **{"service.instance.id": worker_id}):  # OTEL_* (tasks/tracing.py)
-        from workers.tracing import instrument
-
-        instrument(runner)
-    t0 = time.time()
-    runner.load()
-    runner.warmup()
-    log.info("worker %s: %s warm on %s in %.1fs", worker_id, model, dev, time.time() - t0)
-    svc = WorkerService(settings, model, dev, worker_id, runner)
-    if settings.worker_metrics_port:
-        svc.metrics.gpu_memory.set_function(lambda: gpu_memory_mb(dev) * 1e6)
-        svc.metrics.rss.set_function(lambda: rss_mb() * 1e6)
-        svc.metrics.memory_limit.set(svc.memory_limit)
-        svc.metrics.serve(settings.worker_metrics_port)
-    app = make_app(settings)
-    from workers import broker
-
-    app.conf.broker_transport = broker.TRANSPORT  # kombu's Redis transport carrying START and acks (workers/broker.py)
-    svc.kombu_keys = broker.KombuKeys.from_options(app.conf.broker_transport_options)
-    broker.install(svc)
-
-    from workers.batching import AdaptiveBatches
-
-    conc = settings.max_concurrency_per_gpu
-
-    @app.task(
-        name=keys.TASK_INFER, base=AdaptiveBatches, flush_every=settings.max_batch_size, flush_interval=max(settings.batch_timeout_ms, 0.5) / 1000,
-        max_in_flight=conc, acks_late=True, ignore_result=True,
-    )
-    def infer(requests: list[Any]) -> bool:
-        return svc.handle([r.kwargs for r in requests], headers=[r.request_dict for r in requests] if tracing.ON else None)
-
-    extra = _register_extra_tasks(app, svc)
-
-    @signals.worker_ready.connect(weak=False)
-    def _ready(sender: Any = None, **_: Any) -> None:
-        svc.consumer = sender
-        svc.nodename = sender.hostname
-        if settings.task_events:  # its own connection: the events thread publishes while kombu's consumer reads
-            svc.events = app.events.Dispatcher(app.connection_for_write(), hostname=sender.hostname, groups=["task"], buffer_group=["task"], buffer_limit=1 << 20, buffer_while_offline=False)
-            threading.Thread(target=svc.events_forever, args=(stop,), daemon=True, name="task-events").start()
-        svc.beat()
-
-    @signals.worker_shutting_down.connect(weak=False)
-    def _leaving(sig: str = "", how: str = "", **_: Any) -> None:  # Celery's SIGTERM/SIGINT/SIGQUIT handler
-        svc.leave(f"{sig}, {how.lower()} shutdown")
-
-    svc.on_leave.append(app.tasks[keys.TASK_INFER].stop_taking)
-
-    stop = threading.Event()
-    svc.beat()
-    threading.Thread(target=svc.heartbeat_forever, args=(stop,), daemon=True, name="heartbeat").start()
-    queues = [keys.shared_queue(model), keys.private_queue(model, worker_id)]
-    argv = [
-        "worker", "-P", "threads", "-c", str(conc), "-Q", ",".join(queues), "-n", f"{model}.{worker_id}@%h",
-        # With BULK_DRAIN a batch fills itself from the queue atomically (Lua), so kombu needs to
-        # hold just one message per in-flight batch: while every slot is busy no BRPOP is
-        # outstanding, and a worker killed mid-batch cannot take a message popped-but-unrecorded
-        # with it (kombu's BRPOP and its unacked record are two round trips).
-        "--prefetch-multiplier", str(1 if settings.bulk_drain else max(1, settings.max_batch_size)), "--without-gossip", "--without-mingle", "-l", loglevel,
-    ]
-    if settings.task_events:
-        argv.append("-E")
-    if logs.is_json():
-        _quiet_celery_stdout(argv)
-    log.info("worker %s consuming %s (batch %d, timeout %.1f ms, %d in flight, extra tasks: %s)", worker_id, queues, settings.max_batch_size, settings.batch_timeout_ms, conc, extra)
-    try:
-        app.worker_main(argv)
-    finally:
-        stop.set()
-        svc.flush_events()
-        svc.hand_over()
-
-
-def _quiet_celery_stdout(argv: list[str]) -> None:
-    """With LOG_FORMAT=json every line must be JSON: no start-up banner (`--quiet`), and the
-    notices Celery's signal handlers write straight to the terminal ("worker: Warm shutdown",
-    "Hitting Ctrl+C again ...", through `celery.apps.worker.safe_say`, celery 5.5/5.6) become
-    log records; the handlers themselves stay Celery's own."""
-    import celery.apps.worker as cw
-
-    argv.insert(0, "--quiet")  # an option of the `celery` command, before `worker`
-    if callable(getattr(cw, "safe_say", None)):
-        say = logging.getLogger("celery.apps.worker")
-        cw.safe_say = lambda msg, f=None: say.info(str(msg).strip())
-
-
-def _register_extra_tasks(app: Any, svc: WorkerService) -> list[str]:
-    """Model families may add tasks of their own (sessions, video jobs: `Runner.extra_tasks`; shards)."""
-    extra = []
-    for t in svc.runner.extra_tasks(svc):
-        app.task(name=t.name, acks_late=t.acks_late, ignore_result=t.ignore_result)(t.fn)
-        extra.append(t.name)
-    if MODELS[svc.model].takes_images:  # WebDataset shard jobs (workers/shards.py)
-        from workers import shards
-
-        extra += shards.register(app, svc)
-    return extra
