@@ -330,7 +330,7 @@ class ShardRun:
             r = self.svc.runner
             t = time.perf_counter()
             try:
-                preds = r._predict_counted([e.prepared for e in live])
+                preds = r.predict_counted([e.prepared for e in live])
                 pairs = list(zip(live, preds, strict=True))
             except Exception as ex:
                 pairs = []
@@ -338,7 +338,7 @@ class ShardRun:
                     log.warning("job=%s shard=%d batched call of %d failed (%s); one by one", self.job, self.index, len(live), ex)
                 for e in live:
                     try:
-                        pairs.append((e, r._predict_counted([e.prepared])[0]))
+                        pairs.append((e, r.predict_counted([e.prepared])[0]))
                     except Exception as ex1:
                         e.error = _model_err(ex1)
             self.model_ms += (time.perf_counter() - t) * 1000

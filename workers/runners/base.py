@@ -145,7 +145,9 @@ class Runner(ABC):
         }
 
     # -- the batch loop ----------------------------------------------------
-    def _predict_counted(self, batch: list[Any]) -> list[Any]:
+    def predict_counted(self, batch: list[Any]) -> list[Any]:
+        """`predict`, counted in `calls`: what callers that drive the hooks themselves use (`run_batch`,
+        the shard pipeline, which overlaps prepare, predict and finish across threads)."""
         self.calls += 1
         return self.predict(batch)
 
@@ -163,7 +165,7 @@ class Runner(ABC):
         stats.prepare_ms += (t1 - t0) * 1000
         if prepared:
             try:
-                preds = self._predict_counted([p for _, p in prepared])
+                preds = self.predict_counted([p for _, p in prepared])
                 stats.calls += 1
                 pairs = list(zip(prepared, preds, strict=True))
             except Exception as e:
@@ -175,7 +177,7 @@ class Runner(ABC):
                     pairs = []
                     for i, p in prepared:
                         try:
-                            pairs.append(((i, p), self._predict_counted([p])[0]))
+                            pairs.append(((i, p), self.predict_counted([p])[0]))
                             stats.calls += 1
                         except Exception as e1:
                             out[i] = _model_error(e1)
