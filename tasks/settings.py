@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     task_events: bool = Field(True, description="Send per-task Celery events: Flower's Processed/Succeeded/Failed counts and task list (buffered, one PUBLISH every 0.5 s); worker events and heartbeats are always on.")
 
     # --- accelerators (ONNX Runtime and torch on a GPU) ---
+    ort_spinning: bool = Field(False, description="ONNX models on a CPU: let ONNX Runtime's idle intra-op threads spin (its own default) instead of sleeping; spinning threads take the cores the worker decodes and encodes on (see docs/performance.md for the measurement behind the default).")
     ort_io_binding: bool = Field(True, description="ONNX models on a CUDA device: bind inputs and outputs (IO binding) so each call copies its input in and its output out once, with no per-call allocation of device buffers.")
     ort_cuda_graph: bool = Field(False, description="ONNX models on a CUDA device: capture one CUDA graph per input shape and replay it (needs ORT_IO_BINDING; pays off for fixed shapes: the letterboxed ONNX models, one graph per batch size).")
     ort_tensorrt: bool = Field(False, description="ONNX models on a CUDA device: try ONNX Runtime's TensorRT execution provider first (onnxruntime-gpu built with TensorRT); engines are built on first use, which takes minutes.")

@@ -104,7 +104,7 @@ class OnnxSegRunner(Runner):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.device.kind == "cpu":
+        if self.device.kind == "cpu" and not self.settings.ort_spinning:
             # idle intra-op threads would spin on the very cores that decode and encode the
             # next images; they sleep instead (measured: decode+preprocess 5x faster next to the model)
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

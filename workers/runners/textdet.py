@@ -378,7 +378,7 @@ class TextDetRunner(Runner):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.device.kind == "cpu":  # as onnxseg: idle intra-op threads sleep, the cores decode and post-process
+        if self.device.kind == "cpu" and not self.settings.ort_spinning:  # as onnxseg: idle intra-op threads sleep, the cores decode and post-process
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # through OrtModel as every ONNX family: on CUDA the input is IO-bound (ORT_IO_BINDING) and
         # TensorRT is tried first with ORT_TENSORRT. The input's shape follows the image's size, so
