@@ -155,3 +155,20 @@ def test_textmask_runner_calls_the_model_through_ortmodel(model_dir: Path) -> No
     r.model_call.io_binding = True  # the CUDA code path, with buffers in host memory
     np.testing.assert_array_equal(r.raw_call(x), plain)
     assert plain.shape == (1, 1, *x.shape[2:])
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_ort_spinning_sets_the_cpu_sessions_idle_threads(model_dir: Path, spinning: bool) -> None:
+    """ORT_SPINNING=false (the default) makes a CPU session's idle intra-op threads sleep; true
+    leaves ONNX Runtime's own default (spinning), for textmask's session as for onnxseg's."""
+    from workers.runners.textdet import TextDetRunner
+
+    r = TextDetRunner("textmask", Settings(model_dir=str(model_dir), ort_spinning=spinning), CPU)
+    r.load()
+    so = r.session.get_session_options()
+    if spinning:
+        with pytest.raises(RuntimeError, match="allow_spinning"):  # never set: ONNX Runtime's default applies
+            so.get_session_config_entry("session.intra_op.allow_spinning")
+    else:
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert Settings().ort_spinning is False
