@@ -20,6 +20,7 @@ import pytest
 from client.benchkit import Stack
 from tasks.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import make_bucket, wait_job, with_text
+from tests.helpers import faults
 
 pytestmark = pytest.mark.slow
 PNG = {"Content-Type": "image/png"}
@@ -71,7 +72,7 @@ def test_kill_9_mid_batch_twenty_times(make_stack) -> None:
 
 
 def test_poison_task_is_dead_lettered_after_max_deliveries(make_stack) -> None:
-    env = {"VISIBILITY_TIMEOUT_S": "2", "MAX_DELIVERIES": "3", "TRIFECTA_ALLOW_CRASH": "1"}
+    env = {"VISIBILITY_TIMEOUT_S": "2", "MAX_DELIVERIES": "3", **faults.env(TRIFECTA_CRASH_ECHO="1")}  # the poison: tests/helpers/faults
     st = make_stack(models=["echo"], env=env)
     jid = submit(st.url, b"boom", model="echo", params={"crash": True})
     restarts = 0

@@ -1,15 +1,14 @@
 """`echo`: a no-op model for measuring the pipeline and for tests.
 
 It never decodes the input. `params.sleep_ms` (at most 60 000) holds the batch that
-long, which is how tests stall a worker to fill the queue or to outlive a deadline;
-`params.crash` makes the worker process exit at once (a poison message for the
-dead-letter tests), and only when `TRIFECTA_ALLOW_CRASH=1` is set on the worker.
+long, which is how tests stall a worker to fill the queue or to outlive a deadline.
+(The dead-letter tests' poison, a `params.crash` that kills the worker, is injected by
+`tests/helpers/faults`, never carried here.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Any
 
@@ -28,8 +27,6 @@ class EchoRunner(Runner):
         sleep_ms = p.get("sleep_ms", 0)
         if not isinstance(sleep_ms, (int, float)) or not 0 <= sleep_ms <= 60_000:
             raise Unprocessable("sleep_ms must be a number between 0 and 60000")
-        if p.get("crash") and os.environ.get("TRIFECTA_ALLOW_CRASH") == "1":
-            os._exit(17)
         return {"n": len(item.data), "sleep_ms": float(sleep_ms), "digest": hashlib.blake2b(item.data, digest_size=8).hexdigest()}
 
     def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,8 +5,9 @@ gets the faults its environment asks for, and production code carries none of th
 
     TRIFECTA_CRASH_CLIP=<i>   the clip of index i of any multi-clip V-JEPA 2 job kills its worker
                               (os._exit) every time it reaches `prepare`: the dead-letter tests' poison
+    TRIFECTA_CRASH_ECHO=1     an `echo` request with `params.crash` kills its worker the same way
 
-Used by tests/test_chaos_clips.py through `tests.helpers.faults.env(...)`.
+Used by tests/test_chaos_clips.py and tests/test_chaos.py through `tests.helpers.faults.env(...)`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,11 @@ import os
 import sys
 
 
-def _crash_clip(index: int) -> None:
-    # The runner module is imported when the worker loads its family, after start-up: patch it
-    # as soon as it is imported (a meta-path finder that wraps the module's loader).
+def _patch_on_import(target: str, patch: object) -> None:
+    """Call `patch(module)` once `target` is imported (runner modules load after start-up, when the
+    worker picks its family): a meta-path finder that wraps the module's loader."""
     import importlib.abc
     import importlib.machinery
-
-    target = "workers.runners.vjepa2"
-
-    def patch(mod: object) -> None:
-        cls = mod.VJEPA2Runner  # type: ignore[attr-defined]
-        prepare = cls.prepare
-
-        def poisoned(self, item):  # noqa: ANN001, ANN202 - the runner's own signature
-            if item.req.params.get("parent") and item.req.params.get("index") == index:
-                os._exit(17)
-            return prepare(self, item)
-
-        cls.prepare = poisoned
 
     class Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target_=None):  # noqa: ANN001, ANN201
@@ -47,7 +35,7 @@ def _crash_clip(index: int) -> None:
 
             def exec_and_patch(module):  # noqa: ANN001, ANN202
                 exec_module(module)
-                patch(module)
+                patch(module)  # type: ignore[operator]
 
             loader.exec_module = exec_and_patch  # type: ignore[method-assign]
             return spec
@@ -55,5 +43,24 @@ def _crash_clip(index: int) -> None:
     sys.meta_path.insert(0, Finder())
 
 
+def _poison_prepare(target: str, cls_name: str, poisoned: object) -> None:
+    def patch(mod: object) -> None:
+        cls = getattr(mod, cls_name)
+        prepare = cls.prepare
+
+        def wrapped(self, item):  # noqa: ANN001, ANN202 - the runner's own signature
+            if poisoned(item):  # type: ignore[operator]
+                os._exit(17)
+            return prepare(self, item)
+
+        cls.prepare = wrapped
+
+    _patch_on_import(target, patch)
+
+
 if os.environ.get("TRIFECTA_CRASH_CLIP", "").isdigit():
-    _crash_clip(int(os.environ["TRIFECTA_CRASH_CLIP"]))
+    _clip = int(os.environ["TRIFECTA_CRASH_CLIP"])
+    _poison_prepare("workers.runners.vjepa2", "VJEPA2Runner", lambda item: item.req.params.get("parent") and item.req.params.get("index") == _clip)
+
+if os.environ.get("TRIFECTA_CRASH_ECHO") == "1":
+    _poison_prepare("workers.runners.echo", "EchoRunner", lambda item: bool(item.req.params.get("crash")))
