@@ -299,7 +299,7 @@ def test_dead_letter_list_is_trimmed(r: redis.Redis) -> None:
 def test_no_crash_hook_in_production_code_and_the_test_one_patches_the_runner() -> None:
     for d in ("api", "tasks", "workers", "storage"):
         for p in (ROOT / d).rglob("*.py"):
-            assert "TRIFECTA_CRASH_CLIP" not in p.read_text(), p
+            assert "TRIFECTA_CRASH_CLIP" not in p.read_text() and "os._exit(17)" not in p.read_text(), p
     from tests.helpers import faults
 
     code = "import workers.runners.vjepa2 as v; print(v.VJEPA2Runner.prepare.__name__)"
@@ -308,4 +308,9 @@ def test_no_crash_hook_in_production_code_and_the_test_one_patches_the_runner() 
     assert out.stdout.strip() == "poisoned", out.stderr
     env.pop("TRIFECTA_CRASH_CLIP")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "prepare", out.stderr
+    echo = "import workers.runners.echo as e; print(e.EchoRunner.prepare.__name__)"
+    out = subprocess.run([sys.executable, "-c", echo], env={**env, "TRIFECTA_CRASH_ECHO": "1"}, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "poisoned", out.stderr
+    out = subprocess.run([sys.executable, "-c", echo], env=env, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
     assert out.stdout.strip() == "prepare", out.stderr

@@ -48,12 +48,12 @@ def _poison_prepare(target: str, cls_name: str, poisoned: object) -> None:
         cls = getattr(mod, cls_name)
         prepare = cls.prepare
 
-        def wrapped(self, item):  # noqa: ANN001, ANN202 - the runner's own signature
+        def poisoned(self, item):  # noqa: ANN001, ANN202 - the runner's own signature
             if poisoned(item):  # type: ignore[operator]
                 os._exit(17)
             return prepare(self, item)
 
-        cls.prepare = wrapped
+        cls.prepare = poisoned
 
     _patch_on_import(target, patch)
 
