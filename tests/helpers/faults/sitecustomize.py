@@ -43,13 +43,13 @@ def _patch_on_import(target: str, patch: object) -> None:
     sys.meta_path.insert(0, Finder())
 
 
-def _poison_prepare(target: str, cls_name: str, poisoned: object) -> None:
+def _poison_prepare(target: str, cls_name: str, when: object) -> None:
     def patch(mod: object) -> None:
         cls = getattr(mod, cls_name)
         prepare = cls.prepare
 
         def poisoned(self, item):  # noqa: ANN001, ANN202 - the runner's own signature
-            if poisoned(item):  # type: ignore[operator]
+            if when(item):  # type: ignore[operator]
                 os._exit(17)
             return prepare(self, item)
 
