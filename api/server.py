@@ -1,5 +1,6 @@
-"""The HTTP protocol `trifecta api` serves with: uvicorn's httptools protocol plus a header
-read timeout and a cap on connections per client address.
+"""The HTTP protocol `trifecta api` serves with: uvicorn's, plus a header timeout and a per-client cap.
+
+uvicorn's httptools protocol plus a header read timeout and a cap on connections per client address.
 
 Why a subclass: uvicorn has neither (its `timeout_keep_alive` only runs between requests,
 `limit_concurrency` is one global count, and `h11_max_incomplete_event_size` caps header

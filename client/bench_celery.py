@@ -1,4 +1,5 @@
-"""The stock-Celery baseline of `trifecta bench`: a plain solo worker with a no-op task,
+"""The stock-Celery baseline of `trifecta bench`: a plain solo worker with a no-op task.
+
 Redis broker and Redis result backend, called with `apply_async().get()`."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""`trifecta bench --only sam3video`: SAM3 video propagation through the API against the
-runner's tracker called directly, same run, same video, same checkpoint, same prompts.
+"""`trifecta bench --only sam3video`: SAM3 video propagation through the API vs the tracker itself.
+
+The runner's tracker is called directly: same run, same video, same checkpoint, same prompts.
 
     API     `POST /api/v1/video/session/{id}/propagate` (forward over the whole video) on a
             session held by a real sam3 worker process: API → Redis → the session's worker

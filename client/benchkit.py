@@ -1,5 +1,6 @@
-"""Processes of a whole Trifecta stack for tests and `trifecta bench`: a Redis-protocol
-server, worker processes and an API process, each a real subprocess.
+"""Processes of a whole Trifecta stack for tests and `trifecta bench`, each a real subprocess.
+
+A Redis-protocol server, worker processes and an API process.
 
     stack = Stack.create(redis_url, tmp_dir, env={...})
     stack.start_worker("textmask", "w1"); stack.start_api(); stack.wait_live("textmask")

@@ -1,5 +1,6 @@
-"""A counting HTTP proxy in front of an S3 endpoint (moto's server): every storage request the
-stack makes, as the wire sees it.
+"""A counting HTTP proxy in front of an S3 endpoint (moto's server), for tests and the bench.
+
+It records every storage request the stack makes, as the wire sees it.
 
     with S3Counter("http://127.0.0.1:5000") as c:     # point S3_ENDPOINT_URL at c.url
         ...                                           # c.requests: [(method, path, query, t0, t1)]

@@ -1,5 +1,6 @@
-"""`trifecta up`: everything in the foreground — Redis (if REDIS_URL does not answer),
-one worker per model and device, the API and Flower — restarting any worker that dies.
+"""`trifecta up`: the whole stack in the foreground, restarting any worker that dies.
+
+Redis (if REDIS_URL does not answer), one worker per model and device, the API and Flower.
 Ctrl-C stops all of it."""
 
 from __future__ import annotations

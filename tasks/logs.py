@@ -1,5 +1,6 @@
-"""Logging of every Trifecta process (API, workers, `trifecta up`): plain text, or with
-LOG_FORMAT=json one JSON object per line for a log pipeline (Loki, Elasticsearch, Cloud Logging).
+"""Logging of every Trifecta process (API, workers, `trifecta up`): plain text or JSON lines.
+
+With LOG_FORMAT=json, one JSON object per line for a log pipeline (Loki, Elasticsearch, Cloud Logging).
 
 A JSON line always has `time`, `level`, `logger` and `message`, and `job_id`, `model`,
 `tenant`, `worker`, `device` and `trace_id` where they are known:

@@ -1,5 +1,7 @@
-"""The SAM3 prompt contract, shared by the API (422 before the queue) and the worker
-(the same checks for `/v1/jobs` and shard jobs, whose params reach it unchecked).
+"""The SAM3 prompt contract, shared by the API and the worker.
+
+The API answers 422 before the queue; the worker makes the same checks for `/v1/jobs` and
+shard jobs, whose params reach it unchecked.
 
 A request's `params`:
 

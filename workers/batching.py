@@ -1,5 +1,7 @@
-"""Dynamic batching on top of celery-batches: gather up to MAX_BATCH_SIZE requests, wait at
-most BATCH_TIMEOUT_MS, and never run more than MAX_CONCURRENCY_PER_GPU batches at once.
+"""Dynamic batching on top of celery-batches.
+
+Gather up to MAX_BATCH_SIZE requests, wait at most BATCH_TIMEOUT_MS, and never run more
+than MAX_CONCURRENCY_PER_GPU batches at once.
 
 celery-batches (maintained, used as the base) collects messages into a buffer and flushes
 the whole buffer every `flush_interval` or every `flush_every` messages. Two changes make

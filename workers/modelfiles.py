@@ -1,5 +1,6 @@
-"""Model files on disk: the pretrained PP-OCRv4 detector for `textmask`, and SegFormer
-exports (pretrained from the hub, or random-init offline) for `segmentation`.
+"""Model files on disk: the PP-OCRv4 detector for `textmask`, SegFormer exports for `segmentation`.
+
+The detector is pretrained; SegFormer is exported pretrained from the hub, or random-init offline.
 
 `textmask` is taken out of the `rapidocr_onnxruntime` wheel (Apache-2.0) without
 importing rapidocr: from the installed distribution's files if it is installed, else

@@ -1,5 +1,6 @@
-"""`trifecta models tiny NAME DIR`: tiny random-init checkpoints written by the project itself,
-loaded through exactly the production loading path (tests; offline fallback of `trifecta up`)."""
+"""`trifecta models tiny NAME DIR`: tiny random-init checkpoints written by the project itself.
+
+They load through exactly the production loading path (tests; offline fallback of `trifecta up`)."""
 
 from __future__ import annotations
 
