@@ -46,3 +46,24 @@ def test_no_test_module_imports_another() -> None:
     assert len(files) > 40
     offenders = {f.relative_to(TESTS).as_posix(): got for f in files if (got := imported_test_modules(f))}
     assert offenders == {}, f"move what these share into tests/helpers/ (fixtures: a plugin there, loaded by conftest.py): {offenders}"
+
+
+SOURCE = ("api", "tasks", "workers", "storage", "client")
+MAX_LINES = 520  # issue 16: modules small enough to read in one sitting (~500 lines)
+
+
+def test_every_source_module_says_what_it_is_and_reads_in_one_sitting() -> None:
+    """Each module of the service opens with a docstring whose first line is a whole sentence
+    saying what the module is, and none is over ~500 lines (split along its seams instead)."""
+    root = TESTS.parent
+    checked = 0
+    for d in SOURCE:
+        for p in sorted((root / d).rglob("*.py")):
+            text = p.read_text()
+            doc = ast.get_docstring(ast.parse(text, str(p)))
+            assert doc, f"{p.relative_to(root)} has no module docstring"
+            first = doc.splitlines()[0].rstrip()
+            assert first.endswith((".", ":", ")")), f"{p.relative_to(root)}: its first docstring line is not a whole sentence: {first!r}"
+            assert len(text.splitlines()) <= MAX_LINES, f"{p.relative_to(root)} has {len(text.splitlines())} lines"
+            checked += 1
+    assert checked > 80
