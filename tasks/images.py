@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import io
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -74,12 +73,6 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 # SOS markers are counted here before any decode, and the decode's cost (pixels x scans)
 # is held to MAX_JPEG_SCAN_PIXELS: about 2 s of one core per 1e9 measured here.
 MAX_JPEG_SCANS = 100
-# A marker as libjpeg's next_marker() finds one: any bytes that are not FF are skipped (it
-# only warns "extraneous bytes before marker"), then any run of FF fill bytes, then a code
-# byte that is not 00 (FF00 is a stuffed byte in entropy-coded data). Pillow's header
-# parser skips junk the same way, so a counter that stopped at the first non-FF byte
-# between segments could be bypassed with one byte.
-_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff])")
 
 
 def check_jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
@@ -92,7 +85,7 @@ def check_jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
 
     Every place a marker code can sit (an FF, then a byte neither 00 nor FF) is found by numpy,
     64 KiB at a time; the walk then jumps from candidate to candidate, exactly where
-    `_NEXT_MARKER.search` from the same position would land (the run of FF fill bytes before
+    libjpeg's next_marker() (the regex walk in tests/helpers/jpegscan.py) would land (the run of FF fill bytes before
     a code only has to start at or after the search position, and its last FF sits right
     before the code). The regex search crossed every stuffed FF00 of the entropy-coded data
     in Python's regex engine: 0.6 ms of a 68 KB photo, paid by the API and again by the worker.
@@ -144,31 +137,6 @@ def _next_marker_code(a: np.ndarray, k0: int, chunk: list[Any]) -> int:
             return codes[j]
         k0 = start + _SCAN_CHUNK
     return -1
-
-
-def _check_jpeg_scans_regex(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
-    """The plain regex walk `check_jpeg_scans` replaces, kept as the reference its tests compare with."""
-    i, n, scans = 2, len(data), 0
-    while i < n:
-        hit = _NEXT_MARKER.search(data, i)
-        if hit is None:
-            break
-        m, i = hit.group(1)[0], hit.end()
-        if m == 0xD9:  # EOI
-            break
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # TEM, RSTn, SOI: no length
-            continue
-        if i + 2 > n:
-            break
-        length = int.from_bytes(data[i : i + 2], "big")
-        if length < 2:
-            break
-        i += length
-        if m == 0xDA:
-            scans += 1
-            if scans > limit:
-                raise UndecodableImage(f"the JPEG has more than {limit} scans (a progressive JPEG has about 10); refused before decoding, as so many scans can take minutes to decode")
-    return scans
 
 
 def _scan_pixels_budget() -> int:

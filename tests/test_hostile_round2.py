@@ -34,9 +34,10 @@ from PIL import Image
 from storage import codecs
 from tasks import images, keys
 from tasks.errors import translate
-from tasks.images import _check_jpeg_scans_regex, check_jpeg_scans
+from tasks.images import check_jpeg_scans
 from tasks.settings import Settings
 from tests.conftest import ROOT, photo, png_bytes
+from tests.helpers.jpegscan import check_jpeg_scans_regex
 from tests.helpers.uploads import many_scans, peak_rss_mb, post_until_answered
 from tests.helpers.videos import write_video
 
@@ -295,7 +296,7 @@ def test_vectorised_scan_count_walks_exactly_as_the_regex_walk(monkeypatch: pyte
     for data, chunk, limit in [(d, c, lim) for d in cases for c in (images._SCAN_CHUNK, 5) for lim in (100, 2)]:
         monkeypatch.setattr(images, "_SCAN_CHUNK", chunk)  # 5 bytes: every chunk boundary crossed
         try:
-            want: object = _check_jpeg_scans_regex(data, limit)
+            want: object = check_jpeg_scans_regex(data, limit)
         except Exception as e:  # noqa: BLE001 - the refusal must match too
             want = type(e)
         try:
