@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     ort_tensorrt: bool = Field(False, description="ONNX models on a CUDA device: try ONNX Runtime's TensorRT execution provider first (onnxruntime-gpu built with TensorRT); engines are built on first use, which takes minutes.")
     ort_trt_fp16: bool = Field(True, description="With ORT_TENSORRT: build fp16 TensorRT engines.")
     ort_trt_cache_dir: str | None = Field(None, description="With ORT_TENSORRT: where engines and timing caches are kept between starts; unset: `<MODEL_DIR>/.trt-cache`.")
+    ort_device_preprocess: Literal["auto", "on", "off"] = Field("auto", description="textmask: resize and normalise on the model's device (ONNX nodes in front of the model; the host sends the decoded uint8 image, a quarter of the bytes). auto = on an accelerator only; on a CPU the host path is the same work and RapidOCR's answer bit for bit. Needs the `onnx` package (the `gpu` extra).")
     torch_dtype: str = Field("auto", description="Torch families (SAM3, Mask2Former, V-JEPA 2): auto, fp32, fp16 or bf16. auto = fp32 on a CPU; on a GPU bf16 for SAM3 (fp16 where the GPU has no bf16), fp16 for the others.")
     image_model_compile: bool = Field(False, description="Torch families: `torch.compile` the main network at start (the SAM3 source service's setting; the first call of each input shape compiles, minutes on a big model).")
     sim_batch_ms: float = Field(8.0, ge=0, le=10_000, description="`simulated` model: fixed cost of one model call in ms (a GPU's launch and weight-read cost), slept without using CPU.")

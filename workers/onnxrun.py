@@ -36,20 +36,20 @@ class _Bound:
 
 
 class OrtModel:
-    def __init__(self, path: str, device: Device, settings: Any, sess_options: Any = None, fixed_shapes: bool = True, input_name: str | None = None, output_name: str | None = None) -> None:
+    def __init__(self, path: str | bytes, device: Device, settings: Any, sess_options: Any = None, fixed_shapes: bool = True, input_name: str | None = None, output_name: str | None = None) -> None:
         import onnxruntime as ort
 
         self.ort = ort
         avail = ort.get_available_providers()
         self.plan: OrtPlan = ort_plan(device, avail, settings, fixed_shapes=fixed_shapes)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=sess_options, providers=self.plan.providers)
+            self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=sess_options, providers=self.plan.providers)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs when any node falls back to the CPU
             if not self.plan.cuda_graph:
                 raise
             log.warning("ORT_CUDA_GRAPH refused for %s (%s); running without CUDA graphs", path, e)
             self.plan = ort_plan(device, avail, settings, fixed_shapes=False)
-            self.session = ort.InferenceSession(str(path), sess_options=sess_options, providers=self.plan.providers)
+            self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=sess_options, providers=self.plan.providers)
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         self.input_name = input_name if input_name in names_in else names_in[0]
@@ -69,16 +69,20 @@ class OrtModel:
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        if self.cuda_graph:
+    def run(self, x: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """`extra`: the graph's other inputs, small host arrays (textmask's target size with
+        ORT_DEVICE_PREPROCESS); such calls are not captured as CUDA graphs."""
+        if self.cuda_graph and not extra:
             return self._run_graph(x)
         if self.io_binding:
-            return self._run_bound(x)
-        return self.session.run([self.output_name], {self.input_name: x}, self._no_graph)[0]
+            return self._run_bound(x, extra)
+        return self.session.run([self.output_name], {self.input_name: x, **(extra or {})}, self._no_graph)[0]
 
-    def _run_bound(self, x: np.ndarray) -> np.ndarray:
+    def _run_bound(self, x: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         b = self.session.io_binding()
         b.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
+        for name, v in (extra or {}).items():
+            b.bind_cpu_input(name, np.ascontiguousarray(v))
         b.bind_output(self.output_name, self.mem)
         self.session.run_with_iobinding(b, self._no_graph)
         return b.copy_outputs_to_cpu()[0]

@@ -94,8 +94,13 @@ class SimulatedRunner(Runner):
         return batch
 
     def finish(self, item: Item, prepared: Any, pred: Any) -> Produced:
-        from workers.runners.onnxseg import resize_mask
-
         x, (ch, cw), (h, w) = prepared
-        mask = resize_mask(x[0, :ch, :cw] > 0, h, w)
+        mask = x[0, :ch, :cw] > 0
+        if mask.shape != (h, w):
+            # the device's map back to the image's size: OpenCV's bilinear on 0/255, at half. Not
+            # Pillow's filtered resize (onnxseg's `resize_mask`): that measured 3.3 ms of this
+            # runner's ~4 ms per 512x512 image, more than textmask's own post-processing costs
+            import cv2
+
+            mask = cv2.resize(mask.view(np.uint8) * np.uint8(255), (w, h), interpolation=cv2.INTER_LINEAR) >= 128
         return Produced(masks={"mask": mask}, meta={"foreground_pixels": int(np.count_nonzero(mask)), "simulated": True})

@@ -40,6 +40,7 @@ from PIL import ImageOps
 
 from tasks.errors import UndecodableImage, Unprocessable, shown
 from tasks.images import decode_opened, open_image, to_rgb
+from workers import devprep
 from workers.modelfiles import is_trained
 from workers.onnxrun import OrtModel
 from workers.runners.base import Item, Produced, Runner
@@ -105,12 +106,13 @@ _PARAM_RANGES: dict[str, tuple[type, float, float]] = {
 class Prepared:
     """One image ready for the model, and what it takes to map boxes back."""
 
-    x: np.ndarray  # 3 x H x W float32, H and W multiples of 32
+    x: np.ndarray  # 3 x H x W float32, H and W multiples of 32; with ORT_DEVICE_PREPROCESS the h x w x 3 uint8 image, resized on the device to `size`
     det_hw: tuple[int, int]  # size of the image TextDetector was given (after RapidOCR's scaling and padding)
     raw_hw: tuple[int, int]  # the original image's size
     ratio_hw: tuple[float, float]  # RapidOCR's preprocess ratios: original / scaled
     pad_top: int  # RapidOCR's black padding of flat images
     params: DetParams = field(default_factory=DetParams)
+    size: tuple[int, int] | None = None  # ORT_DEVICE_PREPROCESS: the model's input size (th, tw) the device resizes to
 
 
 # ---------------------------------------------------------------- decode (RapidOCR's LoadImage)
@@ -373,6 +375,14 @@ class TextDetRunner(Runner):
         std = np.asarray(cfg.get("std", (0.5, 0.5, 0.5)), np.float32)
         self._mean, self._std = [np.float32(v) for v in mean], [np.float32(v) for v in std]
         self._lut = normalise_lut(self._mean, self._std)
+        # ORT_DEVICE_PREPROCESS (auto: on accelerators): the resize and normalisation run as ONNX
+        # nodes in front of the model (workers/devprep.py); the host sends uint8
+        self.device_prep = devprep.wanted(self.settings.ort_device_preprocess, self.device.kind)
+        model: str | bytes = str(onnx_path)
+        in_name = cfg.get("input_name")
+        if self.device_prep:
+            model = devprep.with_device_preprocess(str(onnx_path), in_name or "x", self._mean, self._std)
+            in_name = devprep.IMAGE
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.device.threads
         so.inter_op_num_threads = 1
@@ -383,7 +393,7 @@ class TextDetRunner(Runner):
         # through OrtModel as every ONNX family: on CUDA the input is IO-bound (ORT_IO_BINDING) and
         # TensorRT is tried first with ORT_TENSORRT. The input's shape follows the image's size, so
         # no CUDA graphs (fixed_shapes=False: one graph per shape would be captured and kept).
-        self.model_call = OrtModel(str(onnx_path), self.device, self.settings, so, fixed_shapes=False, input_name=cfg.get("input_name"), output_name=cfg.get("output_name"))
+        self.model_call = OrtModel(model, self.device, self.settings, so, fixed_shapes=False, input_name=in_name, output_name=cfg.get("output_name"))
         self.session = self.model_call.session
         self.input_name, self.output_name = self.model_call.input_name, self.model_call.output_name
         # Shapes differ from image to image (multiples of 32), so a batch runs as groups of equal
@@ -391,7 +401,7 @@ class TextDetRunner(Runner):
         # (PP-OCRv4 det, 2 cores: see docs/readme/core.md), and a group waits for its slowest.
         self.stack_groups = self.device.kind != "cpu"
         log.info(
-            "loaded %s from %s on %s (limit %s %d, threads %d, providers %s)",
+            "loaded %s from %s on %s (limit %s %d, threads %d, providers %s, preprocess on the %s)",
             self.model,
             self.source,
             self.device,
@@ -399,16 +409,20 @@ class TextDetRunner(Runner):
             self.defaults.limit_side_len,
             self.device.threads,
             self.session.get_providers(),
+            "device" if self.device_prep else "host",
         )
 
     def warmup(self) -> None:
         s = self.defaults.limit_side_len if self.defaults.limit_type == "min" else 960
         s = max(32, int(round(s / 32)) * 32)
-        self.raw_call(np.zeros((1, 3, s, s), np.float32))
+        if self.device_prep:
+            self.raw_call(np.zeros((1, s, s, 3), np.uint8), (s, s))
+        else:
+            self.raw_call(np.zeros((1, 3, s, s), np.float32))
         self.warm = True
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "limit_type": self.defaults.limit_type, "reference": "rapidocr_onnxruntime==1.4.4 (ch_ppocr_det)"}
+        return {**super().info(), "limit_type": self.defaults.limit_type, "preprocess": "device" if self.device_prep else "host", "reference": "rapidocr_onnxruntime==1.4.4 (ch_ppocr_det)"}
 
     # -- hooks -------------------------------------------------------------
     def prepare(self, item: Item) -> Prepared:
@@ -426,6 +440,8 @@ class TextDetRunner(Runner):
         th, tw = det_size(h, w, p.limit_side_len, p.limit_type)
         if th <= 0 or tw <= 0:  # DetPreProcess returns None: RapidOCR finds nothing
             x = np.zeros((3, 0, 0), np.float32)
+        elif self.device_prep:  # the device resizes and normalises (workers/devprep.py)
+            return Prepared(np.ascontiguousarray(img), (h, w), raw_hw, (rh, rw), pad, p, (th, tw))
         else:
             cv2 = _opencv()
             u = img if (th, tw) == (h, w) else cv2.resize(img, (tw, th))
@@ -435,20 +451,23 @@ class TextDetRunner(Runner):
                 cv2.LUT(plane, self._lut[c], dst=x[c])
         return Prepared(x, (h, w), raw_hw, (rh, rw), pad, p)
 
-    def raw_call(self, x: np.ndarray) -> np.ndarray:
-        return self.model_call.run(x)
+    def raw_call(self, x: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """One model call on N prepared inputs (`size`: the resize target with ORT_DEVICE_PREPROCESS)."""
+        if size is None:
+            return self.model_call.run(x)
+        return self.model_call.run(x, {devprep.SIZE: devprep.size_input(size[0], size[1], len(x))})
 
     def predict(self, batch: list[Prepared]) -> list[np.ndarray | None]:
         out: list[np.ndarray | None] = [None] * len(batch)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(batch):
             if p.x.size:
-                groups.setdefault(p.x.shape, []).append(i)
+                groups.setdefault((p.x.shape, p.size), []).append(i)
         for idx in groups.values():
             runs = [idx] if self.stack_groups and len(idx) > 1 else [[i] for i in idx]
             for run in runs:
                 x = batch[run[0]].x[None] if len(run) == 1 else np.stack([batch[i].x for i in run])
-                y = self.raw_call(x)
+                y = self.raw_call(x, batch[run[0]].size)
                 for k, i in enumerate(run):
                     out[i] = y[k, 0]
         return out
