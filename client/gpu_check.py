@@ -12,6 +12,8 @@ Steps, each a `trifecta bench` run in a subprocess with its own time limit (all 
      checkpoints, batch 1/4/8, fp32 vs bf16, model vs end-to-end
   3. the pipeline (`--quick --only dispatch,simulated`): echo round trips and what one worker
      feeds a simulated device; the host's CPU is what these measure
+  4. textmask on the device with ORT_DEVICE_PREPROCESS on and off (in-process): the same
+     regions on the test photos, and the time per image of each path
 
 A step that fails or runs out of time is recorded with its output tail, and the others still run.
 """
@@ -69,6 +71,44 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+def textmask_paths(device: str, rounds: int = 5) -> dict[str, Any]:
+    """textmask's runner on `device` with its resize and normalisation on the host and on the
+    device (workers/devprep.py): regions per photo, the largest corner difference, ms per image."""
+    import numpy as np
+
+    from tasks.settings import Settings
+    from workers.device import pin
+    from workers.runners.base import Item
+    from workers.runners.textdet import TextDetRunner
+
+    try:
+        dev = pin(device)
+        photos = [p.read_bytes() for p in sorted((ROOT / "tests" / "data" / "images").glob("*.png"))]
+        req = type("Req", (), {"params": None})()
+        out: dict[str, Any] = {"device": str(dev)}
+        regions: dict[str, list] = {}
+        for mode in ("off", "on"):
+            r = TextDetRunner("textmask", Settings(model_dir=str(ROOT / "models"), ort_device_preprocess=mode), dev)
+            r.load()
+            r.warmup()
+            items = [Item(req, d) for d in photos]
+            regions[mode] = [res.meta["regions"] for res in r.run_batch(items)]
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                r.run_batch(items)
+            out[f"ms_per_image_preprocess_{'device' if mode == 'on' else 'host'}"] = round((time.perf_counter() - t0) / (rounds * len(items)) * 1000, 2)
+            out["providers"] = r.session.get_providers()
+        out["regions_per_photo"] = [len(x) for x in regions["off"]]
+        out["same_region_counts"] = [len(x) for x in regions["off"]] == [len(x) for x in regions["on"]]
+        diffs = [float(np.abs(np.asarray(a["points"]) - np.asarray(b["points"])).max()) for xs, ys in zip(regions["off"], regions["on"], strict=True) if len(xs) == len(ys) for a, b in zip(xs, ys, strict=True)]
+        out["max_corner_px"] = max(diffs, default=0.0)
+        return out
+    except ImportError as e:  # a machine carrying the wheelhouse has no OpenCV (see docs/performance.md)
+        return {"skipped": f"textmask cannot load here: {e}"}
+    except Exception as e:  # noqa: BLE001 - recorded; the other steps still run
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def step(name: str, args: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix=f"gpu-check-{name}-")) / "bench.json"
     cmd = [sys.executable, "-m", "client.cli", "bench", *args, "--output", str(out)]
@@ -119,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"][name] = res
         goals += res.get("bench", {}).get("goals", [])
     report["goals"] = goals
+    print(f"[gpu-check] textmask on {device}, preprocessing on the host vs on the device", flush=True)
+    report["steps"]["textmask_preprocess"] = textmask_paths(device, 1 if a.dry_run else 5)
     report["seconds"] = round(time.time() - t_start, 1)
     Path(a.output).write_text(json.dumps(report, indent=2, default=str))
-    ok = all(isinstance(s, dict) and s.get("rc") in (0, 1) and "bench" in s for s in report["steps"].values())
+    ok = all(isinstance(s, dict) and s.get("rc") in (0, 1) and "bench" in s for k, s in report["steps"].items() if k != "textmask_preprocess")
+    ok = ok and "error" not in report["steps"]["textmask_preprocess"]
     print(f"[gpu-check] wrote {a.output} in {report['seconds']} s: {'all steps ran' if ok else 'a step failed (see its output_tail)'}", flush=True)
     return 0 if ok else 2
 

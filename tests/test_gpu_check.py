@@ -37,7 +37,7 @@ def test_dry_run_measures_every_torch_family_and_the_simulated_pipeline(tmp_path
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["kind"] == "gpu-check (dry run on the CPU)"
-    assert set(d["steps"]) == {"torch", "pipeline"}
+    assert set(d["steps"]) == {"torch", "pipeline", "textmask_preprocess"}
     torch = d["steps"]["torch"]["bench"]["torch"]
     assert torch["device"] == "cpu"
     for family in ("mask2former", "vjepa2", "sam3"):
@@ -51,5 +51,8 @@ def test_dry_run_measures_every_torch_family_and_the_simulated_pipeline(tmp_path
         assert cfg["median"]["ok"] > 0 and cfg["median"]["cpu_ms"] > 0
         assert "textmask (" in json.loads(cfg["worker_info"])["prepare"]  # textmask's own prepare ran, not the stand-in
     assert sim["bulk"]["samples"] == 600 and sim["bulk"]["median"]["rate"] > 0 and sim["bulk"]["median"]["cpu_ms_worker"] > 0
+    tm = d["steps"]["textmask_preprocess"]
+    assert tm["same_region_counts"] is True and 0 <= tm["max_corner_px"] <= 2.0 and sum(tm["regions_per_photo"]) > 0
+    assert tm["ms_per_image_preprocess_host"] > 0 and tm["ms_per_image_preprocess_device"] > 0
     names = [g["goal"] for g in d["goals"]]
     assert sum(n.startswith("torch ") for n in names) == 6 and sum(n.startswith("simulated ") for n in names) == 6
