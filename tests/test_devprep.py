@@ -4,7 +4,7 @@
 Where the image needs no resize, the device path's model input is the host's bit for bit, so
 the regions are identical; where it is resized, cv2's fixed-point bilinear and the graph's
 float one may differ by a level, and the regions stay the same regions (same count, corners
-within 2 px on the test photos)."""
+within 2 px on the test photos), and a worker process running it answers sync requests the same."""
 
 from __future__ import annotations
 
@@ -101,3 +101,29 @@ def test_io_bound_call_with_the_size_input_gives_the_plain_calls_values(runners)
         np.testing.assert_array_equal(dev.raw_call(p.x[None], p.size), plain)
     finally:
         dev.model_call.io_binding = False
+
+
+def test_a_worker_with_device_preprocessing_answers_the_host_paths_regions(make_stack, runners) -> None:
+    """Through real processes: a textmask worker with ORT_DEVICE_PREPROCESS=on (on the CPU
+    provider here) answers sync requests with the regions the host path finds in-process."""
+    import json
+
+    import httpx
+
+    from storage import codecs
+
+    host, _ = runners
+    st = make_stack(models=["textmask"], env={"ORT_DEVICE_PREPROCESS": "on"})
+    info = json.loads(st.redis.hget(f"tf:worker:{st.workers[0].name}", "info"))
+    assert info["preprocess"] == "device"
+    for name in ("text.png", "chelsea.png"):
+        data = (IMAGES / name).read_bytes()
+        r = httpx.post(f"{st.url}/run_textmask?format=rle", content=data, headers={"Content-Type": "image/png"}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = host.run_batch([Item(REQ, data)])[0]
+        assert len(body["regions"]) == len(want.meta["regions"]) > 0
+        for x, y in zip(body["regions"], want.meta["regions"], strict=True):
+            assert np.abs(np.asarray(x["points"]) - np.asarray(y["points"])).max() <= 2.0
+        mask = codecs.decode_rle(body)
+        assert mask.shape == want.masks["mask"].shape and (mask ^ want.masks["mask"]).sum() <= 0.01 * mask.size
