@@ -47,10 +47,10 @@ up: $(if $(TORCH_MODELS),$(STAMP),install-min)
 	$(BIN)/trifecta up
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25 tests
 
 chaos: install
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -m slow --durations=10 tests
 
 lint: install
 	$(BIN)/ruff check api tasks workers storage client tests
