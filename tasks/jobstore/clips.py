@@ -63,9 +63,8 @@ end
 RECORD_LUA = (
     _PROGRESS
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return {-1, -1} end
-st = cjson.decode(st)
 if terminal(st) then return {-1, -1} end
 if st == 'queued' then redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[3]) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
@@ -80,9 +79,8 @@ return progress(KEYS[1], KEYS[2], KEYS[3])
 EMITTED_LUA = (
     _PROGRESS
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return {-1, -1, 'missing'} end
-st = cjson.decode(st)
 if terminal(st) then return {-1, -1, st} end
 redis.call('HSET', KEYS[2], 'emitted', ARGV[1], 'frames', ARGV[2])
 if tonumber(ARGV[3]) >= 0 then redis.call('HSET', KEYS[2], 'total', ARGV[3]) end
@@ -98,9 +96,8 @@ return {r[1], r[2], st}
 CHUNK_START_LUA = (
     _PROGRESS
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return {'missing', 0} end
-st = cjson.decode(st)
 if terminal(st) then return {st, 0} end
 local n = redis.call('HINCRBY', KEYS[2], 'deliveries:' .. ARGV[3], 1)
 if n > tonumber(ARGV[2]) then return {'dead', n} end

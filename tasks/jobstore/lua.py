@@ -11,8 +11,12 @@ from tasks import keys
 
 
 def terminal_function() -> str:
-    """`local function terminal(st)`: true for a status in `keys.TERMINAL` (sorted, so the text is stable)."""
-    return "local function terminal(st) return " + " or ".join(f"st == '{s}'" for s in sorted(keys.TERMINAL)) + " end\n"
+    """`local function terminal(st)`: true for a status in `keys.TERMINAL` (sorted, so the text is
+    stable); and `job_status(key)`: the job's decoded status, nil without a record."""
+    return (
+        "local function terminal(st) return " + " or ".join(f"st == '{s}'" for s in sorted(keys.TERMINAL)) + " end\n"
+        "local function job_status(key) local s = redis.call('HGET', key, 'status') if s then return cjson.decode(s) end end\n"
+    )
 
 
 TERMINAL_FN = terminal_function()
@@ -36,9 +40,8 @@ end
 START_LUA = (
     TERMINAL_FN
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return {'missing', 0} end
-st = cjson.decode(st)
 if terminal(st) then
   return {st, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
 end
@@ -77,9 +80,8 @@ return {'running', n}
 FINISH_LUA = (
     "#!lua\n"
     + TERMINAL_FN
-    + """local st = redis.call('HGET', KEYS[1], 'status')
+    + """local st = job_status(KEYS[1])
 if not st then return 0 end
-st = cjson.decode(st)
 if terminal(st) then return 0 end
 local detached = redis.call('HEXISTS', KEYS[1], 'detached') == 1
 if detached and ARGV[8] == '1' then return -1 end
@@ -101,9 +103,8 @@ return 1
 DETACH_LUA = (
     TERMINAL_FN
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return 'missing' end
-st = cjson.decode(st)
 if terminal(st) and ARGV[4] ~= '1' then return st end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], 'detached', '1')
@@ -131,9 +132,8 @@ return 1
 CANCEL_LUA = (
     TERMINAL_FN
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return 'missing' end
-st = cjson.decode(st)
 if terminal(st) then return st end
 redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
 """
@@ -148,9 +148,8 @@ return 'cancelled'
 PROGRESS_LUA = (
     TERMINAL_FN
     + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return 'missing' end
-st = cjson.decode(st)
 if not terminal(st) then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
 return st
 """

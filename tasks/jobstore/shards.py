@@ -54,9 +54,8 @@ local function progress(now)
   end
   redis.call('HSET', KEYS[1], 'progress', cjson.encode(out))
 end
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = job_status(KEYS[1])
 if not st then return {'missing', 0} end
-st = cjson.decode(st)
 local op, i, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
 if op == 'start' then
