@@ -73,10 +73,8 @@ def service_runner(threads: int) -> Any:
 def prepare_tensor(runner: Any, data: bytes) -> np.ndarray:
     """1 x C x H x W: the input the worker gives the model for these bytes (the runner's own prepare)."""
     from workers.runners.base import Item
-    from workers.runners.simulated import tensor_and_sizes
 
-    x, _, _ = tensor_and_sizes(runner.prepare(Item(req=None, data=data)))  # type: ignore[arg-type]  # prepare reads only the bytes
-    return x[None]
+    return runner.prepare(Item(req=None, data=data)).x[None]  # type: ignore[arg-type]  # prepare reads only the bytes
 
 
 def model_path() -> str:

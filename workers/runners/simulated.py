@@ -36,17 +36,6 @@ log = logging.getLogger("trifecta.simulated")
 FALLBACK_SIDE = 736  # PP-OCRv4 det's short side in RapidOCR (limit_type "min")
 
 
-def tensor_and_sizes(prepared: Any) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """(C x H x W input, (h, w) of the image inside it, (h, w) of the original) from what the
-    textmask runner's host-path `prepare` returns: onnxseg's tuple (x, content, original) or
-    textdet's `Prepared` (x, ..., raw_hw). Used by the bench to get the model's own input."""
-    if isinstance(prepared, tuple):
-        x, content, raw = prepared
-        return x, tuple(content), tuple(raw)  # type: ignore[return-value]
-    x = prepared.x
-    return x, (int(x.shape[1]), int(x.shape[2])), tuple(prepared.raw_hw)
-
-
 class SimulatedRunner(Runner):
     family = "simulated"
 
